@@ -1,0 +1,287 @@
+"""OpenMythos model configuration.
+
+Field names follow the OpenMythos reference (``open_mythos.MythosConfig``) so that a reference user's config dict
+loads unchanged; the usual Hugging Face names (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``,
+``max_position_embeddings``) are accepted as aliases.
+
+This module imports only ``transformers``, so it can be copied next to a checkpoint and loaded with
+``trust_remote_code=True``.
+"""
+
+from transformers import PreTrainedConfig
+
+# Bumped whenever a checkpoint written by this code can no longer be read by older code.
+MYTHOS_FORMAT_VERSION = 1
+
+ATTN_TYPES = ("mla", "gqa")
+
+
+class MythosConfig(PreTrainedConfig):
+    r"""
+    Configuration of an OpenMythos Recurrent-Depth Transformer: ``prelude_layers`` standard blocks run once, one
+    shared recurrent block looped ``n_loops`` times with stable input injection, then ``coda_layers`` standard blocks.
+
+    Args:
+        vocab_size (`int`, defaults to 32000): Number of token ids.
+        dim (`int`, defaults to 2048): Hidden size (alias ``hidden_size``).
+        n_heads (`int`, defaults to 16): Attention heads (alias ``num_attention_heads``).
+        n_kv_heads (`int`, defaults to 4): Key/value heads for GQA (alias ``num_key_value_heads``). MLA shares one
+            compressed latent across all heads and does not use it.
+        max_seq_len (`int`, defaults to 4096): Longest sequence, cache included (alias ``max_position_embeddings``).
+        max_loop_iters (`int`, defaults to 16): Loop iterations used when ``n_loops`` is not given, and the number of
+            loop-indexed parameters (depth-wise LoRA scales). ``n_loops`` may exceed it at inference: loop indices past
+            the last one reuse the last depth-wise LoRA scale (the loop-index signal is defined for every index).
+        prelude_layers (`int`, defaults to 2): Dense blocks run once before the loop.
+        coda_layers (`int`, defaults to 2): Dense blocks run once after the loop.
+        attn_type (`str`, defaults to ``"mla"``): ``"mla"`` (multi-head latent attention) or ``"gqa"``.
+        kv_lora_rank (`int`, defaults to 512): MLA compressed key/value latent size (this is what the cache stores).
+        q_lora_rank (`int`, defaults to 1536): MLA query compression rank; 0 projects queries directly.
+        qk_rope_head_dim (`int`, defaults to 64): MLA rotary part of each query/key head (one shared rope key per token).
+        qk_nope_head_dim (`int`, defaults to 128): MLA non-rotary part of each query/key head.
+        v_head_dim (`int`, defaults to 128): MLA value head size.
+        n_experts (`int`, defaults to 64): Routed experts in the recurrent block's MoE.
+        n_shared_experts (`int`, defaults to 2): Always-on shared experts, each ``expert_dim * n_experts_per_tok`` wide.
+        n_experts_per_tok (`int`, defaults to 4): Routed experts chosen per token (top-k).
+        expert_dim (`int`, defaults to 512): Hidden width of each routed expert.
+        act_threshold (`float`, defaults to 0.99): ACT halting threshold in (0, 1]; used when ``use_act`` is on.
+        rope_theta (`float`, defaults to 5e5): RoPE base.
+        lora_rank (`int`, defaults to 16): Rank of the depth-wise (per-loop) LoRA adapter; 0 disables it.
+        dropout (`float`, defaults to 0.0): Dropout on attention probabilities and residual branches in training.
+        dense_ffn_dim (`int`, *optional*): Width of the prelude/coda SwiGLU. Defaults to ``dim * 4 // 3`` (reference).
+        use_act (`bool`, defaults to `False`): Adaptive Computation Time halting. The output is the ACT-weighted mix
+            of the loop states; every loop still runs so that the KV cache stays complete.
+        act_ponder_weight (`float`, defaults to 0.01): Weight of the ponder cost added to the loss when ``use_act``.
+        loop_signal_scale (`float`, defaults to 0.1): RMS of the sinusoidal loop-index signal relative to the RMS of
+            the state it is added to. Relative scaling means it can never swamp the hidden state.
+        routed_scaling_factor (`float`, defaults to 1.0): Multiplier on the normalised top-k routing weights.
+        rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
+        initializer_range (`float`, defaults to 0.02): Std of the normal weight init.
+        tie_word_embeddings (`bool`, defaults to `True`): Share ``lm_head`` with ``embed_tokens``.
+        use_cache (`bool`, defaults to `True`): Return a KV cache from forward by default.
+        pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): Special token ids.
+
+    ``num_hidden_layers`` is derived, not set: ``prelude_layers + coda_layers + max_loop_iters``, one KV-cache slot
+    per prelude layer, per coda layer and per loop iteration (the loop slots come last so that a dynamic cache can
+    grow when ``n_loops > max_loop_iters``).
+    """
+
+    model_type = "mythos"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "dim",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "max_position_embeddings": "max_seq_len",
+    }
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    n_heads: int = 16
+    n_kv_heads: int = 4
+    max_seq_len: int = 4096
+    max_loop_iters: int = 16
+    prelude_layers: int = 2
+    coda_layers: int = 2
+    attn_type: str = "mla"
+    kv_lora_rank: int = 512
+    q_lora_rank: int = 1536
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    n_experts: int = 64
+    n_shared_experts: int = 2
+    n_experts_per_tok: int = 4
+    expert_dim: int = 512
+    act_threshold: float = 0.99
+    rope_theta: float = 500000.0
+    lora_rank: int = 16
+    dropout: float = 0.0
+    dense_ffn_dim: int | None = None
+    use_act: bool = False
+    act_ponder_weight: float = 0.01
+    loop_signal_scale: float = 0.1
+    routed_scaling_factor: float = 1.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    mythos_format_version: int = MYTHOS_FORMAT_VERSION
+
+    def __post_init__(self, **kwargs):
+        for alias, field in self.attribute_map.items():
+            default = type(self).__dataclass_fields__[field].default
+            if alias in kwargs and getattr(self, field) != default and kwargs[alias] != getattr(self, field):
+                raise ValueError(f"`{alias}`={kwargs[alias]} contradicts `{field}`={getattr(self, field)}; give one")
+        # `num_hidden_layers` is derived; a value saved by another tool is accepted only if it agrees.
+        saved_layers = kwargs.pop("num_hidden_layers", None)
+        super().__post_init__(**kwargs)
+        if self.dense_ffn_dim is None:  # `dim` arrived through the `hidden_size` alias
+            self.dense_ffn_dim = self.dim * 4 // 3
+        self._validate()
+        if saved_layers is not None and saved_layers != self.num_hidden_layers:
+            raise ValueError(
+                f"`num_hidden_layers` is derived (prelude_layers + coda_layers + max_loop_iters = "
+                f"{self.num_hidden_layers}) but the config says {saved_layers}"
+            )
+        if self.mythos_format_version > MYTHOS_FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses OpenMythos format version {self.mythos_format_version}, but the installed code "
+                f"reads up to version {MYTHOS_FORMAT_VERSION}. Upgrade with `pip install -U openmythos`."
+            )
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """KV-cache slots: one per prelude layer, per coda layer and per loop iteration up to ``max_loop_iters``."""
+        return self.prelude_layers + self.coda_layers + self.max_loop_iters
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value):
+        if value != self.num_hidden_layers:
+            raise ValueError(
+                f"`num_hidden_layers` is derived from prelude_layers + coda_layers + max_loop_iters "
+                f"({self.num_hidden_layers}); set those fields instead of num_hidden_layers={value}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head query/key size."""
+        if self.attn_type == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.dim // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Number of channels per head that RoPE rotates."""
+        return self.qk_rope_head_dim if self.attn_type == "mla" else self.head_dim
+
+    def _validate(self):
+        def check_int(name, minimum):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                accepted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+                raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
+
+        for name in ("vocab_size", "dim", "n_heads", "n_kv_heads", "max_seq_len", "max_loop_iters", "n_experts",
+                     "n_experts_per_tok", "expert_dim", "dense_ffn_dim"):
+            check_int(name, 1)
+        for name in ("prelude_layers", "coda_layers", "n_shared_experts", "lora_rank", "q_lora_rank"):
+            check_int(name, 0)
+        if self.attn_type not in ATTN_TYPES:
+            raise ValueError(f"`attn_type` must be one of {ATTN_TYPES}, got {self.attn_type!r}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"`n_kv_heads` ({self.n_kv_heads}) must divide `n_heads` ({self.n_heads})")
+        if self.attn_type == "gqa":
+            if self.dim % self.n_heads != 0:
+                raise ValueError(f"`dim` ({self.dim}) must be divisible by `n_heads` ({self.n_heads})")
+            if (self.dim // self.n_heads) % 2 != 0:
+                raise ValueError(f"GQA head size dim // n_heads ({self.dim // self.n_heads}) must be even for RoPE")
+        else:
+            for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                check_int(name, 1)
+            check_int("qk_nope_head_dim", 0)
+            if self.qk_rope_head_dim % 2 != 0:
+                raise ValueError(f"`qk_rope_head_dim` must be even for RoPE, got {self.qk_rope_head_dim}")
+        if self.n_experts_per_tok > self.n_experts:
+            raise ValueError(
+                f"`n_experts_per_tok` ({self.n_experts_per_tok}) cannot exceed `n_experts` ({self.n_experts})"
+            )
+        if not 0.0 < float(self.act_threshold) <= 1.0:
+            raise ValueError(f"`act_threshold` must lie in (0, 1], got {self.act_threshold}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"`dropout` must lie in [0, 1), got {self.dropout}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
+        for name in ("loop_signal_scale", "act_ponder_weight", "initializer_range", "routed_scaling_factor"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"`{name}` must lie in [0, vocab_size={self.vocab_size}), got {value}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Presets. The seed table fixes dim / experts / expert_dim / loop iters / context; the other fields are the
+# reference's values for the same size (see reference-facts.md). All are MLA with ACT threshold 0.99.
+# --------------------------------------------------------------------------------------------------------------------
+
+_PRESETS = {
+    # name: vocab, dim, heads, kv_heads, max_seq, loops, prelude, coda, kv_lora, q_lora, rope, nope, v,
+    #       experts, shared, top_k, expert_dim, rope_theta, lora_rank
+    "1b": (32000, 2048, 16, 4, 4096, 16, 2, 2, 256, 512, 32, 64, 64, 64, 2, 4, 2048, 5e5, 8),
+    "3b": (32000, 3072, 24, 6, 4096, 16, 2, 2, 384, 768, 32, 96, 96, 64, 2, 4, 4096, 5e5, 8),
+    "10b": (32000, 4096, 32, 8, 8192, 24, 2, 2, 512, 1024, 64, 128, 128, 128, 2, 4, 5632, 5e5, 16),
+    "50b": (32000, 6144, 48, 8, 8192, 32, 3, 3, 512, 1536, 64, 128, 128, 256, 4, 4, 9728, 5e5, 32),
+    "100b": (32000, 8192, 64, 8, 1048576, 32, 4, 4, 512, 2048, 64, 128, 128, 256, 4, 8, 13568, 1e6, 64),
+    "500b": (100000, 12288, 96, 16, 1048576, 48, 4, 4, 1024, 3072, 64, 128, 128, 512, 8, 8, 23040, 1e6, 128),
+    "1t": (100000, 16384, 128, 16, 1048576, 64, 6, 6, 1024, 4096, 64, 128, 128, 512, 8, 8, 34560, 2e6, 256),
+}
+_PRESET_FIELDS = ("vocab_size", "dim", "n_heads", "n_kv_heads", "max_seq_len", "max_loop_iters", "prelude_layers",
+                  "coda_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+                  "n_experts", "n_shared_experts", "n_experts_per_tok", "expert_dim", "rope_theta", "lora_rank")
+# Longest generation each preset is meant for (seed table, "max output"); informational.
+PRESET_MAX_OUTPUT = {"1b": 4096, "3b": 4096, "10b": 4096, "50b": 4096, "100b": 131072, "500b": 131072,
+                     "1t": 131072}
+
+
+def _preset(name: str, **overrides) -> MythosConfig:
+    values = dict(zip(_PRESET_FIELDS, _PRESETS[name]))
+    values.update(attn_type="mla", act_threshold=0.99)
+    values.update(overrides)
+    return MythosConfig(**values)
+
+
+def mythos_tiny(**overrides) -> MythosConfig:
+    """A few-hundred-thousand-parameter model for tests and CPU experiments (MLA by default)."""
+    values = dict(vocab_size=512, dim=64, n_heads=4, n_kv_heads=2, max_seq_len=128, max_loop_iters=4,
+                  prelude_layers=1, coda_layers=1, attn_type="mla", kv_lora_rank=32, q_lora_rank=48,
+                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_experts=8, n_shared_experts=1,
+                  n_experts_per_tok=2, expert_dim=32, lora_rank=4, rope_theta=10000.0)
+    values.update(overrides)
+    return MythosConfig(**values)
+
+
+def mythos_1b(**overrides) -> MythosConfig:
+    return _preset("1b", **overrides)
+
+
+def mythos_3b(**overrides) -> MythosConfig:
+    return _preset("3b", **overrides)
+
+
+def mythos_10b(**overrides) -> MythosConfig:
+    return _preset("10b", **overrides)
+
+
+def mythos_50b(**overrides) -> MythosConfig:
+    return _preset("50b", **overrides)
+
+
+def mythos_100b(**overrides) -> MythosConfig:
+    return _preset("100b", **overrides)
+
+
+def mythos_500b(**overrides) -> MythosConfig:
+    return _preset("500b", **overrides)
+
+
+def mythos_1t(**overrides) -> MythosConfig:
+    return _preset("1t", **overrides)
+
+
+PRESETS = {
+    "mythos_tiny": mythos_tiny,
+    "mythos_1b": mythos_1b,
+    "mythos_3b": mythos_3b,
+    "mythos_10b": mythos_10b,
+    "mythos_50b": mythos_50b,
+    "mythos_100b": mythos_100b,
+    "mythos_500b": mythos_500b,
+    "mythos_1t": mythos_1t,
+}
+
+__all__ = ["MythosConfig", "PRESETS", "MYTHOS_FORMAT_VERSION"] + list(PRESETS)

@@ -1,0 +1,747 @@
+"""OpenMythos Recurrent-Depth Transformer for Hugging Face Transformers.
+
+Data flow:
+    input_ids -> embed_tokens -> prelude (dense blocks, once) -> e
+    h_0 = e
+    for t in range(n_loops):  h_{t+1} = A * h_t + B * e + F_t(h_t, e)
+    h -> coda (dense blocks, once) -> norm -> lm_head
+
+F_t is the residual delta (attention + MoE, plus the depth-wise LoRA for loop t) of one shared block, evaluated on
+``h_t + e`` plus a small loop-index signal. A is diagonal and strictly inside (0, 1) for any parameter values.
+
+This module imports only torch, transformers and ``configuration_mythos``, so it can ship with a checkpoint and be
+loaded with ``trust_remote_code=True``.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils.import_utils import is_torchdynamo_compiling
+
+from .configuration_mythos import MythosConfig
+
+# A = exp(-exp(x)) is squeezed into [A_MIN, A_MAX]. Both bounds are exactly representable in fp16, bf16 and fp32 and
+# lie strictly inside (0, 1), so rounding A to any of those dtypes can never produce 0 or 1.
+A_MIN = 2.0**-8
+A_MAX = 1.0 - 2.0**-8
+
+
+class MythosRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class MythosRotary(nn.Module):
+    """RoPE cos/sin tables computed in fp32 from the config on every call.
+
+    There is deliberately no frequency buffer: a buffer would be cast by ``model.to(torch.bfloat16)`` (losing
+    precision) and would come back uninitialised from meta-device loading. The cost is one tiny ``pow`` per forward.
+    """
+
+    def __init__(self, config: MythosConfig):
+        super().__init__()
+        self.rope_dim = config.rope_dim
+        self.theta = float(config.rope_theta)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent = torch.arange(0, self.rope_dim, 2, device=x.device, dtype=torch.float32) / self.rope_dim
+        inv_freq = 1.0 / (self.theta**exponent)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, S, D] with cos/sin [B, S, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, kv_heads, seq, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq, head_dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, seq, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _attention_interface(config) -> Callable:
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+class MythosGQAttention(nn.Module):
+    """Grouped-query attention: ``n_kv_heads`` key/value heads shared by groups of query heads."""
+
+    def __init__(self, config: MythosConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.dim // config.n_heads
+        self.num_heads = config.n_heads
+        self.num_key_value_heads = config.n_kv_heads
+        self.num_key_value_groups = config.n_heads // config.n_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, cache_idx=None,
+                **kwargs):
+        batch, seq = hidden_states.shape[:2]
+        q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, cache_idx)
+        out, weights = _attention_interface(self.config)(
+            self, q, k, v, attention_mask,
+            dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
+        )
+        return self.o_proj(out.reshape(batch, seq, -1)), weights
+
+
+class MythosMLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    The cache holds, per token, the normalised ``kv_lora_rank`` latent (as the "key") and one rope key of
+    ``qk_rope_head_dim`` shared by all heads (as the "value"): ``kv_lora_rank + qk_rope_head_dim`` numbers per token
+    and layer, independent of the head count. Keys and values are expanded from the latent with ``kv_b_proj``.
+    """
+
+    def __init__(self, config: MythosConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.n_heads
+        self.num_key_value_groups = 1  # keys/values are expanded per head before attention
+        self.is_causal = True
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.scaling = self.qk_head_dim**-0.5
+        if self.q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(config.dim, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = MythosRMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(config.dim, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = MythosRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.dim, bias=False)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, cache_idx=None,
+                **kwargs):
+        batch, seq = hidden_states.shape[:2]
+        if self.q_lora_rank > 0:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        else:
+            q = self.q_proj(hidden_states)
+        q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        latent = self.kv_a_layernorm(latent).view(batch, 1, seq, self.kv_lora_rank)
+        k_rope = k_rope.view(batch, 1, seq, self.qk_rope_head_dim)
+
+        cos, sin = position_embeddings
+        q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
+        if past_key_values is not None:
+            latent, k_rope = past_key_values.update(latent, k_rope, cache_idx)
+
+        kv_len = latent.shape[2]
+        kv = self.kv_b_proj(latent).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        out, weights = _attention_interface(self.config)(
+            self, q, k, v, attention_mask,
+            dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
+        )
+        return self.o_proj(out.reshape(batch, seq, -1)), weights
+
+
+class MythosMLP(nn.Module):
+    """Dense SwiGLU feed-forward."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MythosTopkRouter(nn.Module):
+    """DeepSeek-V3 style router: sigmoid affinities; the correction bias affects expert choice only.
+
+    ``e_score_correction_bias`` is the aux-loss-free balancing bias. Training nudges it toward balance after each
+    optimizer step; it never receives gradients and never changes the gate weights.
+    """
+
+    def __init__(self, config: MythosConfig):
+        super().__init__()
+        self.top_k = config.n_experts_per_tok
+        self.n_experts = config.n_experts
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_experts, config.dim))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_experts), persistent=True)
+
+    def forward(self, hidden_states: torch.Tensor):
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        scores = router_logits.sigmoid()
+        top_k_index = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k, dim=-1, sorted=False)[1]
+        top_k_weights = scores.gather(-1, top_k_index)
+        top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return router_logits, top_k_weights * self.routed_scaling_factor, top_k_index
+
+
+@use_experts_implementation
+class MythosExperts(nn.Module):
+    """Routed experts stored as 3-D tensors, so transformers' ``grouped_mm`` / ``batched_mm`` kernels apply.
+
+    The ``forward`` below is the plain ("eager") path that the fast kernels are tested against.
+    """
+
+    def __init__(self, config: MythosConfig):
+        super().__init__()
+        self.num_experts = config.n_experts
+        self.hidden_dim = config.dim
+        self.intermediate_dim = config.expert_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(config.n_experts, 2 * config.expert_dim, config.dim))
+        self.down_proj = nn.Parameter(torch.empty(config.n_experts, config.dim, config.expert_dim))
+        self.act_fn = F.silu
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            token_idx, slot = torch.where(top_k_index == expert)
+            if token_idx.numel() == 0:
+                continue
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            out.index_add_(0, token_idx, (expert_out * top_k_weights[token_idx, slot, None]).to(out.dtype))
+        return out
+
+
+class MythosMoE(nn.Module):
+    """Fine-grained routed experts plus always-on shared experts (DeepSeekMoE)."""
+
+    def __init__(self, config: MythosConfig):
+        super().__init__()
+        self.gate = MythosTopkRouter(config)
+        self.experts = MythosExperts(config)
+        shared_width = config.n_shared_experts * config.expert_dim * config.n_experts_per_tok
+        self.shared_experts = MythosMLP(config.dim, shared_width) if shared_width > 0 else None
+
+    def forward(self, hidden_states: torch.Tensor):
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        router_logits, weights, index = self.gate(flat)
+        out = self.experts(flat, index, weights.to(flat.dtype)).view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        return out, router_logits
+
+
+class MythosDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm attention + feed-forward block. Prelude/coda use a dense SwiGLU, the recurrent block a MoE."""
+
+    def __init__(self, config: MythosConfig, layer_idx: int, use_moe: bool = False):
+        super().__init__()
+        attention_cls = MythosMLAttention if config.attn_type == "mla" else MythosGQAttention
+        self.input_layernorm = MythosRMSNorm(config.dim, eps=config.rms_norm_eps)
+        self.self_attn = attention_cls(config, layer_idx)
+        self.post_attention_layernorm = MythosRMSNorm(config.dim, eps=config.rms_norm_eps)
+        self.mlp = MythosMoE(config) if use_moe else MythosMLP(config.dim, config.dense_ffn_dim)
+        self.use_moe = use_moe
+        self.dropout = nn.Dropout(config.dropout)
+
+    def residual_delta(self, hidden_states, position_embeddings, attention_mask, past_key_values, cache_idx,
+                       **kwargs):
+        """Everything the block adds to its input: attention delta + FFN delta (no copy of the input)."""
+        attn, attn_weights = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
+                                            past_key_values, cache_idx, **kwargs)
+        attn = self.dropout(attn)
+        ffn = self.mlp(self.post_attention_layernorm(hidden_states + attn))
+        router_logits = None
+        if self.use_moe:
+            ffn, router_logits = ffn
+        return attn + self.dropout(ffn), attn_weights, router_logits
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                cache_idx=None, **kwargs):
+        delta, attn_weights, _ = self.residual_delta(hidden_states, position_embeddings, attention_mask,
+                                                     past_key_values, cache_idx, **kwargs)
+        return hidden_states + delta, attn_weights
+
+
+class MythosInjection(nn.Module):
+    """Stable diagonal input injection (Parcae): A = exp(dt * A_c), A_c = -exp(log_A), dt = exp(log_dt).
+
+    A is computed in fp32 and squeezed into [A_MIN, A_MAX] (both strictly inside (0, 1) in fp16/bf16/fp32), so the
+    spectral radius is below 1 whatever values the parameters take. B is a learned diagonal.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.log_A = nn.Parameter(torch.zeros(dim))
+        self.log_dt = nn.Parameter(torch.zeros(1))
+        self.B = nn.Parameter(torch.full((dim,), 0.1))
+
+    def get_A(self) -> torch.Tensor:
+        rate = torch.exp((self.log_dt.float() + self.log_A.float()).clamp(-30.0, 30.0))
+        decay = torch.exp(-rate)
+        return (A_MIN + (A_MAX - A_MIN) * decay).clamp(A_MIN, A_MAX)
+
+    def forward(self, h, e, delta):
+        A = self.get_A().to(h.dtype)
+        return A * h + self.B.to(h.dtype) * e + delta
+
+
+class MythosDepthLoRA(nn.Module):
+    """Depth-wise LoRA (Relaxed Recursive Transformers): shared down/up projections with a per-loop scale vector.
+
+    Loop indices past ``max_loop_iters - 1`` reuse the last scale, so any ``n_loops`` works at inference.
+    ``up`` starts at zero, so the adapter is an exact no-op at initialisation.
+    """
+
+    def __init__(self, config: MythosConfig):
+        super().__init__()
+        self.down = nn.Linear(config.dim, config.lora_rank, bias=False)
+        self.up = nn.Linear(config.lora_rank, config.dim, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.max_loop_iters, config.lora_rank))
+
+    def forward(self, x: torch.Tensor, loop_idx: int) -> torch.Tensor:
+        scale = self.scale[min(loop_idx, self.scale.shape[0] - 1)]
+        return self.up(self.down(x) * scale.to(x.dtype))
+
+
+def loop_signal(x: torch.Tensor, loop_idx: int, scale: float) -> torch.Tensor:
+    """Sinusoidal embedding of the loop index, with RMS equal to ``scale`` times the RMS of ``x`` per position.
+
+    The reference adds a fixed-norm signal that swamps a small hidden state (and collapses the MoE router); a signal
+    relative to the state cannot.
+    """
+    dim = x.shape[-1]
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=x.device, dtype=torch.float32) / max(half, 1))
+    angles = loop_idx * freqs
+    emb = torch.cat((angles.sin(), angles.cos()), dim=-1)
+    if emb.shape[-1] < dim:
+        emb = F.pad(emb, (0, dim - emb.shape[-1]))
+    emb = emb / emb.pow(2).mean().sqrt()
+    rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()
+    return (scale * rms * emb).to(x.dtype)
+
+
+class MythosRecurrentBlock(GradientCheckpointingLayer):
+    """One loop iteration: h_{t+1} = A * h_t + B * e + F_t(h_t, e). The same weights serve every iteration."""
+
+    def __init__(self, config: MythosConfig):
+        super().__init__()
+        self.config = config
+        first_loop_slot = config.prelude_layers + config.coda_layers
+        self.layer = MythosDecoderLayer(config, first_loop_slot, use_moe=True)
+        self.injection = MythosInjection(config.dim)
+        self.lora = MythosDepthLoRA(config) if config.lora_rank > 0 else None
+        self.halt = nn.Linear(config.dim, 1) if config.use_act else None
+
+    def forward(self, h, e, loop_idx=0, position_embeddings=None, attention_mask=None, past_key_values=None,
+                cache_idx=None, **kwargs):
+        x = h + e
+        if self.config.loop_signal_scale > 0:
+            x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
+        delta, attn_weights, router_logits = self.layer.residual_delta(
+            x, position_embeddings, attention_mask, past_key_values, cache_idx, **kwargs)
+        if self.lora is not None:
+            delta = delta + self.lora(delta, loop_idx)
+        return self.injection(h, e, delta), attn_weights, router_logits
+
+
+class MythosPreTrainedModel(PreTrainedModel):
+    config: MythosConfig
+    config_class = MythosConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MythosDecoderLayer", "MythosRecurrentBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MythosTopkRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, MythosExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, MythosInjection):
+            init.zeros_(module.log_A)
+            init.zeros_(module.log_dt)
+            init.constant_(module.B, 0.1)
+        elif isinstance(module, MythosDepthLoRA):
+            init.normal_(module.down.weight, mean=0.0, std=std)
+            init.zeros_(module.up.weight)
+            init.ones_(module.scale)
+        elif isinstance(module, MythosRecurrentBlock) and module.halt is not None:
+            # Start every position at p = 1 / max_loop_iters per step, so ACT spends about max_loop_iters loops
+            # before halting: n_loops is never a no-op at initialisation.
+            init.zeros_(module.halt.weight)
+            init.constant_(module.halt.bias, -math.log(max(self.config.max_loop_iters - 1, 1)))
+
+
+@dataclass
+class MythosModelOutput(ModelOutput):
+    """Output of :class:`MythosModel`.
+
+    ``hidden_states`` holds the embeddings, then the state after every prelude layer, every loop iteration and
+    every coda layer (before the final norm). ``router_logits`` holds one [tokens, n_experts] tensor per loop.
+    ``ponder_cost`` is the mean ACT ponder cost (steps used plus remainder) when ``use_act`` is on.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    ponder_cost: torch.FloatTensor | None = None
+
+
+@dataclass
+class MythosCausalLMOutput(ModelOutput):
+    """Output of :class:`MythosForCausalLM`; ``loss`` includes the weighted ACT ponder cost when ``use_act``."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    ponder_cost: torch.FloatTensor | None = None
+
+
+def _check_n_loops(n_loops) -> int:
+    if isinstance(n_loops, torch.Tensor) and n_loops.numel() == 1 and not n_loops.is_floating_point():
+        n_loops = int(n_loops)
+    if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+        raise ValueError(f"`n_loops` must be a positive integer (1, 2, ...), got {n_loops!r}")
+    return n_loops
+
+
+class MythosModel(MythosPreTrainedModel):
+    """Embeddings, prelude, the looped recurrent block and the coda, returning the final normalised state."""
+
+    def __init__(self, config: MythosConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, config.pad_token_id)
+        self.prelude = nn.ModuleList(MythosDecoderLayer(config, i) for i in range(config.prelude_layers))
+        self.recurrent = MythosRecurrentBlock(config)
+        self.coda = nn.ModuleList(
+            MythosDecoderLayer(config, config.prelude_layers + i) for i in range(config.coda_layers))
+        self.norm = MythosRMSNorm(config.dim, eps=config.rms_norm_eps)
+        self.rotary_emb = MythosRotary(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def spectral_radius(self) -> float:
+        """rho(A) of the recurrent injection: the largest diagonal entry of A (always strictly below 1)."""
+        with torch.no_grad():
+            return float(self.recurrent.injection.get_A().max())
+
+    # ---------------------------------------------------------------------------------------------------- checks
+    def _validate_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
+            shape = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.dim:
+                raise ValueError(f"`inputs_embeds` must have shape [batch, seq_len, {self.config.dim}], "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            shape = inputs_embeds.shape[:2]
+        batch, seq = shape
+        if batch == 0 or seq == 0:
+            raise ValueError(f"Empty input: got shape {tuple(shape)}; batch size and sequence length must be >= 1")
+        if past_length + seq > self.config.max_seq_len:
+            raise ValueError(
+                f"Sequence too long: {past_length} cached + {seq} new = {past_length + seq} tokens exceeds "
+                f"max_seq_len={self.config.max_seq_len}")
+        if input_ids is not None and not is_torchdynamo_compiling():
+            low, high = torch.aminmax(input_ids)
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), "
+                                 f"got values from {int(low)} to {int(high)}")
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if tuple(attention_mask.shape) != (batch, past_length + seq):
+                raise ValueError(
+                    f"`attention_mask` must have shape [batch, past + new tokens] = {(batch, past_length + seq)}, "
+                    f"got {tuple(attention_mask.shape)}")
+        elif attention_mask is not None and attention_mask.dim() != 4:
+            raise ValueError(f"`attention_mask` must be 2-D [batch, past + new tokens] (or a prepared 4-D mask), "
+                             f"got shape {tuple(attention_mask.shape)}")
+        if position_ids is not None and position_ids.shape[-1] != seq:
+            raise ValueError(f"`position_ids` must have {seq} positions per row, got shape {tuple(position_ids.shape)}")
+
+    def _prepare_cache(self, past_key_values: Cache, n_loops: int):
+        """Bind the cache to ``n_loops`` and make sure it has a slot for every loop iteration."""
+        used = getattr(past_key_values, "mythos_n_loops", None)
+        if past_key_values.get_seq_length() > 0 and used is not None and used != n_loops:
+            raise ValueError(
+                f"This cache was filled with n_loops={used}; it cannot serve n_loops={n_loops} because the loop "
+                f"iterations past the first {min(used, n_loops)} would see a different history. Pass n_loops={used}, "
+                f"or start a new cache (past_key_values=None).")
+        needed = self.config.prelude_layers + self.config.coda_layers + n_loops
+        layers = getattr(past_key_values, "layers", None)
+        if layers is not None and getattr(past_key_values, "layer_class_to_replicate", None) is None:
+            if len(layers) < needed:
+                if not all(type(layer) is DynamicLayer for layer in layers):
+                    raise ValueError(
+                        f"n_loops={n_loops} needs {needed} cache slots but this {type(past_key_values).__name__} has "
+                        f"{len(layers)} (config.num_hidden_layers). Use a DynamicCache, or n_loops <= "
+                        f"{len(layers) - self.config.prelude_layers - self.config.coda_layers}.")
+                layers.extend(DynamicLayer() for _ in range(needed - len(layers)))
+        past_key_values.mythos_n_loops = n_loops
+
+    # --------------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        n_loops: int | None = None,
+        **kwargs,
+    ) -> MythosModelOutput:
+        config = self.config
+        n_loops = _check_n_loops(config.max_loop_iters if n_loops is None else n_loops)
+        use_cache = config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=config)
+        if not use_cache:
+            past_key_values = None
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
+        if past_key_values is not None:
+            self._prepare_cache(past_key_values, n_loops)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + inputs_embeds.shape[1],
+                                        device=inputs_embeds.device).unsqueeze(0)
+        mask = create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=past_key_values, position_ids=position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        shared = dict(position_embeddings=position_embeddings, attention_mask=mask,
+                      past_key_values=past_key_values)
+
+        all_hidden = [inputs_embeds] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        all_router = [] if output_router_logits else None
+
+        def record(state, attn):
+            if all_hidden is not None:
+                all_hidden.append(state)
+            if all_attn is not None:
+                all_attn.append(attn)
+
+        hidden = inputs_embeds
+        for i, layer in enumerate(self.prelude):
+            hidden, attn = layer(hidden, cache_idx=i, **shared, **kwargs)
+            record(hidden, attn)
+
+        e = hidden
+        h = e
+        loop_base = config.prelude_layers + config.coda_layers
+        halting = self.recurrent.halt is not None
+        if halting:
+            mixed = torch.zeros_like(h)
+            cumulative = torch.zeros(h.shape[:-1], device=h.device, dtype=torch.float32)
+            running = torch.ones_like(cumulative)
+            ponder = torch.zeros_like(cumulative)
+        for t in range(n_loops):
+            h, attn, router_logits = self.recurrent(h, e, loop_idx=t, cache_idx=loop_base + t, **shared, **kwargs)
+            record(h, attn)
+            if all_router is not None:
+                all_router.append(router_logits)
+            if halting:
+                p = torch.sigmoid(self.recurrent.halt(h).float()).squeeze(-1)
+                last = t == n_loops - 1
+                remainder = 1.0 - cumulative
+                halts_now = (cumulative + p >= config.act_threshold) | last
+                weight = torch.where(halts_now, remainder, p) * running
+                mixed = mixed + weight.unsqueeze(-1).to(h.dtype) * h
+                ponder = ponder + running * torch.where(halts_now, 1.0 + remainder, torch.ones_like(p))
+                cumulative = cumulative + weight
+                running = running * (~halts_now).float()
+        if halting:
+            h = mixed
+
+        hidden = h
+        for i, layer in enumerate(self.coda):
+            hidden, attn = layer(hidden, cache_idx=config.prelude_layers + i, **shared, **kwargs)
+            record(hidden, attn)
+
+        return MythosModelOutput(
+            last_hidden_state=self.norm(hidden),
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attn) if all_attn is not None else None,
+            router_logits=tuple(all_router) if all_router is not None else None,
+            ponder_cost=ponder.mean() if halting else None,
+        )
+
+
+class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MythosConfig):
+        super().__init__(config)
+        self.model = MythosModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def spectral_radius(self) -> float:
+        """rho(A) of the recurrent injection (always strictly below 1)."""
+        return self.model.spectral_radius()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        n_loops: int | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MythosCausalLMOutput:
+        r"""
+        n_loops (`int`, *optional*): Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``.
+            A cache filled with one value refuses another.
+        labels (`torch.LongTensor`, *optional*): Token ids for the next-token loss (shifted inside; -100 ignored).
+        """
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits, n_loops=n_loops, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+            if outputs.ponder_cost is not None:
+                loss = loss + self.config.act_ponder_weight * outputs.ponder_cost
+        result = MythosCausalLMOutput(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, router_logits=outputs.router_logits, ponder_cost=outputs.ponder_cost,
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+
+__all__ = ["MythosPreTrainedModel", "MythosModel", "MythosForCausalLM"]

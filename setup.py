@@ -1,0 +1,33 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+for line in Path("openmythos/__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        exec(line, version)
+
+setup(
+    name="openmythos",
+    version=version["__version__"],
+    description="OpenMythos Recurrent-Depth (looped) Transformer as a Hugging Face Transformers model",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["openmythos", "openmythos.*"]),
+    package_data={"openmythos": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is pinned loosely on purpose; install the build you want (CPU or CUDA) first.
+        "torch>=2.6",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "accelerate>=1.0",
+    ],
+    extras_require={
+        "flash": ["flash-attn>=2.6"],
+        "train": ["datasets>=3.0", "peft>=0.15", "tqdm"],
+        "test": ["pytest>=8", "datasets>=3.0", "peft>=0.15"],
+    },
+    entry_points={"console_scripts": ["mythos=openmythos.cli:main"]},
+)
