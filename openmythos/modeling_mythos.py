@@ -364,13 +364,25 @@ class MythosDepthLoRA(nn.Module):
 
     def __init__(self, config: MythosConfig):
         super().__init__()
-        self.down = nn.Linear(config.dim, config.lora_rank, bias=False)
-        self.up = nn.Linear(config.lora_rank, config.dim, bias=False)
+        self.down = nn.Parameter(torch.empty(config.lora_rank, config.dim))
+        self.up = nn.Parameter(torch.zeros(config.dim, config.lora_rank))
         self.scale = nn.Parameter(torch.ones(config.max_loop_iters, config.lora_rank))
 
     def forward(self, x: torch.Tensor, loop_idx: int) -> torch.Tensor:
         scale = self.scale[min(loop_idx, self.scale.shape[0] - 1)]
-        return self.up(self.down(x) * scale.to(x.dtype))
+        return F.linear(F.linear(x, self.down) * scale.to(x.dtype), self.up)
+
+
+class MythosHalting(nn.Module):
+    """ACT halting head: per-position probability of stopping after this loop, computed in fp32."""
+
+    def __init__(self, config: MythosConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.dim))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(h.float() @ self.weight.float() + self.bias.float())
 
 
 def loop_signal(x: torch.Tensor, loop_idx: int, scale: float) -> torch.Tensor:
@@ -401,7 +413,7 @@ class MythosRecurrentBlock(GradientCheckpointingLayer):
         self.layer = MythosDecoderLayer(config, first_loop_slot, use_moe=True)
         self.injection = MythosInjection(config.dim)
         self.lora = MythosDepthLoRA(config) if config.lora_rank > 0 else None
-        self.halt = nn.Linear(config.dim, 1) if config.use_act else None
+        self.halt = MythosHalting(config) if config.use_act else None
 
     def forward(self, h, e, loop_idx=0, position_embeddings=None, attention_mask=None, past_key_values=None,
                 cache_idx=None, **kwargs):
@@ -443,14 +455,14 @@ class MythosPreTrainedModel(PreTrainedModel):
             init.zeros_(module.log_dt)
             init.constant_(module.B, 0.1)
         elif isinstance(module, MythosDepthLoRA):
-            init.normal_(module.down.weight, mean=0.0, std=std)
-            init.zeros_(module.up.weight)
+            init.normal_(module.down, mean=0.0, std=std)
+            init.zeros_(module.up)
             init.ones_(module.scale)
-        elif isinstance(module, MythosRecurrentBlock) and module.halt is not None:
+        elif isinstance(module, MythosHalting):
             # Start every position at p = 1 / max_loop_iters per step, so ACT spends about max_loop_iters loops
             # before halting: n_loops is never a no-op at initialisation.
-            init.zeros_(module.halt.weight)
-            init.constant_(module.halt.bias, -math.log(max(self.config.max_loop_iters - 1, 1)))
+            init.zeros_(module.weight)
+            init.constant_(module.bias, -math.log(max(self.config.max_loop_iters - 1, 1)))
 
 
 @dataclass
@@ -647,7 +659,7 @@ class MythosModel(MythosPreTrainedModel):
             if all_router is not None:
                 all_router.append(router_logits)
             if halting:
-                p = torch.sigmoid(self.recurrent.halt(h).float()).squeeze(-1)
+                p = self.recurrent.halt(h)
                 last = t == n_loops - 1
                 remainder = 1.0 - cumulative
                 halts_now = (cumulative + p >= config.act_threshold) | last

@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import openmythos  # noqa: E402  (registers the Auto classes)
+from openmythos import MythosForCausalLM, mythos_tiny  # noqa: E402
+
+ATTN_TYPES = ["mla", "gqa"]
+
+
+def make_model(attn_type="mla", seed=0, **overrides) -> MythosForCausalLM:
+    """A tiny model with every weight random (LoRA up and halting included), in eval mode."""
+    torch.manual_seed(seed)
+    model = MythosForCausalLM(mythos_tiny(attn_type=attn_type, **overrides)).eval()
+    with torch.no_grad():
+        # Zero-initialised pieces would hide bugs in the paths they gate; give them real values.
+        if model.model.recurrent.lora is not None:
+            model.model.recurrent.lora.up.normal_(0, 0.02)
+        model.model.recurrent.layer.mlp.gate.e_score_correction_bias.normal_(0, 0.01)
+    return model
+
+
+@pytest.fixture(params=ATTN_TYPES)
+def attn_type(request):
+    return request.param
+
+
+@pytest.fixture
+def model(attn_type):
+    return make_model(attn_type)
+
+
+@pytest.fixture
+def input_ids():
+    torch.manual_seed(1)
+    return torch.randint(3, 512, (2, 12))

@@ -1,0 +1,113 @@
+"""KV-cached generation across prelude, every loop iteration and coda."""
+
+import pytest
+import torch
+from conftest import make_model
+from transformers import DynamicCache
+
+LOOPS = [1, 2, 4]  # 4 == mythos_tiny's max_loop_iters
+
+
+@pytest.mark.parametrize("n_loops", LOOPS)
+def test_cached_generate_matches_uncached(model, input_ids, n_loops):
+    kwargs = dict(max_new_tokens=8, do_sample=False, n_loops=n_loops, output_logits=True,
+                  return_dict_in_generate=True)
+    cached = model.generate(input_ids, use_cache=True, **kwargs)
+    plain = model.generate(input_ids, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, plain.sequences)
+    for a, b in zip(cached.logits, plain.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("n_loops", [1, 3])
+def test_full_forward_logits_equal_token_by_token_decoding(model, input_ids, n_loops):
+    full = model(input_ids, n_loops=n_loops, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    steps = [model(input_ids[:, i:i + 1], past_key_values=cache, n_loops=n_loops).logits
+             for i in range(input_ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_prefill_equals_one_shot(model, input_ids):
+    full = model(input_ids, n_loops=2, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    chunks = [model(input_ids[:, a:b], past_key_values=cache, n_loops=2).logits
+              for a, b in ((0, 5), (5, 6), (6, 12))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-4)
+    # and generation continues from the chunk-filled cache like from a fresh prompt
+    nxt = full[:, -1].argmax(-1, keepdim=True)
+    step = model(nxt, past_key_values=cache, n_loops=2).logits
+    torch.testing.assert_close(step[:, -1], model(torch.cat([input_ids, nxt], 1), n_loops=2).logits[:, -1],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_left_padded_batch_matches_unpadded_rows(model, input_ids):
+    short = input_ids[0, :7]
+    batch = torch.stack([torch.cat([torch.zeros(5, dtype=torch.long), short]), input_ids[1]])
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    padded = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, n_loops=2)
+    alone = [model.generate(short[None], max_new_tokens=6, do_sample=False, n_loops=2),
+             model.generate(input_ids[1:], max_new_tokens=6, do_sample=False, n_loops=2)]
+    assert torch.equal(padded[0, 12:], alone[0][0, 7:])
+    assert torch.equal(padded[1, 12:], alone[1][0, 12:])
+    logits = model(batch, attention_mask=mask, n_loops=2).logits
+    torch.testing.assert_close(logits[0, 5:], model(short[None], n_loops=2).logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_beam_search_with_and_without_cache(model, input_ids):
+    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, n_loops=2)
+    with_cache = model.generate(input_ids, **kwargs)
+    assert with_cache.shape == (2, 18)
+    assert torch.equal(with_cache, model.generate(input_ids, use_cache=False, **kwargs))
+
+
+def test_num_return_sequences(model, input_ids):
+    torch.manual_seed(0)
+    out = model.generate(input_ids, max_new_tokens=5, do_sample=True, num_return_sequences=3, n_loops=2)
+    assert out.shape == (6, 17)
+    assert torch.equal(out[:3, :12], input_ids[:1].expand(3, -1))
+
+
+def test_static_cache_matches_dynamic(model, input_ids):
+    kwargs = dict(max_new_tokens=6, do_sample=False, n_loops=3)
+    assert torch.equal(model.generate(input_ids, cache_implementation="static", **kwargs),
+                       model.generate(input_ids, **kwargs))
+
+
+def test_static_cache_refuses_more_loops_than_slots(model, input_ids):
+    with pytest.raises(ValueError, match="cache slots"):
+        model.generate(input_ids, max_new_tokens=3, do_sample=False, n_loops=6, cache_implementation="static")
+
+
+def test_dynamic_cache_grows_for_loops_past_training_depth(model, input_ids):
+    kwargs = dict(max_new_tokens=5, do_sample=False, n_loops=7)
+    assert torch.equal(model.generate(input_ids, **kwargs), model.generate(input_ids, use_cache=False, **kwargs))
+
+
+def test_cache_filled_with_one_n_loops_refuses_another(model, input_ids):
+    out = model(input_ids, n_loops=2)
+    with pytest.raises(ValueError, match="n_loops=2"):
+        model(input_ids[:, :1], past_key_values=out.past_key_values, n_loops=3)
+    with pytest.raises(ValueError, match="n_loops=2"):
+        model(input_ids[:, :1], past_key_values=out.past_key_values)  # default is max_loop_iters=4
+
+
+def test_mla_cache_stores_latent_and_one_shared_rope_key(input_ids):
+    model = make_model("mla")
+    config = model.config
+    cache = model(input_ids, n_loops=2).past_key_values
+    latent, rope_key = cache.layers[0].keys, cache.layers[0].values
+    assert latent.shape == (2, 1, 12, config.kv_lora_rank)
+    assert rope_key.shape == (2, 1, 12, config.qk_rope_head_dim)
+    gqa_cache = make_model("gqa")(input_ids, n_loops=2).past_key_values
+    assert gqa_cache.layers[0].keys.shape == (2, config.n_kv_heads, 12, config.dim // config.n_heads)
+
+
+def test_every_prelude_loop_and_coda_slot_is_written_once_per_forward(model, input_ids):
+    config = model.config
+    cache = model(input_ids, n_loops=3).past_key_values
+    lengths = [layer.get_seq_length() for layer in cache.layers]
+    used = config.prelude_layers + config.coda_layers + 3
+    assert lengths[:used] == [12] * used
+    assert lengths[used:] == [0] * (len(lengths) - used)

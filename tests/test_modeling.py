@@ -1,0 +1,268 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+from transformers import AutoModel, AutoModelForCausalLM
+
+from openmythos import MythosForCausalLM, MythosModel, mythos_tiny
+from openmythos.modeling_mythos import A_MAX, A_MIN, loop_signal
+
+
+def test_auto_classes_build_mythos_models():
+    config = mythos_tiny()
+    assert isinstance(AutoModelForCausalLM.from_config(config), MythosForCausalLM)
+    assert isinstance(AutoModel.from_config(config), MythosModel)
+
+
+def test_n_loops_changes_the_output(model, input_ids):
+    one = model(input_ids, n_loops=1).logits
+    four = model(input_ids, n_loops=4).logits
+    assert (one - four).abs().max() > 1e-3
+
+
+def test_default_n_loops_is_max_loop_iters(model, input_ids):
+    assert torch.equal(model(input_ids).logits, model(input_ids, n_loops=model.config.max_loop_iters).logits)
+
+
+def test_more_loops_than_trained_depth_works_and_keeps_changing(model, input_ids):
+    depth = model.config.max_loop_iters
+    deep = model(input_ids, n_loops=3 * depth).logits
+    assert torch.isfinite(deep).all()
+    assert (deep - model(input_ids, n_loops=depth).logits).abs().max() > 1e-5
+
+
+def test_loop_update_is_a_h_plus_b_e_plus_block_delta(model, input_ids):
+    """With the block delta forced to zero, one loop gives exactly A*h + B*e (no second copy of h)."""
+    block = model.model.recurrent
+    h = torch.randn(2, 5, model.config.dim)
+    e = torch.randn(2, 5, model.config.dim)
+    out = block.injection(h, e, torch.zeros_like(h))
+    expected = block.injection.get_A() * h + block.injection.B * e
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("value", [-30.0, -17.5, 0.0, 17.5, 30.0, 1e4, -1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_injection_a_strictly_inside_unit_interval_for_adversarial_parameters(value, dtype):
+    model = make_model("gqa").to(dtype)
+    injection = model.model.recurrent.injection
+    with torch.no_grad():
+        injection.log_A.fill_(value)
+        injection.log_dt.fill_(value)
+    A = injection.get_A()
+    assert A.dtype == torch.float32
+    for as_dtype in (A, A.to(dtype)):  # the value the loop actually multiplies by
+        assert (as_dtype > 0).all() and (as_dtype < 1).all()
+    assert 0 < model.spectral_radius() < 1
+    assert A_MIN <= float(A.detach().min()) and float(A.detach().max()) <= A_MAX
+
+
+def test_spectral_radius_is_the_largest_entry_of_a(model):
+    with torch.no_grad():
+        model.model.recurrent.injection.log_A.copy_(torch.linspace(-3, 3, model.config.dim))
+    assert model.spectral_radius() == pytest.approx(float(model.model.recurrent.injection.get_A().max()))
+
+
+def test_loop_signal_is_small_relative_to_the_state():
+    for scale_of_state in (1e-3, 0.45, 30.0):
+        x = torch.randn(4, 7, 256) * scale_of_state
+        for t in (0, 1, 15, 100):
+            signal = loop_signal(x, t, 0.1)
+            ratio = signal.pow(2).mean(-1).sqrt() / x.pow(2).mean(-1).sqrt()
+            torch.testing.assert_close(ratio, torch.full_like(ratio, 0.1), rtol=1e-3, atol=1e-4)
+    assert not torch.equal(loop_signal(x, 1, 0.1), loop_signal(x, 2, 0.1))
+
+
+def test_router_does_not_collapse_at_initialisation():
+    """The reference's loop signal made 2 of 8 experts take ~95% of tokens; here load stays spread out."""
+    model = MythosForCausalLM(mythos_tiny(n_experts=8, n_experts_per_tok=2)).eval()
+    ids = torch.randint(0, 512, (4, 64))
+    logits = model(ids, n_loops=4, output_router_logits=True).router_logits
+    assert len(logits) == 4
+    for per_loop in logits:
+        chosen = per_loop.sigmoid().topk(2, dim=-1).indices.flatten()
+        share = torch.bincount(chosen, minlength=8).float() / chosen.numel()
+        assert share.max() < 0.35, share
+        assert (share > 0).sum() >= 7, share
+
+
+def test_depth_lora_index_past_trained_depth_reuses_last_scale(model):
+    lora = model.model.recurrent.lora
+    with torch.no_grad():
+        lora.scale.normal_()
+    x = torch.randn(2, 3, model.config.dim)
+    last = model.config.max_loop_iters - 1
+    assert torch.equal(lora(x, last + 5), lora(x, last))
+    assert not torch.equal(lora(x, 0), lora(x, last))
+
+
+def test_labels_give_shifted_cross_entropy(model, input_ids):
+    out = model(input_ids, labels=input_ids, n_loops=2)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_num_items_in_batch_reaches_the_loss(model, input_ids):
+    out = model(input_ids, labels=input_ids, n_loops=2, num_items_in_batch=torch.tensor(100))
+    summed = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), input_ids[:, 1:].reshape(-1),
+                             reduction="sum")
+    torch.testing.assert_close(out.loss, summed / 100)
+
+
+def test_optional_outputs(model, input_ids):
+    config = model.config
+    out = model(input_ids, n_loops=3, output_hidden_states=True, output_router_logits=True)
+    assert len(out.hidden_states) == 1 + config.prelude_layers + 3 + config.coda_layers
+    assert len(out.router_logits) == 3 and out.router_logits[0].shape == (input_ids.numel(), config.n_experts)
+    eager = make_model(config.attn_type)
+    eager.set_attn_implementation("eager")
+    attn = eager(input_ids, n_loops=3, output_attentions=True).attentions
+    assert len(attn) == config.prelude_layers + 3 + config.coda_layers
+    assert attn[0].shape == (2, config.n_heads, input_ids.shape[1], input_ids.shape[1])
+    torch.testing.assert_close(attn[0].sum(-1), torch.ones_like(attn[0].sum(-1)))
+
+
+def test_eager_and_sdpa_agree(attn_type, input_ids):
+    sdpa = make_model(attn_type)
+    eager = make_model(attn_type)
+    sdpa.set_attn_implementation("sdpa")
+    eager.set_attn_implementation("eager")
+    mask = torch.ones_like(input_ids)
+    mask[0, :4] = 0
+    for kwargs in ({}, {"attention_mask": mask}):
+        real = mask.bool() if kwargs else torch.ones_like(mask, dtype=torch.bool)  # padded queries are don't-care
+        torch.testing.assert_close(eager(input_ids, n_loops=3, **kwargs).logits[real],
+                                   sdpa(input_ids, n_loops=3, **kwargs).logits[real], atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_mm_experts_match_the_plain_path(attn_type, input_ids):
+    fast = make_model(attn_type)
+    plain = make_model(attn_type)
+    fast.set_experts_implementation("grouped_mm")
+    plain.set_experts_implementation("eager")
+    torch.testing.assert_close(fast(input_ids, n_loops=3).logits, plain(input_ids, n_loops=3).logits,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_router_bias_changes_selection_but_not_gate_weights(model):
+    router = model.model.recurrent.layer.mlp.gate
+    x = torch.randn(16, model.config.dim)
+    with torch.no_grad():
+        router.e_score_correction_bias.zero_()
+    _, _, before = router(x)
+    with torch.no_grad():
+        router.e_score_correction_bias[3] = 10.0  # force expert 3 into every top-k
+    logits, weights, after = router(x)
+    assert (after == 3).any(-1).all() and not (before == 3).any(-1).all()
+    scores = logits.sigmoid().gather(-1, after)
+    torch.testing.assert_close(weights, scores / scores.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_conversion_keeps_rope_and_stays_close(attn_type, input_ids, dtype):
+    reference = make_model(attn_type)
+    half = make_model(attn_type).to(dtype)
+    expected = reference(input_ids, n_loops=3).logits
+    got = half(input_ids, n_loops=3).logits
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
+    assert (got.float() - expected).abs().max() < tolerance * expected.abs().max()
+    # RoPE still works: moving a token changes its logits in the half model too.
+    shifted = torch.roll(input_ids, 1, dims=1)
+    assert not torch.equal(half(shifted, n_loops=3).logits[:, -1], got[:, -1])
+    # the precise test of RoPE: half-precision rotary tables equal the fp32 ones rounded
+    pos = torch.arange(100)[None]
+    cos32, _ = reference.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    cos16, _ = half.model.rotary_emb(torch.zeros(1, dtype=dtype), pos)
+    torch.testing.assert_close(cos16, cos32.to(dtype))
+
+
+def test_gradient_reaches_every_trainable_parameter(attn_type):
+    model = make_model(attn_type, use_act=True).train()
+    ids = torch.randint(0, 512, (4, 48))
+    model(ids, labels=ids, n_loops=3).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(attn_type):
+    ids = torch.randint(0, 512, (2, 24))
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(attn_type).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, labels=ids, n_loops=3).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_halting_is_never_a_no_op_at_initialisation(attn_type, input_ids):
+    model = MythosForCausalLM(mythos_tiny(attn_type=attn_type, use_act=True, max_loop_iters=8)).eval()
+    outputs = {n: model(input_ids, n_loops=n).logits for n in (2, 4, 8)}
+    assert (outputs[2] - outputs[4]).abs().max() > 1e-4
+    assert (outputs[4] - outputs[8]).abs().max() > 1e-4
+
+
+def test_halting_weights_sum_to_one_and_ponder_cost_is_reported(input_ids):
+    model = make_model("mla", use_act=True)
+    # A constant state makes the ACT mix of states equal that state only if the weights sum to 1.
+    out = model.model(input_ids, n_loops=3)
+    assert out.ponder_cost is not None and 1.0 <= float(out.ponder_cost) <= 3.0 + 1.0
+    halt = model.model.recurrent.halt
+    with torch.no_grad():
+        halt.bias.fill_(10.0)  # halts at the first loop
+    first = model(input_ids, n_loops=1).logits
+    torch.testing.assert_close(model(input_ids, n_loops=5).logits, first)
+    with torch.no_grad():
+        halt.bias.fill_(-30.0)  # never reaches the threshold: the last loop takes the remainder
+    with_loss = model(input_ids, labels=input_ids, n_loops=4)
+    assert float(with_loss.ponder_cost) == pytest.approx(5.0, abs=1e-3)  # 4 steps + remainder ~1
+
+
+def test_resize_token_embeddings_keeps_the_head_tied(model, input_ids):
+    model.resize_token_embeddings(600)
+    assert model.config.vocab_size == 600
+    assert model.lm_head.weight.shape[0] == 600
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model(torch.tensor([[599, 1, 2]]), n_loops=1).logits.shape == (1, 3, 600)
+
+
+class TestBadInput:
+    def test_token_id_out_of_range(self, model):
+        with pytest.raises(ValueError, match="vocab_size=512"):
+            model(torch.tensor([[1, 2, 512]]))
+        with pytest.raises(ValueError, match="input_ids"):
+            model(torch.tensor([[1, -1, 2]]))
+
+    @pytest.mark.parametrize("n_loops", [0, -2, 1.5, "3", True])
+    def test_bad_n_loops(self, model, input_ids, n_loops):
+        with pytest.raises(ValueError, match="n_loops"):
+            model(input_ids, n_loops=n_loops)
+
+    def test_input_longer_than_max_seq_len(self, model):
+        with pytest.raises(ValueError, match="max_seq_len=128"):
+            model(torch.ones(1, 129, dtype=torch.long))
+
+    def test_generation_past_max_seq_len(self, model):
+        with pytest.raises(ValueError, match="max_seq_len"):
+            model.generate(torch.ones(1, 120, dtype=torch.long), max_new_tokens=20, do_sample=False, n_loops=1)
+
+    def test_attention_mask_of_the_wrong_shape(self, model, input_ids):
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(input_ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(input_ids, attention_mask=torch.ones(12, dtype=torch.long))
+
+    def test_empty_input(self, model):
+        with pytest.raises(ValueError, match="Empty input"):
+            model(torch.ones(1, 0, dtype=torch.long))
+        with pytest.raises(ValueError, match="Empty input"):
+            model(torch.ones(0, 4, dtype=torch.long))
+
+    def test_float_ids_and_missing_input(self, model):
+        with pytest.raises(ValueError, match="integer"):
+            model(torch.ones(1, 4))
+        with pytest.raises(ValueError, match="exactly one"):
+            model()

@@ -1,0 +1,72 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_model
+from transformers import AutoModelForCausalLM
+
+from openmythos import MythosForCausalLM, mythos_tiny
+
+
+def test_save_load_round_trip_is_bit_exact(attn_type, input_ids, tmp_path):
+    model = make_model(attn_type, use_act=True)
+    with torch.no_grad():
+        model.model.recurrent.injection.log_A.normal_()
+        model.model.recurrent.halt.weight.normal_(0, 0.1)
+    model.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, MythosForCausalLM)
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for name in original:
+        assert torch.equal(original[name], restored[name]), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(loaded(input_ids, n_loops=3).logits, model(input_ids, n_loops=3).logits,
+                               atol=1e-6, rtol=0)
+
+
+def test_tied_head_is_not_stored_twice(tmp_path):
+    make_model("mla").save_pretrained(tmp_path)
+    header_len = int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
+    header = json.loads((tmp_path / "model.safetensors").read_bytes()[8:8 + header_len])
+    assert "lm_head.weight" not in header and "model.embed_tokens.weight" in header
+
+
+def test_fresh_model_initialisation_survives_meta_device_loading(tmp_path):
+    """from_pretrained builds on the meta device: custom parameters must come back with their saved values."""
+    config = mythos_tiny(use_act=True)
+    fresh = MythosForCausalLM(config)
+    recurrent = fresh.model.recurrent
+    assert torch.equal(recurrent.lora.up, torch.zeros_like(recurrent.lora.up))
+    assert torch.equal(recurrent.lora.scale, torch.ones_like(recurrent.lora.scale))
+    assert float(recurrent.halt.bias.detach()) == pytest.approx(-math.log(config.max_loop_iters - 1), rel=1e-6)
+    assert torch.equal(recurrent.injection.B, torch.full_like(recurrent.injection.B, 0.1))
+    fresh.save_pretrained(tmp_path)
+    loaded = MythosForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_from_pretrained_in_a_fresh_process(tmp_path, input_ids):
+    model = make_model("gqa")
+    model.save_pretrained(tmp_path)
+    torch.save(model(input_ids, n_loops=2).logits, tmp_path / "expected.pt")
+    torch.save(input_ids, tmp_path / "ids.pt")
+    script = f"""
+import torch, openmythos
+from transformers import AutoModelForCausalLM
+from openmythos import mythos_tiny
+AutoModelForCausalLM.from_config(mythos_tiny())
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).eval()
+got = model(torch.load({str(tmp_path / 'ids.pt')!r}), n_loops=2).logits
+torch.testing.assert_close(got, torch.load({str(tmp_path / 'expected.pt')!r}), atol=1e-6, rtol=0)
+print("ok", type(model).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok MythosForCausalLM" in result.stdout
