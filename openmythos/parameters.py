@@ -34,3 +34,22 @@ def format_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+def preset_table() -> str:
+    """Markdown table of every preset: the seed columns plus total and active parameters (computed, not typed)."""
+    from .configuration_mythos import PRESET_MAX_OUTPUT, PRESETS
+
+    def tokens(n: int) -> str:
+        return f"{n // 2**20}M" if n >= 2**20 else f"{n // 1024}k" if n >= 1024 else str(n)
+
+    rows = ["| preset | dim | experts | expert_dim | loop iters | context | max output | total params | active params |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, make in PRESETS.items():
+        config = make()
+        counts = count_parameters(config)
+        max_out = PRESET_MAX_OUTPUT.get(name.removeprefix("mythos_"))
+        rows.append(f"| {name} | {config.dim} | {config.n_experts} | {config.expert_dim} | {config.max_loop_iters} | "
+                    f"{tokens(config.max_seq_len)} | {tokens(max_out) if max_out else '-'} | "
+                    f"{format_count(counts.total)} | {format_count(counts.active)} |")
+    return "\n".join(rows)

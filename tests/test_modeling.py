@@ -266,3 +266,16 @@ class TestBadInput:
             model(torch.ones(1, 4))
         with pytest.raises(ValueError, match="exactly one"):
             model()
+
+
+@pytest.mark.skipif(not __import__("transformers").utils.is_flash_attn_2_available(),
+                    reason="flash-attn 2 is not installed (it needs a CUDA GPU)")
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_flash_attention_2_matches_sdpa_on_gpu(attn_type, input_ids):
+    sdpa = make_model(attn_type).to("cuda", torch.bfloat16)
+    flash = make_model(attn_type).to("cuda", torch.bfloat16)
+    flash.set_attn_implementation("flash_attention_2")
+    ids = input_ids.cuda()
+    expected = sdpa(ids, n_loops=3).logits.float()
+    got = flash(ids, n_loops=3).logits.float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()

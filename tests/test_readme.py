@@ -1,0 +1,40 @@
+"""The README is part of the product: its commands and code must run as written."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from openmythos.parameters import preset_table
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_starts_with_the_setup_and_test_commands_and_ci_runs_the_test_one():
+    commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+    setup_and_run, setup_and_test = commands[0].strip(), commands[1].strip()
+    assert "pip install" in setup_and_run and "torch==2.13.0" in setup_and_run
+    assert setup_and_test.endswith("python -m pytest -q") and "torch==2.13.0" in setup_and_test
+    assert setup_and_test in (ROOT / ".ci/run").read_text()
+
+
+def test_readme_preset_table_is_the_generated_one():
+    table = README.split("<!-- preset-table:start -->\n")[1].split("\n<!-- preset-table:end -->")[0]
+    assert table == preset_table()
+
+
+def test_readme_python_quick_start_runs_as_written(tmp_path):
+    code = re.findall(r"```python\n(.*?)```", README, re.S)[0]
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Parameters:" in result.stdout and "rho(A)" in result.stdout
+    assert (tmp_path / "mythos-demo" / "model.safetensors").exists()
+
+
+def test_quickstart_command_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "openmythos.cli", "quickstart", "--n-loops", "1", "5"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("same tokens: True") == 2
+    assert "[MLA] n_loops=5" in result.stdout and "[GQA] n_loops=1" in result.stdout
