@@ -48,6 +48,8 @@ class MythosConfig(PreTrainedConfig):
         lora_rank (`int`, defaults to 16): Rank of the depth-wise (per-loop) LoRA adapter; 0 disables it.
         dropout (`float`, defaults to 0.0): Dropout on attention probabilities and residual branches in training.
         dense_ffn_dim (`int`, *optional*): Width of the prelude/coda SwiGLU. Defaults to ``dim * 4 // 3`` (reference).
+        mla_absorb (`bool`, defaults to `True`): When decoding against a cache, fold ``kv_b_proj`` into the query and
+            output (DeepSeek-V2 weight absorption) so cached latents are never re-expanded. Exact; eager/sdpa only.
         use_act (`bool`, defaults to `False`): Adaptive Computation Time halting. The output is the ACT-weighted mix
             of the loop states; every loop still runs so that the KV cache stays complete.
         act_ponder_weight (`float`, defaults to 0.01): Weight of the ponder cost added to the loss when ``use_act``.
@@ -97,6 +99,7 @@ class MythosConfig(PreTrainedConfig):
     lora_rank: int = 16
     dropout: float = 0.0
     dense_ffn_dim: int | None = None
+    mla_absorb: bool = True
     use_act: bool = False
     act_ponder_weight: float = 0.01
     loop_signal_scale: float = 0.1

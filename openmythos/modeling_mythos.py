@@ -203,6 +203,10 @@ class MythosMLAttention(nn.Module):
         if past_key_values is not None:
             latent, k_rope = past_key_values.update(latent, k_rope, cache_idx)
 
+        if self._absorb(seq, latent.shape[2]):
+            out, weights = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
+            return self.o_proj(out.reshape(batch, seq, -1)), weights
+
         kv_len = latent.shape[2]
         kv = self.kv_b_proj(latent).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
@@ -213,6 +217,38 @@ class MythosMLAttention(nn.Module):
             dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
         )
         return self.o_proj(out.reshape(batch, seq, -1)), weights
+
+    def _absorb(self, q_len: int, kv_len: int) -> bool:
+        """Decode against a cache in latent space instead of re-expanding every cached latent each step."""
+        return (self.config.mla_absorb and not self.training and q_len < kv_len
+                and self.config._attn_implementation in ("eager", "sdpa"))
+
+    def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs):
+        """Weight-absorbed MLA (DeepSeek-V2): fold kv_b_proj into the query and the output.
+
+        score = q_nope . (W_uk c) + q_rope . k_rope = (W_uk^T q_nope) . c + q_rope . k_rope, and
+        out = sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j). Attention then runs as multi-query attention over the
+        cached latents (one shared "head" of size kv_lora_rank + qk_rope_head_dim), never expanding the cache.
+        """
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q = torch.cat((torch.einsum("bhsn,hnr->bhsr", q_nope, w_uk), q_rope), dim=-1)
+        k = torch.cat((latent, k_rope), dim=-1)
+        out, weights = _attention_interface(self.config)(
+            _SharedLatentHead(self), q, k, latent, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return torch.einsum("bshr,hvr->bshv", out, w_uv), weights
+
+
+class _SharedLatentHead:
+    """The attention module as the attention interface should see it for absorbed MLA: every query head shares the
+    single cached latent head, i.e. ``num_key_value_groups == num_heads``."""
+
+    def __init__(self, attention: MythosMLAttention):
+        self._attention = attention
+        self.num_key_value_groups = attention.num_heads
+
+    def __getattr__(self, name):
+        return getattr(self._attention, name)
 
 
 class MythosMLP(nn.Module):

@@ -111,3 +111,17 @@ def test_every_prelude_loop_and_coda_slot_is_written_once_per_forward(model, inp
     used = config.prelude_layers + config.coda_layers + 3
     assert lengths[:used] == [12] * used
     assert lengths[used:] == [0] * (len(lengths) - used)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_absorbed_mla_decoding_matches_expanded(input_ids, attn_implementation):
+    absorbed = make_model("mla", mla_absorb=True)
+    expanded = make_model("mla", mla_absorb=False)
+    for m in (absorbed, expanded):
+        m.set_attn_implementation(attn_implementation)
+    kwargs = dict(max_new_tokens=8, do_sample=False, n_loops=3, output_logits=True, return_dict_in_generate=True)
+    a, b = absorbed.generate(input_ids, **kwargs), expanded.generate(input_ids, **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    assert absorbed.model.prelude[0].self_attn._absorb(1, 13) and not expanded.model.prelude[0].self_attn._absorb(1, 13)
