@@ -14,6 +14,7 @@ from transformers import PreTrainedConfig
 MYTHOS_FORMAT_VERSION = 1
 
 ATTN_TYPES = ("mla", "gqa")
+LOOP_SAMPLINGS = ("fixed", "poisson_lognormal")
 
 
 class MythosConfig(PreTrainedConfig):
@@ -56,6 +57,18 @@ class MythosConfig(PreTrainedConfig):
         loop_signal_scale (`float`, defaults to 0.1): RMS of the sinusoidal loop-index signal relative to the RMS of
             the state it is added to. Relative scaling means it can never swamp the hidden state.
         routed_scaling_factor (`float`, defaults to 1.0): Multiplier on the normalised top-k routing weights.
+        loop_sampling (`str`, defaults to ``"fixed"``): How training picks ``n_loops`` when none is passed:
+            ``"fixed"`` uses ``max_loop_iters``; ``"poisson_lognormal"`` draws a count per forward (Huginn/Parcae:
+            1 + Poisson with a log-normal rate, mean ``mean_train_loops``). Never used in eval mode.
+        mean_train_loops (`float`, *optional*): Mean of the training draw. Defaults to ``max_loop_iters``.
+        loop_sampling_sigma (`float`, defaults to 0.5): Std of the log-normal rate.
+        max_train_loops (`int`, *optional*): Largest training draw. Defaults to ``2 * ceil(mean_train_loops)``.
+        loop_sampling_seed (`int`, defaults to 0): Seed of the draws (the draw also depends on the step index).
+        backprop_loops (`int`, *optional*): In training, only the last ``backprop_loops`` iterations build a graph;
+            earlier ones run without grad (truncated backprop through depth). ``None`` backpropagates through all.
+        router_bias_update_rate (`float`, defaults to 1e-3): Step of the aux-loss-free router-bias update
+            (bias += rate * sign(mean load - load)), applied by ``openmythos.training.update_router_bias``.
+        router_aux_loss_coef (`float`, defaults to 0.0): Weight of the optional sequence-level balance loss.
         rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
         initializer_range (`float`, defaults to 0.02): Std of the normal weight init.
         tie_word_embeddings (`bool`, defaults to `True`): Share ``lm_head`` with ``embed_tokens``.
@@ -104,6 +117,14 @@ class MythosConfig(PreTrainedConfig):
     act_ponder_weight: float = 0.01
     loop_signal_scale: float = 0.1
     routed_scaling_factor: float = 1.0
+    loop_sampling: str = "fixed"
+    mean_train_loops: float | None = None
+    loop_sampling_sigma: float = 0.5
+    max_train_loops: int | None = None
+    loop_sampling_seed: int = 0
+    backprop_loops: int | None = None
+    router_bias_update_rate: float = 1e-3
+    router_aux_loss_coef: float = 0.0
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
@@ -198,7 +219,15 @@ class MythosConfig(PreTrainedConfig):
         for name in ("rope_theta", "rms_norm_eps"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
-        for name in ("loop_signal_scale", "act_ponder_weight", "initializer_range", "routed_scaling_factor"):
+        if self.loop_sampling not in LOOP_SAMPLINGS:
+            raise ValueError(f"`loop_sampling` must be one of {LOOP_SAMPLINGS}, got {self.loop_sampling!r}")
+        for name in ("max_train_loops", "backprop_loops"):
+            if getattr(self, name) is not None:
+                check_int(name, 1)
+        if self.mean_train_loops is not None and not float(self.mean_train_loops) >= 1:
+            raise ValueError(f"`mean_train_loops` must be >= 1, got {self.mean_train_loops}")
+        for name in ("loop_signal_scale", "act_ponder_weight", "initializer_range", "routed_scaling_factor",
+                     "loop_sampling_sigma", "router_bias_update_rate", "router_aux_loss_coef"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
         for name in ("pad_token_id", "bos_token_id"):

@@ -219,9 +219,13 @@ class MythosMLAttention(nn.Module):
         return self.o_proj(out.reshape(batch, seq, -1)), weights
 
     def _absorb(self, q_len: int, kv_len: int) -> bool:
-        """Decode against a cache in latent space instead of re-expanding every cached latent each step."""
+        """Decode against a cache in latent space instead of re-expanding every cached latent each step.
+
+        Only for a plain ``nn.Linear`` kv_b_proj: a PEFT-wrapped one carries an adapter delta that the folded
+        weight would miss, so it keeps the expanded path.
+        """
         return (self.config.mla_absorb and not self.training and q_len < kv_len
-                and self.config._attn_implementation in ("eager", "sdpa"))
+                and type(self.kv_b_proj) is nn.Linear and self.config._attn_implementation in ("eager", "sdpa"))
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs):
         """Weight-absorbed MLA (DeepSeek-V2): fold kv_b_proj into the query and the output.
@@ -278,6 +282,15 @@ class MythosTopkRouter(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_experts, config.dim))
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_experts), persistent=True)
+        # Tokens routed to each expert at each loop depth since the last balancing update (training only). Integer,
+        # so `model.to(dtype)` leaves it exact. Depths past max_loop_iters - 1 count in the last row.
+        self.register_buffer("expert_load", torch.zeros(config.max_loop_iters, config.n_experts, dtype=torch.long),
+                             persistent=False)
+
+    @torch.no_grad()
+    def record_load(self, top_k_index: torch.Tensor, loop_idx: int):
+        row = min(loop_idx, self.expert_load.shape[0] - 1)
+        self.expert_load[row] += torch.bincount(top_k_index.flatten(), minlength=self.n_experts)
 
     def forward(self, hidden_states: torch.Tensor):
         router_logits = F.linear(hidden_states.float(), self.weight.float())
@@ -327,13 +340,14 @@ class MythosMoE(nn.Module):
         self.shared_experts = MythosMLP(config.dim, shared_width) if shared_width > 0 else None
 
     def forward(self, hidden_states: torch.Tensor):
+        """Returns the FFN output and the routing (router logits [tokens, n_experts], chosen experts [tokens, k])."""
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         router_logits, weights, index = self.gate(flat)
         out = self.experts(flat, index, weights.to(flat.dtype)).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
-        return out, router_logits
+        return out, (router_logits, index)
 
 
 class MythosDecoderLayer(GradientCheckpointingLayer):
@@ -356,10 +370,10 @@ class MythosDecoderLayer(GradientCheckpointingLayer):
                                             past_key_values, cache_idx, **kwargs)
         attn = self.dropout(attn)
         ffn = self.mlp(self.post_attention_layernorm(hidden_states + attn))
-        router_logits = None
+        routing = None
         if self.use_moe:
-            ffn, router_logits = ffn
-        return attn + self.dropout(ffn), attn_weights, router_logits
+            ffn, routing = ffn
+        return attn + self.dropout(ffn), attn_weights, routing
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 cache_idx=None, **kwargs):
@@ -456,11 +470,11 @@ class MythosRecurrentBlock(GradientCheckpointingLayer):
         x = h + e
         if self.config.loop_signal_scale > 0:
             x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
-        delta, attn_weights, router_logits = self.layer.residual_delta(
+        delta, attn_weights, routing = self.layer.residual_delta(
             x, position_embeddings, attention_mask, past_key_values, cache_idx, **kwargs)
         if self.lora is not None:
             delta = delta + self.lora(delta, loop_idx)
-        return self.injection(h, e, delta), attn_weights, router_logits
+        return self.injection(h, e, delta), attn_weights, routing
 
 
 class MythosPreTrainedModel(PreTrainedModel):
@@ -483,6 +497,7 @@ class MythosPreTrainedModel(PreTrainedModel):
         if isinstance(module, MythosTopkRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
+            init.zeros_(module.expert_load)
         elif isinstance(module, MythosExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
@@ -507,7 +522,8 @@ class MythosModelOutput(ModelOutput):
 
     ``hidden_states`` holds the embeddings, then the state after every prelude layer, every loop iteration and
     every coda layer (before the final norm). ``router_logits`` holds one [tokens, n_experts] tensor per loop.
-    ``ponder_cost`` is the mean ACT ponder cost (steps used plus remainder) when ``use_act`` is on.
+    ``ponder_cost`` is the mean ACT ponder cost (steps used plus remainder) when ``use_act`` is on; ``aux_loss`` the
+    sequence-level expert-balance loss (training with ``router_aux_loss_coef > 0``).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -516,19 +532,53 @@ class MythosModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     ponder_cost: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
 
 
 @dataclass
 class MythosCausalLMOutput(ModelOutput):
-    """Output of :class:`MythosForCausalLM`; ``loss`` includes the weighted ACT ponder cost when ``use_act``."""
+    """Output of :class:`MythosForCausalLM`; ``loss`` includes the weighted ACT ponder cost and balance loss."""
 
     loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     ponder_cost: torch.FloatTensor | None = None
+
+
+def sample_n_loops(config: MythosConfig, step: int) -> int:
+    """Training-time loop count for draw number ``step`` (Huginn / Parcae recipe).
+
+    n = 1 + Poisson(lambda), log(lambda) ~ Normal(log(mean - 1) - sigma^2 / 2, sigma), so E[n] = mean_train_loops;
+    then clamped to [1, max_train_loops]. The draw depends only on (loop_sampling_seed, step): every rank draws the
+    same count without communication, and a resumed run continues the same sequence.
+    """
+    mean = config.mean_train_loops if config.mean_train_loops is not None else config.max_loop_iters
+    cap = config.max_train_loops if config.max_train_loops is not None else 2 * math.ceil(mean)
+    if mean <= 1:
+        return 1
+    generator = torch.Generator().manual_seed(int(config.loop_sampling_seed) * 1_000_003 + int(step))
+    sigma = float(config.loop_sampling_sigma)
+    log_rate = math.log(mean - 1) - sigma**2 / 2 + sigma * torch.randn((), generator=generator).item()
+    n = 1 + int(torch.poisson(torch.tensor(math.exp(log_rate)), generator=generator).item())
+    return max(1, min(n, cap))
+
+
+def sequence_balance_loss(router_logits: torch.Tensor, chosen: torch.Tensor, batch: int, n_experts: int):
+    """DeepSeek-V3 complementary sequence-wise balance loss: sum_i f_i * P_i per sequence, averaged over the batch.
+
+    f_i = n_experts / (k * T) * (tokens of the sequence routed to expert i), P_i = mean over the sequence of the
+    normalised affinity s_i / sum_j s_j. It equals 1 for a perfectly balanced sequence.
+    """
+    top_k = chosen.shape[-1]
+    scores = router_logits.sigmoid().view(batch, -1, n_experts)
+    probs = (scores / scores.sum(-1, keepdim=True)).mean(1)
+    counts = F.one_hot(chosen.view(batch, -1), n_experts).sum(1).float()
+    fraction = counts * n_experts / (top_k * scores.shape[1])
+    return (fraction * probs).sum(-1).mean()
 
 
 def _check_n_loops(n_loops) -> int:
@@ -552,6 +602,9 @@ class MythosModel(MythosPreTrainedModel):
         self.norm = MythosRMSNorm(config.dim, eps=config.rms_norm_eps)
         self.rotary_emb = MythosRotary(config)
         self.gradient_checkpointing = False
+        # Index of the next training-time loop-count draw; the training callback sets it from the global step so that
+        # every rank, and a resumed run, draws the same counts.
+        self.loop_draw_step = 0
         self.post_init()
 
     def get_input_embeddings(self):
@@ -639,8 +692,15 @@ class MythosModel(MythosPreTrainedModel):
         **kwargs,
     ) -> MythosModelOutput:
         config = self.config
-        n_loops = _check_n_loops(config.max_loop_iters if n_loops is None else n_loops)
-        use_cache = config.use_cache if use_cache is None else use_cache
+        if n_loops is None:
+            if self.training and config.loop_sampling != "fixed":
+                n_loops = sample_n_loops(config, self.loop_draw_step)
+                self.loop_draw_step += 1
+            else:
+                n_loops = config.max_loop_iters
+        n_loops = _check_n_loops(n_loops)
+        if use_cache is None:
+            use_cache = config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
@@ -689,11 +749,21 @@ class MythosModel(MythosPreTrainedModel):
             cumulative = torch.zeros(h.shape[:-1], device=h.device, dtype=torch.float32)
             running = torch.ones_like(cumulative)
             ponder = torch.zeros_like(cumulative)
+        # Truncated backprop through depth (Huginn): only the last `backprop_loops` iterations build a graph.
+        truncate = self.training and config.backprop_loops is not None and torch.is_grad_enabled()
+        no_grad_loops = max(0, n_loops - config.backprop_loops) if truncate else 0
+        aux_losses = []
         for t in range(n_loops):
-            h, attn, router_logits = self.recurrent(h, e, loop_idx=t, cache_idx=loop_base + t, **shared, **kwargs)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_grad_loops):
+                h, attn, (router_logits, chosen) = self.recurrent(h, e, loop_idx=t, cache_idx=loop_base + t,
+                                                                  **shared, **kwargs)
             record(h, attn)
             if all_router is not None:
                 all_router.append(router_logits)
+            if self.training:
+                self.recurrent.layer.mlp.gate.record_load(chosen, t)
+                if config.router_aux_loss_coef > 0 and t >= no_grad_loops:
+                    aux_losses.append(sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts))
             if halting:
                 p = self.recurrent.halt(h)
                 last = t == n_loops - 1
@@ -719,6 +789,7 @@ class MythosModel(MythosPreTrainedModel):
             attentions=tuple(all_attn) if all_attn is not None else None,
             router_logits=tuple(all_router) if all_router is not None else None,
             ponder_cost=ponder.mean() if halting else None,
+            aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
         )
 
 
@@ -785,8 +856,10 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
             if outputs.ponder_cost is not None:
                 loss = loss + self.config.act_ponder_weight * outputs.ponder_cost
+            if outputs.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss
         result = MythosCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            loss=loss, aux_loss=outputs.aux_loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, router_logits=outputs.router_logits, ponder_cost=outputs.ponder_cost,
         )
         return result if return_dict is not False else result.to_tuple()

@@ -1,0 +1,104 @@
+"""Muon for hidden weight matrices, AdamW for everything else (the seed's recipe), as one torch Optimizer.
+
+One line with the Trainer::
+
+    trainer = Trainer(model=model, args=args, optimizers=(MuonAdamW.from_model(model, lr=3e-4), None), ...)
+"""
+
+import torch
+from torch import nn
+
+from .modeling_mythos import MythosTopkRouter
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(muon, adamw_decay, adamw_no_decay) trainable parameters.
+
+    Muon takes the 2-D weights of hidden ``nn.Linear`` layers (attention, dense FFN, shared experts, depth-wise LoRA
+    projections excluded since they are raw parameters). AdamW takes embeddings and the head (which Muon's
+    orthogonalised update does not suit), the router, the 3-D routed-expert tensors (torch's Muon is 2-D only),
+    and every vector/scalar: norms, injection A/B, LoRA scales, halting. Vectors and scalars get no weight decay.
+    """
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    excluded = {id(m.weight) for m in (output, inputs) if m is not None}
+    excluded |= {id(m.weight) for m in model.modules() if isinstance(m, MythosTopkRouter)}
+    muon_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in excluded}
+    muon, decay, no_decay, seen = [], [], [], set()
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        if id(param) in muon_ids and param.ndim == 2:
+            muon.append(param)
+        elif param.ndim >= 2:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return muon, decay, no_decay
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on the hidden matrices and ``torch.optim.AdamW`` on the rest, behind one interface.
+
+    Its ``param_groups`` are the inner optimizers' own group dicts, so LR schedulers (and the Trainer's) drive both.
+    Muon groups carry ``lr=muon_lr``; a scheduler scales each group's lr relative to its initial value.
+    """
+
+    def __init__(self, muon_params, adamw_params, adamw_no_decay_params=(), *, lr=3e-4, muon_lr=0.02,
+                 weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, momentum=0.95):
+        muon_params, adamw_params, adamw_no_decay_params = map(list, (muon_params, adamw_params,
+                                                                      adamw_no_decay_params))
+        if not (muon_params or adamw_params or adamw_no_decay_params):
+            raise ValueError("MuonAdamW got no trainable parameters")
+        self.muon = torch.optim.Muon(muon_params, lr=muon_lr, weight_decay=weight_decay, momentum=momentum) \
+            if muon_params else None
+        groups = [{"params": adamw_params, "weight_decay": weight_decay},
+                  {"params": adamw_no_decay_params, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        self.adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps) if groups else None
+        inner = [o for o in (self.muon, self.adamw) if o is not None]
+        super().__init__([g for o in inner for g in o.param_groups], {})
+        self._inner = inner
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **kwargs) -> "MuonAdamW":
+        """Split ``model``'s trainable parameters with :func:`split_parameters` and build the optimizer."""
+        return cls(*split_parameters(model), **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self._inner:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        for optimizer in self._inner:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict() if self.muon else None,
+                "adamw": self.adamw.state_dict() if self.adamw else None}
+
+    def load_state_dict(self, state_dict):
+        for name in ("muon", "adamw"):
+            optimizer = getattr(self, name)
+            if optimizer is not None and state_dict.get(name) is not None:
+                optimizer.load_state_dict(state_dict[name])
+        # inner load_state_dict replaces group dicts: share them again
+        self.param_groups[:] = [g for o in self._inner for g in o.param_groups]
+
+    @property
+    def state(self):
+        merged = {}
+        for optimizer in getattr(self, "_inner", ()):
+            merged.update(optimizer.state)
+        return merged
+
+    @state.setter
+    def state(self, value):  # set by Optimizer.__init__; the inner optimizers own the real state
+        pass

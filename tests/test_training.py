@@ -1,0 +1,145 @@
+"""Training recipe: loop-count sampling, truncated backprop, MoE balancing, Muon+AdamW."""
+
+import statistics
+
+import pytest
+import torch
+from conftest import make_model
+
+from openmythos import MythosForCausalLM, mythos_tiny
+from openmythos.modeling_mythos import sample_n_loops, sequence_balance_loss
+from openmythos.optim import MuonAdamW, split_parameters
+from openmythos.training import expert_load_stats, update_router_bias
+
+
+def test_loop_count_draws_have_the_configured_mean_and_are_reproducible():
+    config = mythos_tiny(loop_sampling="poisson_lognormal", mean_train_loops=6, max_train_loops=24)
+    draws = [sample_n_loops(config, step) for step in range(3000)]
+    assert statistics.mean(draws) == pytest.approx(6, abs=0.3)
+    assert min(draws) >= 1 and max(draws) <= 24
+    assert len(set(draws)) > 8  # a real spread, not a constant
+    assert draws == [sample_n_loops(config, step) for step in range(3000)]  # same on every rank, every run
+    other_seed = mythos_tiny(loop_sampling="poisson_lognormal", mean_train_loops=6, loop_sampling_seed=1)
+    assert draws[:50] != [sample_n_loops(other_seed, step) for step in range(50)]
+
+
+def test_training_forward_draws_loops_and_eval_uses_the_fixed_count():
+    model = make_model("gqa", loop_sampling="poisson_lognormal", mean_train_loops=3, max_loop_iters=4).train()
+    ids = torch.randint(0, 512, (2, 8))
+    counts = []
+    hook = model.model.recurrent.register_forward_hook(lambda *a: counts.append(1))
+    for step in range(5):
+        counts.clear()
+        model(ids)
+        assert len(counts) == sample_n_loops(model.config, step)
+    model.eval()
+    counts.clear()
+    model(ids)
+    assert len(counts) == model.config.max_loop_iters
+    hook.remove()
+
+
+def test_truncated_backprop_builds_no_graph_for_early_loops():
+    model = make_model("mla", backprop_loops=2).train()
+    ids = torch.randint(0, 512, (2, 16))
+    tracked = []
+    hook = model.model.recurrent.register_forward_hook(lambda m, a, out: tracked.append(out[0].requires_grad))
+    model(ids, labels=ids, n_loops=5).loss.backward()
+    hook.remove()
+    assert tracked == [False, False, False, True, True]
+    assert all(p.grad is not None for p in model.model.recurrent.parameters())
+    # eval is never truncated, and so never changes the answer
+    model.eval()
+    full = make_model("mla").eval()
+    torch.testing.assert_close(model(ids, n_loops=5).logits, full(ids, n_loops=5).logits)
+
+
+def test_router_bias_update_balances_a_skewed_start():
+    model = MythosForCausalLM(mythos_tiny(n_experts=8, n_experts_per_tok=2)).train()
+    router = model.model.recurrent.layer.mlp.gate
+    with torch.no_grad():
+        router.weight[:2] += 0.2  # experts 0 and 1 win for most tokens
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 512, (4, 32), generator=generator) for _ in range(4)]
+    ratios = []
+    for step in range(60):
+        with torch.no_grad():
+            model(batches[step % 4], n_loops=2)
+        if step % 4 == 0:
+            stats = expert_load_stats(model)
+            ratios.append(stats["moe/load_max_min_ratio"])
+        update_router_bias(model, rate=0.01)
+    assert router.expert_load.sum() == 0  # counts reset after each update
+    assert ratios[0] > 5  # really skewed at the start
+    assert ratios[-1] < ratios[0] / 3 and ratios[-1] < 3
+    assert router.e_score_correction_bias[:2].max() < 0 < router.e_score_correction_bias[2:].max()
+
+
+def test_expert_load_is_counted_per_loop_only_in_training():
+    model = make_model("gqa")
+    ids = torch.randint(0, 512, (2, 10))
+    model(ids, n_loops=3)
+    assert model.model.recurrent.layer.mlp.gate.expert_load.sum() == 0
+    model.train()(ids, n_loops=3)
+    load = model.model.recurrent.layer.mlp.gate.expert_load
+    k = model.config.n_experts_per_tok
+    assert load[:3].sum(1).tolist() == [20 * k] * 3 and load[3:].sum() == 0
+    stats = expert_load_stats(model)
+    assert {"moe/load_cv", "moe/loop0_max_share", "moe/loop2_max_share"} <= stats.keys()
+
+
+def test_sequence_balance_loss_is_one_when_balanced_and_larger_when_skewed():
+    n_experts, top_k, tokens = 4, 2, 8
+    uniform_logits = torch.zeros(tokens, n_experts)
+    balanced = torch.tensor([[0, 1], [2, 3]] * (tokens // 2))
+    assert float(sequence_balance_loss(uniform_logits, balanced, 1, n_experts)) == pytest.approx(1.0)
+    skewed_logits = torch.tensor([[4.0, 4.0, -4.0, -4.0]]).expand(tokens, -1)
+    skewed = torch.tensor([[0, 1]] * tokens)
+    assert float(sequence_balance_loss(skewed_logits, skewed, 1, n_experts)) > 1.5
+
+
+def test_aux_loss_is_added_to_the_training_loss():
+    ids = torch.randint(0, 512, (2, 16))
+    plain = make_model("mla").train()
+    with_aux = make_model("mla", router_aux_loss_coef=0.5).train()
+    a, b = plain(ids, labels=ids, n_loops=2), with_aux(ids, labels=ids, n_loops=2)
+    assert a.aux_loss is None and b.aux_loss is not None
+    torch.testing.assert_close(b.loss, a.loss + 0.5 * b.aux_loss)
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    model = make_model("mla", use_act=True)
+    muon, decay, no_decay = split_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for p in muon}
+    assert all(p.ndim == 2 for p in muon)
+    assert "model.prelude.0.self_attn.q_a_proj.weight" in muon_names
+    assert "model.recurrent.layer.mlp.shared_experts.down_proj.weight" in muon_names
+    adamw_names = {names[id(p)] for p in decay + no_decay}
+    assert {"model.embed_tokens.weight", "model.recurrent.layer.mlp.gate.weight",
+            "model.recurrent.layer.mlp.experts.gate_up_proj", "model.recurrent.injection.log_A"} <= adamw_names
+    assert len(muon) + len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_muon_adamw_trains_follows_a_scheduler_and_round_trips_its_state():
+    model = make_model("gqa").train()
+    optimizer = MuonAdamW.from_model(model, lr=1e-3, muon_lr=0.02)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    ids = torch.randint(0, 512, (4, 32))
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids, n_loops=2).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(0.02 * 0.5 ** 8)
+    assert optimizer.adamw.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 ** 8)
+    restored = MuonAdamW.from_model(model, lr=1e-3, muon_lr=0.02)
+    restored.load_state_dict(optimizer.state_dict())
+    assert len(restored.state) == len(optimizer.state) > 0
+    some = next(iter(optimizer.adamw.state.values()))["exp_avg"]
+    again = next(iter(restored.adamw.state.values()))["exp_avg"]
+    assert torch.equal(some, again)
