@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["openmythos", "openmythos.*"]),
-    package_data={"openmythos": ["py.typed"]},
+    package_data={"openmythos": ["py.typed", "data/*.txt", "templates/*.md"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned loosely on purpose; install the build you want (CPU or CUDA) first.

@@ -1,0 +1,152 @@
+"""Hub export: loads with trust_remote_code where openmythos is absent; the card renders fully."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model
+from huggingface_hub import ModelCard
+
+from openmythos import mythos_tiny
+from openmythos.configuration_mythos import MYTHOS_FORMAT_VERSION
+from openmythos.hub import export, push, render_card
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh interpreter in which `import openmythos` fails, like a machine without the package.
+NO_PACKAGE = """
+import sys
+sys.modules["openmythos"] = None  # any import of openmythos now raises ImportError
+sys.path = [p for p in sys.path if p not in ("", {root!r})]
+"""
+
+
+def run_without_package(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    script = NO_PACKAGE.format(root=str(ROOT)) + code
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export") / "mythos-test"
+    model = make_model("mla", use_act=True)
+    files = export(model, folder, repo_id="someone/mythos-test", training="40 steps on a toy corpus.",
+                   datasets=["HuggingFaceFW/fineweb-edu"])
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.save({"ids": ids, "logits": model(ids, n_loops=3).logits}, folder.parent / "expected.pt")
+    return folder, files
+
+
+def test_export_folder_holds_exactly_what_a_loader_needs(exported):
+    folder, files = exported
+    names = sorted(p.name for p in files)
+    assert names == ["README.md", "config.json", "configuration_mythos.py", "generation_config.json",
+                     "model.safetensors", "modeling_mythos.py"]
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in names)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_mythos.MythosConfig",
+                                  "AutoModel": "modeling_mythos.MythosModel",
+                                  "AutoModelForCausalLM": "modeling_mythos.MythosForCausalLM"}
+    assert config["mythos_format_version"] == MYTHOS_FORMAT_VERSION
+    for module in ("configuration_mythos.py", "modeling_mythos.py"):
+        imports = [line for line in (folder / module).read_text().splitlines()
+                   if line.startswith(("import ", "from "))]
+        assert all(any(ok in line for ok in ("torch", "transformers", " .", "math", "collections", "dataclasses"))
+                   for line in imports), imports
+
+
+def test_exported_model_loads_without_the_package(exported, tmp_path):
+    folder, _ = exported
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+expected = torch.load({str(folder.parent / 'expected.pt')!r})
+got = model(expected["ids"], n_loops=3).logits
+torch.testing.assert_close(got, expected["logits"], atol=1e-6, rtol=0)
+out = model.generate(expected["ids"], max_new_tokens=4, do_sample=False, n_loops=2)
+print("ok", tuple(out.shape))
+"""
+    result = run_without_package(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok (2, 13)" in result.stdout
+
+
+def test_loading_without_trust_remote_code_says_what_to_do(exported, tmp_path):
+    folder, _ = exported
+    code = f"""
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained({str(folder)!r})
+except Exception as error:
+    print("ERROR:", error)
+"""
+    result = run_without_package(code, tmp_path)
+    assert "trust_remote_code=True" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_newer_format_version_is_refused_by_the_remote_code_too(exported, tmp_path):
+    folder, _ = exported
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    for f in folder.iterdir():
+        (newer / f.name).write_bytes(f.read_bytes())
+    config = json.loads((newer / "config.json").read_text())
+    config["mythos_format_version"] = MYTHOS_FORMAT_VERSION + 1
+    (newer / "config.json").write_text(json.dumps(config))
+    code = f"""
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained({str(newer)!r}, trust_remote_code=True)
+except Exception as error:
+    print("ERROR:", error)
+"""
+    result = run_without_package(code, tmp_path)
+    assert "format version" in result.stdout and "Upgrade" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_card_renders_fully_and_parses_as_a_model_card(exported):
+    folder, _ = exported
+    text = (folder / "README.md").read_text()
+    assert "{{" not in text and "}}" not in text.replace("}}\n", "")
+    card = ModelCard(text)
+    assert card.data.library_name == "transformers" and card.data.license == "mit"
+    assert card.data.pipeline_tag == "text-generation" and card.data.datasets == ["HuggingFaceFW/fineweb-edu"]
+    assert "trust_remote_code=True" in text and "not affiliated" in text and "@software" in text
+    assert "| dim | 64 |" in text and "someone/mythos-test" in text and "40 steps on a toy corpus." in text
+    assert "active per token" in text
+
+
+def test_card_for_every_attention_type_and_unfilled_placeholders_are_refused():
+    for attn_type in ("mla", "gqa"):
+        text = render_card(mythos_tiny(attn_type=attn_type))
+        assert "{{" not in text
+    with pytest.raises(ValueError, match="no_such_field"):
+        render_card(mythos_tiny(), template="{{no_such_field}}")
+
+
+def test_push_dry_run_lists_the_files_and_contacts_nobody(exported):
+    folder, files = exported
+    assert push(folder, "someone/mythos-test", dry_run=True) == sorted(p.name for p in files)
+    with pytest.raises(FileNotFoundError, match="export"):
+        push(folder.parent / "nowhere", "someone/x", dry_run=True)
+
+
+def test_export_and_push_commands(tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    make_model("gqa").save_pretrained(checkpoint)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "openmythos.cli", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = run("export", str(tmp_path / "out"), "--from", str(checkpoint), "--repo-id", "me/tiny")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "README.md").exists() and "me/tiny" in (tmp_path / "out" / "README.md").read_text()
+    result = run("push", "me/tiny", "--folder", str(tmp_path / "out"), "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "would upload" in result.stdout and "model.safetensors" in result.stdout
