@@ -26,8 +26,8 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "train": ["datasets>=3.0", "peft>=0.15", "tqdm"],
-        "test": ["pytest>=8", "datasets>=3.0", "peft>=0.15"],
+        "train": ["datasets>=3.0", "peft>=0.17", "tqdm"],
+        "test": ["pytest>=8", "datasets>=3.0", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["mythos=openmythos.cli:main"]},
 )

@@ -3,7 +3,7 @@
 Importing this package registers ``model_type="mythos"`` with AutoConfig, AutoModel and AutoModelForCausalLM.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_mythos import (
     PRESETS,
@@ -19,6 +19,8 @@ from .configuration_mythos import (
 )
 from .modeling_mythos import MythosForCausalLM, MythosModel, MythosPreTrainedModel
 from .parameters import count_parameters
+from .peft_support import expert_lora_config, register_peft_defaults
+from .tokenization_mythos import MythosTokenizer
 
 __version__ = "0.1.0"
 
@@ -31,16 +33,21 @@ def _register():
         AutoConfig.register(MythosConfig.model_type, MythosConfig)
         AutoModel.register(MythosConfig, MythosModel)
         AutoModelForCausalLM.register(MythosConfig, MythosForCausalLM)
+        AutoTokenizer.register(MythosConfig, tokenizer_class=MythosTokenizer)
 
 
 _register()
+register_peft_defaults()  # default LoRA targets for model_type "mythos"; a no-op without peft
 
 __all__ = [
     "MythosConfig",
     "MythosPreTrainedModel",
     "MythosModel",
     "MythosForCausalLM",
+    "MythosTokenizer",
     "count_parameters",
+    "register_peft_defaults",
+    "expert_lora_config",
     "PRESETS",
     "mythos_tiny",
     "mythos_1b",
