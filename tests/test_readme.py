@@ -38,3 +38,18 @@ def test_quickstart_command_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("same tokens: True") == 2
     assert "[MLA] n_loops=5" in result.stdout and "[GQA] n_loops=1" in result.stdout
+
+
+def test_readme_training_and_hub_commands_run(tmp_path):
+    """The toy pretraining, export and dry-run push lines of the README, run as written (venv paths mapped)."""
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)\n```", README, re.S) for line in block.splitlines()]
+    wanted = [line for line in lines if "pretrain.py --toy" in line or line.startswith(".venv/bin/mythos ")]
+    assert len(wanted) == 3, wanted
+    bindir = Path(sys.executable).parent
+    for line in wanted:
+        command = re.sub(r"(?<![\w/])\.venv/bin/", f"{bindir}/", line.split("  #")[0])
+        command = re.sub(r"(?<![\w/])examples/", f"{ROOT}/examples/", command)
+        result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (command, result.stderr[-3000:])
+    assert (tmp_path / "runs" / "hub" / "README.md").exists()
+    assert "would upload" in result.stdout
