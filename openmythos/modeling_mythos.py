@@ -271,8 +271,10 @@ class MythosMLP(nn.Module):
 class MythosTopkRouter(nn.Module):
     """DeepSeek-V3 style router: sigmoid affinities; the correction bias affects expert choice only.
 
-    ``e_score_correction_bias`` is the aux-loss-free balancing bias. Training nudges it toward balance after each
-    optimizer step; it never receives gradients and never changes the gate weights.
+    ``e_score_correction_bias`` is the aux-loss-free balancing bias, one row per loop depth: the router weights are
+    shared by every iteration, but the states it sees drift with depth, so each depth is balanced on its own (depths
+    past ``max_loop_iters - 1`` use the last row). Training nudges it toward balance after each optimizer step; it
+    never receives gradients and never changes the gate weights.
     """
 
     def __init__(self, config: MythosConfig):
@@ -281,7 +283,8 @@ class MythosTopkRouter(nn.Module):
         self.n_experts = config.n_experts
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_experts, config.dim))
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_experts), persistent=True)
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.max_loop_iters, config.n_experts),
+                             persistent=True)
         # Tokens routed to each expert at each loop depth since the last balancing update (training only). Integer,
         # so `model.to(dtype)` leaves it exact. Depths past max_loop_iters - 1 count in the last row.
         self.register_buffer("expert_load", torch.zeros(config.max_loop_iters, config.n_experts, dtype=torch.long),
@@ -292,10 +295,11 @@ class MythosTopkRouter(nn.Module):
         row = min(loop_idx, self.expert_load.shape[0] - 1)
         self.expert_load[row] += torch.bincount(top_k_index.flatten(), minlength=self.n_experts)
 
-    def forward(self, hidden_states: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, loop_idx: int = 0):
         router_logits = F.linear(hidden_states.float(), self.weight.float())
         scores = router_logits.sigmoid()
-        top_k_index = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k, dim=-1, sorted=False)[1]
+        bias = self.e_score_correction_bias[min(loop_idx, self.e_score_correction_bias.shape[0] - 1)]
+        top_k_index = torch.topk(scores + bias.float(), self.top_k, dim=-1, sorted=False)[1]
         top_k_weights = scores.gather(-1, top_k_index)
         top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
         return router_logits, top_k_weights * self.routed_scaling_factor, top_k_index
@@ -339,11 +343,11 @@ class MythosMoE(nn.Module):
         shared_width = config.n_shared_experts * config.expert_dim * config.n_experts_per_tok
         self.shared_experts = MythosMLP(config.dim, shared_width) if shared_width > 0 else None
 
-    def forward(self, hidden_states: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, loop_idx: int = 0):
         """Returns the FFN output and the routing (router logits [tokens, n_experts], chosen experts [tokens, k])."""
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        router_logits, weights, index = self.gate(flat)
+        router_logits, weights, index = self.gate(flat, loop_idx)
         out = self.experts(flat, index, weights.to(flat.dtype)).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
@@ -364,15 +368,17 @@ class MythosDecoderLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout)
 
     def residual_delta(self, hidden_states, position_embeddings, attention_mask, past_key_values, cache_idx,
-                       **kwargs):
+                       loop_idx=0, **kwargs):
         """Everything the block adds to its input: attention delta + FFN delta (no copy of the input)."""
         attn, attn_weights = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
                                             past_key_values, cache_idx, **kwargs)
         attn = self.dropout(attn)
-        ffn = self.mlp(self.post_attention_layernorm(hidden_states + attn))
+        ffn_input = self.post_attention_layernorm(hidden_states + attn)
         routing = None
         if self.use_moe:
-            ffn, routing = ffn
+            ffn, routing = self.mlp(ffn_input, loop_idx)
+        else:
+            ffn = self.mlp(ffn_input)
         return attn + self.dropout(ffn), attn_weights, routing
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
@@ -471,7 +477,7 @@ class MythosRecurrentBlock(GradientCheckpointingLayer):
         if self.config.loop_signal_scale > 0:
             x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
         delta, attn_weights, routing = self.layer.residual_delta(
-            x, position_embeddings, attention_mask, past_key_values, cache_idx, **kwargs)
+            x, position_embeddings, attention_mask, past_key_values, cache_idx, loop_idx, **kwargs)
         if self.lora is not None:
             delta = delta + self.lora(delta, loop_idx)
         return self.injection(h, e, delta), attn_weights, routing
@@ -489,6 +495,7 @@ class MythosPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -40,21 +40,23 @@ def expert_load_stats(model: torch.nn.Module) -> dict[str, float]:
 
 @torch.no_grad()
 def update_router_bias(model: torch.nn.Module, rate: float | None = None) -> None:
-    """DeepSeek-V3 aux-loss-free balancing step: bias += rate * sign(mean load - load), then reset the counts.
+    """DeepSeek-V3 aux-loss-free balancing step, per loop depth: bias[t] += rate * sign(mean load[t] - load[t]).
 
-    Call it once after every optimizer step. Expert counts are summed over all ranks first (when torch.distributed is
-    initialised), so every rank applies the same update and the replicated bias stays identical everywhere.
-    ``rate`` defaults to ``config.router_bias_update_rate``.
+    Call it once after every optimizer step; it resets the counts. Expert counts are summed over all ranks first
+    (when torch.distributed is initialised), so every rank applies the same update and the replicated bias stays
+    identical everywhere. Depths that routed no token keep their bias. ``rate`` defaults to
+    ``config.router_bias_update_rate``.
     """
+    step = rate if rate is not None else _config_of(model).router_bias_update_rate
     for router in routers(model):
-        load = router.expert_load.sum(0)
+        load = router.expert_load.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load)
-        if load.sum() > 0:
-            step = rate if rate is not None else _config_of(model).router_bias_update_rate
-            bias = router.e_score_correction_bias
-            delta = step * torch.sign(load.float().mean() - load.float())
-            bias.copy_((bias.float() + delta.to(bias.device)).to(bias.dtype))
+        load = load.float()
+        active = (load.sum(-1, keepdim=True) > 0).float()
+        delta = step * torch.sign(load.mean(-1, keepdim=True) - load) * active
+        bias = router.e_score_correction_bias
+        bias.copy_((bias.float() + delta.to(bias.device)).to(bias.dtype))
         router.expert_load.zero_()
 
 

@@ -72,7 +72,9 @@ def test_router_bias_update_balances_a_skewed_start():
     assert router.expert_load.sum() == 0  # counts reset after each update
     assert ratios[0] > 5  # really skewed at the start
     assert ratios[-1] < ratios[0] / 3 and ratios[-1] < 3
-    assert router.e_score_correction_bias[:2].max() < 0 < router.e_score_correction_bias[2:].max()
+    used = router.e_score_correction_bias[:2]  # the two loop depths that ran
+    assert used[:, :2].max() < 0 < used[:, 2:].max(-1).values.min()
+    assert (router.e_score_correction_bias[2:] == 0).all()  # depths that never ran are untouched
 
 
 def test_expert_load_is_counted_per_loop_only_in_training():
@@ -143,3 +145,18 @@ def test_muon_adamw_trains_follows_a_scheduler_and_round_trips_its_state():
     some = next(iter(optimizer.adamw.state.values()))["exp_avg"]
     again = next(iter(restored.adamw.state.values()))["exp_avg"]
     assert torch.equal(some, again)
+
+
+def test_each_loop_depth_has_its_own_balancing_bias():
+    model = make_model("gqa")
+    router = model.model.recurrent.layer.mlp.gate
+    x = torch.randn(32, model.config.dim)
+    with torch.no_grad():
+        router.e_score_correction_bias.zero_()
+        router.e_score_correction_bias[1, 5] = 10.0  # only depth 1 is pushed toward expert 5
+    assert (router(x, loop_idx=1)[2] == 5).any(-1).all()
+    assert not (router(x, loop_idx=0)[2] == 5).any(-1).all()
+    last = model.config.max_loop_iters - 1
+    with torch.no_grad():
+        router.e_score_correction_bias[last, 6] = 10.0
+    assert torch.equal(router(x, loop_idx=last + 3)[2], router(x, loop_idx=last)[2])  # deeper loops use the last row
