@@ -13,6 +13,7 @@ This module imports only torch, transformers and ``configuration_mythos``, so it
 loaded with ``trust_remote_code=True``.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,10 +46,9 @@ class MythosRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * hidden_states.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32, as one fused kernel
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed.to(hidden_states.dtype)
 
 
 class MythosRotary(nn.Module):
@@ -441,22 +441,26 @@ class MythosHalting(nn.Module):
         return torch.sigmoid(h.float() @ self.weight.float() + self.bias.float())
 
 
+@functools.lru_cache(maxsize=256)
+def _loop_embedding(loop_idx: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Unit-RMS sinusoidal embedding of a loop index (fp32, cached: it depends on nothing learned)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / max(half, 1))
+    angles = loop_idx * freqs
+    emb = torch.cat((angles.sin(), angles.cos()), dim=-1)
+    if emb.shape[-1] < dim:
+        emb = F.pad(emb, (0, dim - emb.shape[-1]))
+    return (emb / emb.pow(2).mean().sqrt()).float().to(device)
+
+
 def loop_signal(x: torch.Tensor, loop_idx: int, scale: float) -> torch.Tensor:
     """Sinusoidal embedding of the loop index, with RMS equal to ``scale`` times the RMS of ``x`` per position.
 
     The reference adds a fixed-norm signal that swamps a small hidden state (and collapses the MoE router); a signal
     relative to the state cannot.
     """
-    dim = x.shape[-1]
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=x.device, dtype=torch.float32) / max(half, 1))
-    angles = loop_idx * freqs
-    emb = torch.cat((angles.sin(), angles.cos()), dim=-1)
-    if emb.shape[-1] < dim:
-        emb = F.pad(emb, (0, dim - emb.shape[-1]))
-    emb = emb / emb.pow(2).mean().sqrt()
     rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()
-    return (scale * rms * emb).to(x.dtype)
+    return (scale * rms * _loop_embedding(loop_idx, x.shape[-1], x.device)).to(x.dtype)
 
 
 class MythosRecurrentBlock(GradientCheckpointingLayer):
