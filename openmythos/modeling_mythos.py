@@ -24,11 +24,12 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
+from transformers.generation import utils as generation_utils
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_mythos import MythosConfig
@@ -37,6 +38,10 @@ from .configuration_mythos import MythosConfig
 # lie strictly inside (0, 1), so rounding A to any of those dtypes can never produce 0 or 1.
 A_MIN = 2.0**-8
 A_MAX = 1.0 - 2.0**-8
+
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. forward() accepts
+# both names; outputs use the installed version's name, which is the one generate() reads back.
+CACHE_NAME = "cache" if "cache" in generation_utils.ALL_CACHE_NAMES else "past_key_values"
 
 
 class MythosRMSNorm(nn.Module):
@@ -133,7 +138,7 @@ class MythosGQAttention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, cache_idx=None,
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, cache_idx=None,
                 **kwargs):
         batch, seq = hidden_states.shape[:2]
         q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -141,8 +146,8 @@ class MythosGQAttention(nn.Module):
         v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, cache_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, cache_idx)
         out, weights = _attention_interface(self.config)(
             self, q, k, v, attention_mask,
             dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
@@ -184,7 +189,7 @@ class MythosMLAttention(nn.Module):
                                    bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.dim, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, cache_idx=None,
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, cache_idx=None,
                 **kwargs):
         batch, seq = hidden_states.shape[:2]
         if self.q_lora_rank > 0:
@@ -200,8 +205,8 @@ class MythosMLAttention(nn.Module):
 
         cos, sin = position_embeddings
         q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
-        if past_key_values is not None:
-            latent, k_rope = past_key_values.update(latent, k_rope, cache_idx)
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, cache_idx)
 
         if self._absorb(seq, latent.shape[2]):
             out, weights = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
@@ -367,11 +372,11 @@ class MythosDecoderLayer(GradientCheckpointingLayer):
         self.use_moe = use_moe
         self.dropout = nn.Dropout(config.dropout)
 
-    def residual_delta(self, hidden_states, position_embeddings, attention_mask, past_key_values, cache_idx,
+    def residual_delta(self, hidden_states, position_embeddings, attention_mask, cache, cache_idx,
                        loop_idx=0, **kwargs):
         """Everything the block adds to its input: attention delta + FFN delta (no copy of the input)."""
         attn, attn_weights = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                                            past_key_values, cache_idx, **kwargs)
+                                            cache, cache_idx, **kwargs)
         attn = self.dropout(attn)
         ffn_input = self.post_attention_layernorm(hidden_states + attn)
         routing = None
@@ -381,10 +386,10 @@ class MythosDecoderLayer(GradientCheckpointingLayer):
             ffn = self.mlp(ffn_input)
         return attn + self.dropout(ffn), attn_weights, routing
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 cache_idx=None, **kwargs):
         delta, attn_weights, _ = self.residual_delta(hidden_states, position_embeddings, attention_mask,
-                                                     past_key_values, cache_idx, **kwargs)
+                                                     cache, cache_idx, **kwargs)
         return hidden_states + delta, attn_weights
 
 
@@ -475,13 +480,13 @@ class MythosRecurrentBlock(GradientCheckpointingLayer):
         self.lora = MythosDepthLoRA(config) if config.lora_rank > 0 else None
         self.halt = MythosHalting(config) if config.use_act else None
 
-    def forward(self, h, e, loop_idx=0, position_embeddings=None, attention_mask=None, past_key_values=None,
+    def forward(self, h, e, loop_idx=0, position_embeddings=None, attention_mask=None, cache=None,
                 cache_idx=None, **kwargs):
         x = h + e
         if self.config.loop_signal_scale > 0:
             x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
         delta, attn_weights, routing = self.layer.residual_delta(
-            x, position_embeddings, attention_mask, past_key_values, cache_idx, loop_idx, **kwargs)
+            x, position_embeddings, attention_mask, cache, cache_idx, loop_idx, **kwargs)
         if self.lora is not None:
             delta = delta + self.lora(delta, loop_idx)
         return self.injection(h, e, delta), attn_weights, routing
@@ -493,7 +498,7 @@ class MythosPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MythosDecoderLayer", "MythosRecurrentBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
@@ -528,8 +533,8 @@ class MythosPreTrainedModel(PreTrainedModel):
 
 
 @dataclass
-class MythosModelOutput(ModelOutput):
-    """Output of :class:`MythosModel`.
+class MythosModelOutput(MoeModelOutputWithPast):
+    """Output of :class:`MythosModel` (the cache field is ``cache`` on transformers >= 5.24, else ``past_key_values``).
 
     ``hidden_states`` holds the embeddings, then the state after every prelude layer, every loop iteration and
     every coda layer (before the final norm). ``router_logits`` holds one [tokens, n_experts] tensor per loop.
@@ -537,26 +542,14 @@ class MythosModelOutput(ModelOutput):
     sequence-level expert-balance loss (training with ``router_aux_loss_coef > 0``).
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
     ponder_cost: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
 
 
 @dataclass
-class MythosCausalLMOutput(ModelOutput):
+class MythosCausalLMOutput(MoeCausalLMOutputWithPast):
     """Output of :class:`MythosForCausalLM`; ``loss`` includes the weighted ACT ponder cost and balance loss."""
 
-    loss: torch.FloatTensor | None = None
-    aux_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
     ponder_cost: torch.FloatTensor | None = None
 
 
@@ -590,6 +583,13 @@ def sequence_balance_loss(router_logits: torch.Tensor, chosen: torch.Tensor, bat
     counts = F.one_hot(chosen.view(batch, -1), n_experts).sum(1).float()
     fraction = counts * n_experts / (top_k * scores.shape[1])
     return (fraction * probs).sum(-1).mean()
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values` (its name before transformers 5.24), "
+                         "not both")
+    return cache if cache is not None else past_key_values
 
 
 def _check_n_loops(n_loops) -> int:
@@ -667,25 +667,25 @@ class MythosModel(MythosPreTrainedModel):
         if position_ids is not None and position_ids.shape[-1] != seq:
             raise ValueError(f"`position_ids` must have {seq} positions per row, got shape {tuple(position_ids.shape)}")
 
-    def _prepare_cache(self, past_key_values: Cache, n_loops: int):
+    def _prepare_cache(self, cache: Cache, n_loops: int):
         """Bind the cache to ``n_loops`` and make sure it has a slot for every loop iteration."""
-        used = getattr(past_key_values, "mythos_n_loops", None)
-        if past_key_values.get_seq_length() > 0 and used is not None and used != n_loops:
+        used = getattr(cache, "mythos_n_loops", None)
+        if cache.get_seq_length() > 0 and used is not None and used != n_loops:
             raise ValueError(
                 f"This cache was filled with n_loops={used}; it cannot serve n_loops={n_loops} because the loop "
                 f"iterations past the first {min(used, n_loops)} would see a different history. Pass n_loops={used}, "
-                f"or start a new cache (past_key_values=None).")
+                f"or start a new cache (cache=None).")
         needed = self.config.prelude_layers + self.config.coda_layers + n_loops
-        layers = getattr(past_key_values, "layers", None)
-        if layers is not None and getattr(past_key_values, "layer_class_to_replicate", None) is None:
+        layers = getattr(cache, "layers", None)
+        if layers is not None and getattr(cache, "layer_class_to_replicate", None) is None:
             if len(layers) < needed:
                 if not all(type(layer) is DynamicLayer for layer in layers):
                     raise ValueError(
-                        f"n_loops={n_loops} needs {needed} cache slots but this {type(past_key_values).__name__} has "
+                        f"n_loops={n_loops} needs {needed} cache slots but this {type(cache).__name__} has "
                         f"{len(layers)} (config.num_hidden_layers). Use a DynamicCache, or n_loops <= "
                         f"{len(layers) - self.config.prelude_layers - self.config.coda_layers}.")
                 layers.extend(DynamicLayer() for _ in range(needed - len(layers)))
-        past_key_values.mythos_n_loops = n_loops
+        cache.mythos_n_loops = n_loops
 
     # --------------------------------------------------------------------------------------------------- forward
     def forward(
@@ -693,16 +693,18 @@ class MythosModel(MythosPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         n_loops: int | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MythosModelOutput:
         config = self.config
+        cache = _one_cache(cache, past_key_values)
         if n_loops is None:
             if self.training and config.loop_sampling != "fixed":
                 n_loops = sample_n_loops(config, self.loop_draw_step)
@@ -716,25 +718,25 @@ class MythosModel(MythosPreTrainedModel):
             use_cache = False
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
         if not use_cache:
-            past_key_values = None
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
         self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
-        if past_key_values is not None:
-            self._prepare_cache(past_key_values, n_loops)
+        if cache is not None:
+            self._prepare_cache(cache, n_loops)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + inputs_embeds.shape[1],
                                         device=inputs_embeds.device).unsqueeze(0)
-        mask = create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        # positional: the cache argument's name changed in transformers 5.24
+        mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         shared = dict(position_embeddings=position_embeddings, attention_mask=mask,
-                      past_key_values=past_key_values)
+                      cache=cache)
 
         all_hidden = [inputs_embeds] if output_hidden_states else None
         all_attn = [] if output_attentions else None
@@ -795,7 +797,7 @@ class MythosModel(MythosPreTrainedModel):
 
         return MythosModelOutput(
             last_hidden_state=self.norm(hidden),
-            past_key_values=past_key_values,
+            **{CACHE_NAME: cache},
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
             router_logits=tuple(all_router) if all_router is not None else None,
@@ -835,7 +837,7 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -845,17 +847,19 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         n_loops: int | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MythosCausalLMOutput:
         r"""
         n_loops (`int`, *optional*): Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``.
             A cache filled with one value refuses another.
+        cache (`Cache`, *optional*): The KV cache (``past_key_values`` is accepted too: transformers < 5.24 name).
         labels (`torch.LongTensor`, *optional*): Token ids for the next-token loss (shifted inside; -100 ignored).
         """
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits, n_loops=n_loops, **kwargs,
         )
@@ -870,7 +874,8 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
             if outputs.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss
         result = MythosCausalLMOutput(
-            loss=loss, aux_loss=outputs.aux_loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            loss=loss, aux_loss=outputs.aux_loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, router_logits=outputs.router_logits, ponder_cost=outputs.ponder_cost,
         )
         return result if return_dict is not False else result.to_tuple()
