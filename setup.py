@@ -20,7 +20,7 @@ setup(
     install_requires=[
         # torch is pinned loosely on purpose; install the build you want (CPU or CUDA) first.
         "torch>=2.6",
-        "transformers>=5.0,<6",
+        "transformers>=5.23,<5.25",  # 5.23 and 5.24 tested (5.24 renamed past_key_values to cache)
         "safetensors>=0.4",
         "accelerate>=1.0",
     ],
