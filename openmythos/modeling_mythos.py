@@ -435,15 +435,23 @@ class MythosDepthLoRA(nn.Module):
 
 
 class MythosHalting(nn.Module):
-    """ACT halting head: per-position probability of stopping after this loop, computed in fp32."""
+    """ACT halting head: per-position probability of stopping after this loop, computed in fp32.
+
+    The learned logit is read relative to the call's loop budget: the fixed offset
+    ``log(max_loop_iters - 1) - log(n_loops - 1)`` is added, so the initial bias (p = 1/max_loop_iters) gives
+    p = 1/n_loops for any ``n_loops``, and at ``n_loops = max_loop_iters`` the offset is zero. A fixed prior would
+    exhaust the halting mass after about ``max_loop_iters`` loops and make every larger ``n_loops`` a no-op.
+    """
 
     def __init__(self, config: MythosConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(config.dim))
         self.bias = nn.Parameter(torch.zeros(1))
+        self.max_loop_iters = config.max_loop_iters
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(h.float() @ self.weight.float() + self.bias.float())
+    def forward(self, h: torch.Tensor, n_loops: int) -> torch.Tensor:
+        offset = math.log(max(self.max_loop_iters - 1, 1)) - math.log(max(n_loops - 1, 1))
+        return torch.sigmoid(h.float() @ self.weight.float() + self.bias.float() + offset)
 
 
 @functools.lru_cache(maxsize=256)
@@ -526,8 +534,8 @@ class MythosPreTrainedModel(PreTrainedModel):
             init.zeros_(module.up)
             init.ones_(module.scale)
         elif isinstance(module, MythosHalting):
-            # Start every position at p = 1 / max_loop_iters per step, so ACT spends about max_loop_iters loops
-            # before halting: n_loops is never a no-op at initialisation.
+            # p = 1 / max_loop_iters per step at n_loops = max_loop_iters, and 1 / n_loops for other budgets (see
+            # MythosHalting): ACT spends about all n_loops loops at initialisation, so n_loops is never a no-op.
             init.zeros_(module.weight)
             init.constant_(module.bias, -math.log(max(self.config.max_loop_iters - 1, 1)))
 
@@ -778,7 +786,7 @@ class MythosModel(MythosPreTrainedModel):
                 if config.router_aux_loss_coef > 0 and t >= no_grad_loops:
                     aux_losses.append(sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts))
             if halting:
-                p = self.recurrent.halt(h)
+                p = self.recurrent.halt(h, n_loops)
                 last = t == n_loops - 1
                 remainder = 1.0 - cumulative
                 halts_now = (cumulative + p >= config.act_threshold) | last

@@ -8,8 +8,7 @@ from transformers import DynamicCache
 LOOPS = [1, 2, 4]  # 4 == mythos_tiny's max_loop_iters
 
 
-@pytest.mark.parametrize("n_loops", LOOPS)
-def test_cached_generate_matches_uncached(model, input_ids, n_loops):
+def assert_cached_generate_matches_uncached(model, input_ids, n_loops):
     kwargs = dict(max_new_tokens=8, do_sample=False, n_loops=n_loops, output_logits=True,
                   return_dict_in_generate=True)
     cached = model.generate(input_ids, use_cache=True, **kwargs)
@@ -17,6 +16,19 @@ def test_cached_generate_matches_uncached(model, input_ids, n_loops):
     assert torch.equal(cached.sequences, plain.sequences)
     for a, b in zip(cached.logits, plain.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("n_loops", LOOPS)
+def test_cached_generate_matches_uncached(model, input_ids, n_loops):
+    assert_cached_generate_matches_uncached(model, input_ids, n_loops)
+
+
+@pytest.mark.parametrize("n_loops", [2, 7])  # 7 > max_loop_iters
+def test_cached_generate_matches_uncached_with_halting(attn_type, input_ids, n_loops):
+    model = make_model(attn_type, use_act=True)
+    with torch.no_grad():
+        model.model.recurrent.halt.weight.normal_(0, 50.0)  # positions halt at different loops
+    assert_cached_generate_matches_uncached(model, input_ids, n_loops)
 
 
 @pytest.mark.parametrize("n_loops", [1, 3])

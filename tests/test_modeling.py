@@ -200,26 +200,66 @@ def test_gradient_checkpointing_gives_the_same_gradients(attn_type):
 
 
 def test_halting_is_never_a_no_op_at_initialisation(attn_type, input_ids):
-    model = MythosForCausalLM(mythos_tiny(attn_type=attn_type, use_act=True, max_loop_iters=8)).eval()
-    outputs = {n: model(input_ids, n_loops=n).logits for n in (2, 4, 8)}
-    assert (outputs[2] - outputs[4]).abs().max() > 1e-4
-    assert (outputs[4] - outputs[8]).abs().max() > 1e-4
+    """At initialisation every n_loops, also past the trained depth, changes the ACT output."""
+    model = MythosForCausalLM(mythos_tiny(attn_type=attn_type, use_act=True, max_loop_iters=4)).eval()
+    outputs = {n: model(input_ids, n_loops=n).logits for n in (2, 4, 8, 16)}
+    for a, b in ((2, 4), (4, 8), (8, 16)):
+        assert (outputs[a] - outputs[b]).abs().max() > 1e-4, (a, b)
 
 
-def test_halting_weights_sum_to_one_and_ponder_cost_is_reported(input_ids):
+def test_halting_prior_is_one_over_the_loop_budget():
+    model = make_model("gqa", use_act=True, max_loop_iters=4)
+    h = torch.randn(2, 3, model.config.dim)
+    for n_loops in (1, 2, 4, 8, 16):
+        p = model.model.recurrent.halt(h, n_loops)
+        expected = 0.5 if n_loops == 1 else 1 / n_loops  # one loop takes everything anyway
+        torch.testing.assert_close(p, torch.full_like(p, expected))
+    single = make_model("gqa", use_act=True, max_loop_iters=1).model.recurrent.halt
+    torch.testing.assert_close(single(h, 5), torch.full((2, 3), 1 / 5))
+
+
+def zero_block_delta(model):
+    """Zero every output projection of the shared block, so that its residual delta F is exactly zero."""
+    layer = model.model.recurrent.layer
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.experts.down_proj.zero_()
+        layer.mlp.shared_experts.down_proj.weight.zero_()
+        model.model.recurrent.lora.up.zero_()
+
+
+def test_halting_weights_sum_to_one(attn_type, input_ids):
+    """When every loop state is the same vector, the ACT mix equals that vector only if the weights sum to 1."""
+    model = make_model(attn_type, use_act=True)
+    zero_block_delta(model)
+    injection = model.model.recurrent.injection
+    with torch.no_grad():
+        injection.B.copy_(1 - injection.get_A())  # h_0 = e, so h_t = A*e + (1-A)*e = e for every t
+        model.model.recurrent.halt.weight.normal_(0, 50.0)  # positions halt at different loops
+    halt = model.model.recurrent.halt
+    for n_loops in (1, 3, 9):
+        probs = []
+        hook = halt.register_forward_hook(lambda m, a, p: probs.append(p))
+        with_act = model(input_ids, n_loops=n_loops).logits
+        hook.remove()
+        assert torch.stack(probs).std(-1).min() > 0.1  # the halting probabilities really differ per position
+        model.model.recurrent.halt = None
+        without = model(input_ids, n_loops=n_loops).logits
+        model.model.recurrent.halt = halt
+        torch.testing.assert_close(with_act, without, atol=1e-5, rtol=1e-5)
+
+
+def test_halting_extremes_and_ponder_cost(input_ids):
     model = make_model("mla", use_act=True)
-    # A constant state makes the ACT mix of states equal that state only if the weights sum to 1.
-    out = model.model(input_ids, n_loops=3)
-    assert out.ponder_cost is not None and 1.0 <= float(out.ponder_cost) <= 3.0 + 1.0
     halt = model.model.recurrent.halt
     with torch.no_grad():
         halt.bias.fill_(10.0)  # halts at the first loop
     first = model(input_ids, n_loops=1).logits
     torch.testing.assert_close(model(input_ids, n_loops=5).logits, first)
+    assert float(model.model(input_ids, n_loops=5).ponder_cost) == pytest.approx(2.0, abs=1e-3)  # 1 step + remainder 1
     with torch.no_grad():
         halt.bias.fill_(-30.0)  # never reaches the threshold: the last loop takes the remainder
-    with_loss = model(input_ids, labels=input_ids, n_loops=4)
-    assert float(with_loss.ponder_cost) == pytest.approx(5.0, abs=1e-3)  # 4 steps + remainder ~1
+    assert float(model.model(input_ids, n_loops=4).ponder_cost) == pytest.approx(5.0, abs=1e-3)  # 4 steps + ~1
 
 
 def test_resize_token_embeddings_keeps_the_head_tied(model, input_ids):
