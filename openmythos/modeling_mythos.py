@@ -556,7 +556,8 @@ class MythosModelOutput(MoeModelOutputWithPast):
 
 @dataclass
 class MythosCausalLMOutput(MoeCausalLMOutputWithPast):
-    """Output of :class:`MythosForCausalLM`; ``loss`` includes the weighted ACT ponder cost and balance loss."""
+    """Output of :class:`MythosForCausalLM`; ``loss`` includes the weighted ACT ponder cost and balance loss (with
+    ``num_items_in_batch``, each scaled by this batch's share of the label tokens, like the cross-entropy)."""
 
     ponder_cost: torch.FloatTensor | None = None
 
@@ -877,10 +878,18 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+            extra = 0.0
             if outputs.ponder_cost is not None:
-                loss = loss + self.config.act_ponder_weight * outputs.ponder_cost
+                extra = extra + self.config.act_ponder_weight * outputs.ponder_cost
             if outputs.aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss
+                extra = extra + self.config.router_aux_loss_coef * outputs.aux_loss
+            num_items = loss_kwargs.get("num_items_in_batch")
+            if num_items is not None and torch.is_tensor(extra):
+                # The CE is summed and divided by the label tokens of every accumulated micro-batch (and rank); weight
+                # this micro-batch's mean terms by its share of those tokens, so that they add up like the CE does.
+                counted = (labels[..., 1:] != loss_kwargs.get("ignore_index", -100)).sum()
+                extra = extra * counted / torch.as_tensor(num_items, device=counted.device)
+            loss = loss + extra
         result = MythosCausalLMOutput(
             loss=loss, aux_loss=outputs.aux_loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,

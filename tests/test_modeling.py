@@ -109,6 +109,32 @@ def test_num_items_in_batch_reaches_the_loss(model, input_ids):
     torch.testing.assert_close(out.loss, summed / 100)
 
 
+def test_loss_is_cross_entropy_plus_weighted_ponder_cost(input_ids):
+    model = make_model("mla", use_act=True, act_ponder_weight=0.3)
+    out = model(input_ids, labels=input_ids, n_loops=3)
+    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    assert float(out.ponder_cost) > 1
+    torch.testing.assert_close(out.loss, ce + 0.3 * out.ponder_cost)
+
+
+def test_accumulated_micro_batch_losses_add_up_to_the_full_batch_loss():
+    """With num_items_in_batch (gradient accumulation), the ponder and balance terms are weighted like the CE."""
+    model = make_model("mla", use_act=True, act_ponder_weight=0.3, router_aux_loss_coef=0.5).train()
+    ids = torch.randint(0, 512, (4, 10), generator=torch.Generator().manual_seed(0))
+    full = model(ids, labels=ids, n_loops=3).loss
+    total = torch.tensor(4 * 9)
+    parts = [model(ids[rows], labels=ids[rows], n_loops=3, num_items_in_batch=total).loss
+             for rows in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close(parts[0] + parts[1], full)
+    # a micro-batch's extra terms count with its share of the label tokens; ignored labels do not count
+    labels = ids[:2].clone()
+    labels[0, :6] = -100
+    out = model(ids[:2], labels=labels, n_loops=3, num_items_in_batch=total)
+    ce_sum = F.cross_entropy(out.logits[:, :-1].reshape(-1, 512), labels[:, 1:].reshape(-1), reduction="sum")
+    counted = 2 * 9 - 5
+    torch.testing.assert_close(out.loss, ce_sum / 36 + counted / 36 * (0.3 * out.ponder_cost + 0.5 * out.aux_loss))
+
+
 def test_optional_outputs(model, input_ids):
     config = model.config
     out = model(input_ids, n_loops=3, output_hidden_states=True, output_router_logits=True)
