@@ -296,7 +296,10 @@ class MythosTopkRouter(nn.Module):
                              persistent=False)
 
     @torch.no_grad()
-    def record_load(self, top_k_index: torch.Tensor, loop_idx: int):
+    def record_load(self, top_k_index: torch.Tensor, loop_idx: int, token_mask: torch.Tensor | None = None):
+        """Count the routed tokens of loop ``loop_idx``, leaving out padding (``token_mask`` [batch, seq] is 0)."""
+        if token_mask is not None:
+            top_k_index = top_k_index[token_mask.reshape(-1).bool()]
         row = min(loop_idx, self.expert_load.shape[0] - 1)
         self.expert_load[row] += torch.bincount(top_k_index.flatten(), minlength=self.n_experts)
 
@@ -580,17 +583,21 @@ def sample_n_loops(config: MythosConfig, step: int) -> int:
     return max(1, min(n, cap))
 
 
-def sequence_balance_loss(router_logits: torch.Tensor, chosen: torch.Tensor, batch: int, n_experts: int):
+def sequence_balance_loss(router_logits: torch.Tensor, chosen: torch.Tensor, batch: int, n_experts: int,
+                          token_mask: torch.Tensor | None = None):
     """DeepSeek-V3 complementary sequence-wise balance loss: sum_i f_i * P_i per sequence, averaged over the batch.
 
     f_i = n_experts / (k * T) * (tokens of the sequence routed to expert i), P_i = mean over the sequence of the
-    normalised affinity s_i / sum_j s_j. It equals 1 for a perfectly balanced sequence.
+    normalised affinity s_i / sum_j s_j. It equals 1 for a perfectly balanced sequence. Positions where
+    ``token_mask`` [batch, seq] is 0 (padding) are left out of T, f and P.
     """
     top_k = chosen.shape[-1]
     scores = router_logits.sigmoid().view(batch, -1, n_experts)
-    probs = (scores / scores.sum(-1, keepdim=True)).mean(1)
-    counts = F.one_hot(chosen.view(batch, -1), n_experts).sum(1).float()
-    fraction = counts * n_experts / (top_k * scores.shape[1])
+    mask = scores.new_ones(scores.shape[:2]) if token_mask is None else token_mask.to(scores.dtype)
+    tokens = mask.sum(1, keepdim=True).clamp(min=1)
+    probs = (scores / scores.sum(-1, keepdim=True) * mask[..., None]).sum(1) / tokens
+    counts = (F.one_hot(chosen.view(batch, -1, top_k), n_experts).sum(2) * mask[..., None]).sum(1)
+    fraction = counts * n_experts / (top_k * tokens)
     return (fraction * probs).sum(-1).mean()
 
 
@@ -738,6 +745,10 @@ class MythosModel(MythosPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        # Padded positions (2-D attention_mask 0) count in neither the expert load, the balance loss nor the ponder cost
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1]:].bool()
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + inputs_embeds.shape[1],
                                         device=inputs_embeds.device).unsqueeze(0)
@@ -783,9 +794,10 @@ class MythosModel(MythosPreTrainedModel):
             if all_router is not None:
                 all_router.append(router_logits)
             if self.training:
-                self.recurrent.layer.mlp.gate.record_load(chosen, t)
+                self.recurrent.layer.mlp.gate.record_load(chosen, t, token_mask)
                 if config.router_aux_loss_coef > 0 and t >= no_grad_loops:
-                    aux_losses.append(sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts))
+                    aux_losses.append(
+                        sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts, token_mask))
             if halting:
                 p = self.recurrent.halt(h, n_loops)
                 last = t == n_loops - 1
@@ -798,6 +810,8 @@ class MythosModel(MythosPreTrainedModel):
                 running = running * (~halts_now).float()
         if halting:
             h = mixed
+            if token_mask is not None:
+                ponder = ponder[token_mask]
 
         hidden = h
         for i, layer in enumerate(self.coda):

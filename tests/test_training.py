@@ -55,6 +55,7 @@ def test_truncated_backprop_builds_no_graph_for_early_loops():
 
 
 def test_router_bias_update_balances_a_skewed_start():
+    torch.manual_seed(0)
     model = MythosForCausalLM(mythos_tiny(n_experts=8, n_experts_per_tok=2)).train()
     router = model.model.recurrent.layer.mlp.gate
     with torch.no_grad():
@@ -88,6 +89,26 @@ def test_expert_load_is_counted_per_loop_only_in_training():
     assert load[:3].sum(1).tolist() == [20 * k] * 3 and load[3:].sum() == 0
     stats = expert_load_stats(model)
     assert {"moe/load_cv", "moe/loop0_max_share", "moe/loop2_max_share"} <= stats.keys()
+
+
+def test_padding_is_not_counted_in_expert_load_balance_loss_or_ponder_cost():
+    model = make_model("gqa", use_act=True, router_aux_loss_coef=0.5).train()
+    with torch.no_grad():
+        model.model.recurrent.halt.weight.normal_(0, 50.0)  # positions halt at different loops
+    router = model.model.recurrent.layer.mlp.gate
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    short = ids[0, :7]
+    batch = torch.stack([torch.cat([torch.zeros(5, dtype=torch.long), short]), ids[1]])  # left-padded
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    padded = model(batch, attention_mask=mask, n_loops=3)
+    padded_load = router.expert_load.clone()
+    router.expert_load.zero_()
+    alone = [model(short[None], n_loops=3), model(ids[1:], n_loops=3)]
+    assert padded_load.sum() == 3 * 19 * model.config.n_experts_per_tok
+    assert torch.equal(padded_load, router.expert_load)
+    torch.testing.assert_close(padded.ponder_cost, (7 * alone[0].ponder_cost + 12 * alone[1].ponder_cost) / 19)
+    torch.testing.assert_close(padded.aux_loss, (alone[0].aux_loss + alone[1].aux_loss) / 2)
 
 
 def test_sequence_balance_loss_is_one_when_balanced_and_larger_when_skewed():
