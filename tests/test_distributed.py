@@ -1,0 +1,144 @@
+"""FSDP2: ``apply_fsdp2`` on 2 CPU processes (gloo) trains exactly like one unsharded process, and so does
+Accelerate's FSDP2 wrapping under examples/accelerate_fsdp.yaml.
+
+Accelerate turns FSDP off on CPU, so the README's ``accelerate launch`` line itself needs a GPU box. Here the config
+goes through Accelerate's launcher code (config -> environment -> plugin) and its FSDP2 model preparation, in fp32.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import fsdp_worker
+from openmythos import modeling_mythos
+from openmythos.distributed import apply_fsdp2
+from openmythos.modeling_mythos import MythosPreTrainedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIG = ROOT / "examples" / "accelerate_fsdp.yaml"
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """Rank 0's results from tests/fsdp_worker.py on 2 processes, plus single-process reference runs over the
+    whole global batch, computed while the workers run."""
+    out = tmp_path_factory.mktemp("fsdp") / "result.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(Path(fsdp_worker.__file__)), str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        reference = fsdp_worker.build_model()
+        reference_losses = fsdp_worker.train(reference, fsdp_worker.global_batches())
+        act_reference = fsdp_worker.build_model(use_act=True)
+        act_reference_losses = fsdp_worker.train(act_reference, fsdp_worker.global_batches()[:2])
+        log, _ = worker.communicate(timeout=240)
+    finally:
+        if worker.poll() is None:  # the reference failed or the workers hung: stop torchrun and its workers
+            worker.terminate()
+            worker.communicate()
+    assert worker.returncode == 0, log[-5000:]
+    return dict(sharded=torch.load(out, weights_only=False), reference=reference, reference_losses=reference_losses,
+                act_reference=act_reference, act_reference_losses=act_reference_losses)
+
+
+def assert_same_state(sharded_state, reference):
+    state = reference.state_dict()
+    assert sorted(sharded_state) == sorted(state)
+    for name, value in state.items():
+        torch.testing.assert_close(sharded_state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_apply_fsdp2_shards_each_prelude_and_coda_layer_the_looped_block_once_and_the_root(two_rank_run):
+    sharded = two_rank_run["sharded"]
+    assert sharded["units"] == ["", "model.coda.0", "model.prelude.0", "model.recurrent"]
+    assert sharded["base_units"] == ["", "coda.0", "prelude.0", "recurrent"]  # a bare MythosModel
+    # The halting head runs outside the looped block's forward, so it gets its own unit.
+    assert sharded["act_units"] == ["", "model.coda.0", "model.prelude.0", "model.recurrent",
+                                    "model.recurrent.halt"]
+
+
+def test_fsdp2_keeps_lm_head_tied_to_the_embedding_through_training(two_rank_run):
+    sharded = two_rank_run["sharded"]
+    assert sharded["tied"]  # still one parameter after sharding and optimizer steps
+    torch.testing.assert_close(sharded["state"]["lm_head.weight"], sharded["state"]["model.embed_tokens.weight"],
+                               rtol=0, atol=0)
+
+
+def test_fsdp2_on_two_processes_gives_the_losses_and_weights_of_one_process(two_rank_run):
+    sharded = two_rank_run["sharded"]
+    assert len(sharded["losses"]) == fsdp_worker.STEPS
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(two_rank_run["reference_losses"]),
+                               rtol=1e-5, atol=0)
+    assert_same_state(sharded["state"], two_rank_run["reference"])
+    initial = fsdp_worker.build_model().state_dict()
+    assert not torch.allclose(sharded["state"]["model.recurrent.layer.mlp.experts.down_proj"],
+                              initial["model.recurrent.layer.mlp.experts.down_proj"])  # training moved the weights
+
+
+def test_fsdp2_with_activation_checkpointing_matches_one_process(two_rank_run):
+    torch.testing.assert_close(torch.tensor(two_rank_run["sharded"]["checkpointed_losses"]),
+                               torch.tensor(two_rank_run["reference_losses"][:2]), rtol=1e-5, atol=0)
+
+
+def test_fsdp2_with_halting_matches_one_process(two_rank_run):
+    sharded = two_rank_run["sharded"]
+    torch.testing.assert_close(torch.tensor(sharded["act_losses"]), torch.tensor(two_rank_run["act_reference_losses"]),
+                               rtol=1e-5, atol=0)
+    assert_same_state(sharded["act_state"], two_rank_run["act_reference"])
+
+
+def test_router_bias_update_under_fsdp2_sums_loads_over_ranks_and_stays_identical(two_rank_run):
+    sharded = two_rank_run["sharded"]
+    rank0, rank1 = sharded["bias_per_rank"]
+    assert torch.equal(rank0, rank1)
+    expected = two_rank_run["reference"].model.recurrent.layer.mlp.gate.e_score_correction_bias
+    assert expected.abs().sum() > 0  # the update moved the bias
+    # Counts summed over both ranks equal the single process's counts, so the update is the same.
+    torch.testing.assert_close(rank0, expected, rtol=0, atol=1e-7)
+    assert sharded["expert_load_after_update"].sum() == 0
+
+
+def test_apply_fsdp2_refuses_a_model_that_is_not_mythos():
+    with pytest.raises(ValueError, match="MythosForCausalLM or MythosModel, got Linear"):
+        apply_fsdp2(torch.nn.Linear(4, 4))
+
+
+def test_accelerate_config_is_fsdp2_bf16_wrapping_the_looped_block(monkeypatch):
+    from accelerate import FullyShardedDataParallelPlugin
+
+    env = fsdp_worker.accelerate_launch_env(ACCELERATE_CONFIG)  # what `accelerate launch` hands each process
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert yaml.safe_load(ACCELERATE_CONFIG.read_text())["num_processes"] >= 2
+    for key, value in env.items():
+        if key.startswith("FSDP_"):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert plugin.transformer_cls_names_to_wrap == ["MythosRecurrentBlock"]
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)  # trainer.save_model writes model.safetensors
+
+
+def test_accelerate_wrap_classes_are_mythos_no_split_modules():
+    names = yaml.safe_load(ACCELERATE_CONFIG.read_text())["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+    for name in names.split(","):
+        assert isinstance(getattr(modeling_mythos, name, None), type), name
+        assert name in MythosPreTrainedModel._no_split_modules
+    # MythosDecoderLayer, the other entry, is left out on purpose: the looped block calls its inner decoder layer
+    # through `residual_delta`, which FSDP's forward hooks never see (see the comment in the YAML). A new entry
+    # here should be considered for the YAML too.
+    assert set(MythosPreTrainedModel._no_split_modules) == {"MythosDecoderLayer", "MythosRecurrentBlock"}
+
+
+def test_accelerate_fsdp2_wrapping_with_the_example_config_trains_like_one_process(two_rank_run):
+    sharded = two_rank_run["sharded"]
+    assert "model.recurrent" in sharded["accelerate_units"]
+    torch.testing.assert_close(torch.tensor(sharded["accelerate_losses"]),
+                               torch.tensor(two_rank_run["reference_losses"][:2]), rtol=1e-5, atol=0)
