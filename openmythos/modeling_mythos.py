@@ -15,6 +15,7 @@ loaded with ``trust_remote_code=True``.
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -609,11 +610,13 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
 
 
 def _check_n_loops(n_loops) -> int:
-    if isinstance(n_loops, torch.Tensor) and n_loops.numel() == 1 and not n_loops.is_floating_point():
-        n_loops = int(n_loops)
-    if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+    """Any integer (Python, numpy, or a 0-d integer tensor) >= 1; bools are refused."""
+    if isinstance(n_loops, torch.Tensor) and n_loops.dim() == 0 and not (
+            n_loops.is_floating_point() or n_loops.is_complex() or n_loops.dtype == torch.bool):
+        n_loops = n_loops.item()
+    if isinstance(n_loops, bool) or not isinstance(n_loops, numbers.Integral) or n_loops < 1:
         raise ValueError(f"`n_loops` must be a positive integer (1, 2, ...), got {n_loops!r}")
-    return n_loops
+    return int(n_loops)
 
 
 class MythosModel(MythosPreTrainedModel):

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -303,10 +304,19 @@ class TestBadInput:
         with pytest.raises(ValueError, match="input_ids"):
             model(torch.tensor([[1, -1, 2]]))
 
-    @pytest.mark.parametrize("n_loops", [0, -2, 1.5, "3", True])
+    @pytest.mark.parametrize("n_loops", [0, -2, 1.5, "3", True, np.float64(2.0), np.bool_(True), torch.tensor(2.0),
+                                         torch.tensor(True), torch.tensor([2, 3]), torch.tensor(0)])
     def test_bad_n_loops(self, model, input_ids, n_loops):
         with pytest.raises(ValueError, match="n_loops"):
             model(input_ids, n_loops=n_loops)
+
+
+def test_n_loops_accepts_any_integer_type(model, input_ids):
+    expected = model(input_ids, n_loops=2).logits
+    for n_loops in (np.int64(2), np.int32(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32)):
+        assert torch.equal(model(input_ids, n_loops=n_loops).logits, expected), repr(n_loops)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=np.int64(2)),
+                       model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=2))
 
     def test_input_longer_than_max_seq_len(self, model):
         with pytest.raises(ValueError, match="max_seq_len=128"):
