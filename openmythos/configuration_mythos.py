@@ -8,6 +8,8 @@ This module imports only ``transformers``, so it can be copied next to a checkpo
 ``trust_remote_code=True``.
 """
 
+import functools
+
 from transformers import PreTrainedConfig
 
 # Bumped whenever a checkpoint written by this code can no longer be read by older code.
@@ -135,10 +137,6 @@ class MythosConfig(PreTrainedConfig):
     mythos_format_version: int = MYTHOS_FORMAT_VERSION
 
     def __post_init__(self, **kwargs):
-        for alias, field in self.attribute_map.items():
-            default = type(self).__dataclass_fields__[field].default
-            if alias in kwargs and getattr(self, field) != default and kwargs[alias] != getattr(self, field):
-                raise ValueError(f"`{alias}`={kwargs[alias]} contradicts `{field}`={getattr(self, field)}; give one")
         # `num_hidden_layers` is derived; a value saved by another tool is accepted only if it agrees.
         saved_layers = kwargs.pop("num_hidden_layers", None)
         super().__post_init__(**kwargs)
@@ -252,6 +250,25 @@ _PRESETS = {
     "500b": (100000, 12288, 96, 16, 1048576, 48, 4, 4, 1024, 3072, 64, 128, 128, 512, 8, 8, 23040, 1e6, 128),
     "1t": (100000, 16384, 128, 16, 1048576, 64, 6, 6, 1024, 4096, 64, 128, 128, 512, 8, 8, 34560, 2e6, 256),
 }
+def _refuse_alias_conflicts(init):
+    """Wrap the generated ``__init__``: an HF alias and its reference field given together must agree.
+
+    This cannot live in ``__post_init__``: there a field given at its default value looks like one not given at all.
+    """
+
+    @functools.wraps(init)
+    def __init__(self, **kwargs):
+        for alias, field in MythosConfig.attribute_map.items():
+            if alias in kwargs and field in kwargs and kwargs[alias] != kwargs[field]:
+                raise ValueError(f"`{alias}`={kwargs[alias]!r} contradicts `{field}`={kwargs[field]!r} (`{alias}` is "
+                                 f"another name for `{field}`); give only one of them")
+        init(self, **kwargs)
+
+    return __init__
+
+
+MythosConfig.__init__ = _refuse_alias_conflicts(MythosConfig.__init__)
+
 _PRESET_FIELDS = ("vocab_size", "dim", "n_heads", "n_kv_heads", "max_seq_len", "max_loop_iters", "prelude_layers",
                   "coda_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
                   "n_experts", "n_shared_experts", "n_experts_per_tok", "expert_dim", "rope_theta", "lora_rank")

@@ -36,9 +36,13 @@ def test_hf_aliases_read_and_write_reference_fields():
     assert config.dense_ffn_dim == 128 * 4 // 3
 
 
-def test_conflicting_alias_and_field_is_refused():
-    with pytest.raises(ValueError, match="hidden_size"):
-        MythosConfig(dim=128, hidden_size=256)
+@pytest.mark.parametrize("alias, field", sorted(MythosConfig.attribute_map.items()))
+def test_conflicting_alias_and_field_is_refused(alias, field):
+    default = getattr(MythosConfig(), field)
+    for given in (default, 2 * default):  # also when the field is given at its default value
+        with pytest.raises(ValueError, match=f"`{alias}`.*`{field}`"):
+            MythosConfig(**{field: given, alias: given // 2})
+    assert getattr(MythosConfig(**{field: default * 2, alias: default * 2}), field) == default * 2  # agreeing is fine
 
 
 def test_num_hidden_layers_counts_every_cache_slot():
