@@ -296,6 +296,16 @@ class MythosTopkRouter(nn.Module):
         self.register_buffer("expert_load", torch.zeros(config.max_loop_iters, config.n_experts, dtype=torch.long),
                              persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` would cast the balancing bias too, and a 1e-3 update step rounds away
+        # in bf16 once |bias| >= 0.25. Keep it fp32 (with its fp32 values) on whatever device the cast chose.
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        cast = self.e_score_correction_bias
+        if bias.dtype == torch.float32 and cast.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(cast.device)
+        return self
+
     @torch.no_grad()
     def record_load(self, top_k_index: torch.Tensor, loop_idx: int, token_mask: torch.Tensor | None = None):
         """Count the routed tokens of loop ``loop_idx``, leaving out padding (``token_mask`` [batch, seq] is 0)."""

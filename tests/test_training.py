@@ -78,6 +78,26 @@ def test_router_bias_update_balances_a_skewed_start():
     assert (router.e_score_correction_bias[2:] == 0).all()  # depths that never ran are untouched
 
 
+@pytest.mark.parametrize("cast", ["to_bfloat16", "half"])
+def test_router_bias_stays_fp32_in_a_half_precision_model(cast):
+    """A 1e-3 balancing step on a bias of 0.5 would round away in bf16 (whose spacing there is 2^-8)."""
+    model = make_model("gqa")
+    router = model.model.recurrent.layer.mlp.gate
+    before = router.e_score_correction_bias.clone()
+    model = model.to(torch.bfloat16) if cast == "to_bfloat16" else model.half()
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(router.e_score_correction_bias, before)  # not rounded through half precision either
+    assert model.lm_head.weight.dtype != torch.float32
+    with torch.no_grad():
+        router.e_score_correction_bias.fill_(0.5)
+    ids = torch.randint(0, 512, (2, 15))  # 60 choices over 8 experts: no load equals the mean of 7.5
+    out = model.train()(ids, labels=ids, n_loops=2)
+    assert torch.isfinite(out.loss) and out.logits.dtype == model.lm_head.weight.dtype
+    update_router_bias(model, rate=1e-3)
+    steps = (router.e_score_correction_bias[:2] - 0.5).abs()
+    torch.testing.assert_close(steps, torch.full_like(steps, 1e-3))  # every expert of the two depths that ran moved
+
+
 def test_expert_load_is_counted_per_loop_only_in_training():
     model = make_model("gqa")
     ids = torch.randint(0, 512, (2, 10))
