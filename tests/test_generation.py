@@ -74,11 +74,15 @@ def test_beam_search_with_and_without_cache(model, input_ids):
     assert torch.equal(with_cache, model.generate(input_ids, use_cache=False, **kwargs))
 
 
-def test_num_return_sequences(model, input_ids):
+def test_num_return_sequences_equals_sampling_from_repeated_prompts(model, input_ids):
+    kwargs = dict(max_new_tokens=5, do_sample=True, n_loops=2)
     torch.manual_seed(0)
-    out = model.generate(input_ids, max_new_tokens=5, do_sample=True, num_return_sequences=3, n_loops=2)
+    out = model.generate(input_ids, num_return_sequences=3, **kwargs)
     assert out.shape == (6, 17)
-    assert torch.equal(out[:3, :12], input_ids[:1].expand(3, -1))
+    assert len({tuple(row) for row in out[:3, 12:].tolist()}) > 1  # really sampled: the returns differ
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        assert torch.equal(out, model.generate(input_ids.repeat_interleave(3, dim=0), use_cache=use_cache, **kwargs))
 
 
 def test_static_cache_matches_dynamic(model, input_ids):

@@ -32,14 +32,23 @@ def test_more_loops_than_trained_depth_works_and_keeps_changing(model, input_ids
     assert (deep - model(input_ids, n_loops=depth).logits).abs().max() > 1e-5
 
 
-def test_loop_update_is_a_h_plus_b_e_plus_block_delta(model, input_ids):
-    """With the block delta forced to zero, one loop gives exactly A*h + B*e (no second copy of h)."""
-    block = model.model.recurrent
-    h = torch.randn(2, 5, model.config.dim)
-    e = torch.randn(2, 5, model.config.dim)
-    out = block.injection(h, e, torch.zeros_like(h))
-    expected = block.injection.get_A() * h + block.injection.B * e
-    torch.testing.assert_close(out, expected)
+def test_loop_update_is_a_h_plus_b_e_plus_block_delta(model):
+    """One loop is A*h + B*e + F, where F is only what the shared block adds: h is not added a second time."""
+    recurrent, config = model.model.recurrent, model.config
+    h, e = torch.randn(2, 5, config.dim), torch.randn(2, 5, config.dim)
+    position_embeddings = model.model.rotary_emb(h, torch.arange(5)[None])
+    A, B = recurrent.injection.get_A(), recurrent.injection.B
+    # F is the layer's residual delta (plus depth-wise LoRA) on h + e + the loop signal
+    x = h + e + loop_signal(h + e, 2, config.loop_signal_scale)
+    delta, _, _ = recurrent.layer.residual_delta(x, position_embeddings, None, None, None, loop_idx=2)
+    delta = delta + recurrent.lora(delta, 2)
+    out, _, _ = recurrent(h, e, loop_idx=2, position_embeddings=position_embeddings)
+    assert delta.abs().max() > 1e-3
+    torch.testing.assert_close(out - (A * h + B * e), delta)
+    # with every output projection zeroed, the block adds nothing and one loop is exactly A*h + B*e
+    zero_block_delta(model)
+    out, _, _ = recurrent(h, e, loop_idx=2, position_embeddings=position_embeddings)
+    assert torch.equal(out, A * h + B * e)
 
 
 @pytest.mark.parametrize("value", [-30.0, -17.5, 0.0, 17.5, 30.0, 1e4, -1e4])

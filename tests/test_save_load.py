@@ -52,6 +52,27 @@ def test_fresh_model_initialisation_survives_meta_device_loading(tmp_path):
         assert torch.equal(tensor, loaded.state_dict()[name]), name
 
 
+def test_init_weights_sets_every_parameter_and_buffer():
+    """_init_weights is what from_pretrained runs for missing weights: it must cover every tensor of the model."""
+    model = MythosForCausalLM(mythos_tiny(use_act=True))
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    fresh = {name: t.detach().clone() for name, t in tensors.items()}
+    with torch.no_grad():
+        for t in tensors.values():
+            t.fill_(float("nan") if t.is_floating_point() else 12345)
+            if hasattr(t, "_is_hf_initialized"):
+                del t._is_hf_initialized
+    for module in model.modules():
+        module.__dict__.pop("_is_hf_initialized", None)
+    model.initialize_weights()
+    for name, t in tensors.items():
+        assert torch.isfinite(t).all() and not (t == 12345).any(), name
+        if (fresh[name] == fresh[name].flatten()[0]).all():  # a constant init (zeros, ones, B = 0.1, halting bias)
+            assert torch.equal(t, fresh[name]), name
+        else:
+            assert t.std() > 0, name
+
+
 def test_from_pretrained_in_a_fresh_process(tmp_path, input_ids):
     model = make_model("gqa")
     model.save_pretrained(tmp_path)
