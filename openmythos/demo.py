@@ -1,0 +1,361 @@
+"""Does looping buy reasoning depth? Train on shallow multi-hop questions, test on deeper ones.
+
+``mythos demo`` (or ``python -m openmythos.demo``) trains three models with the Hugging Face Trainer on k-hop
+pointer chasing (``openmythos.tasks``) with k <= K:
+
+- a small looped OpenMythos model, run with ``n_loops = k`` (one loop per hop);
+- a dense transformer (Llama) with about the same number of parameters;
+- a dense transformer with about the same compute per token as the looped model at depth K (one layer per pass).
+
+It then scores every model on every question with 1..2K hops (the looped one at n_loops 1..2K+2), prints the
+accuracy table, writes it as ``results.json`` / ``accuracy.md`` and plots ``accuracy.png``, saves the looped model
+with ``save_pretrained``, reloads it through ``AutoModelForCausalLM`` and answers sample questions with
+``generate(n_loops=...)``. Every setting is a flag; a seed fixes the results.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers.utils import logging as hf_logging
+
+from .configuration_mythos import MythosConfig
+from .modeling_mythos import MythosForCausalLM
+from .tasks import PointerChasingTask
+from .tokenization_mythos import MythosTokenizer
+from .training import MythosTrainingCallback
+
+LOOPED, SAME_PARAMS, SAME_COMPUTE = "looped", "dense_same_params", "dense_same_compute"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mythos demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-hops", type=int, default=4, help="K: training questions have 1..K hops")
+    p.add_argument("--eval-hops", type=int, default=None, help="evaluate 1..this many hops (default 2K)")
+    p.add_argument("--max-loops", type=int, default=None, help="evaluate the looped model at n_loops 1..this "
+                                                                 "(default 2K + 2)")
+    p.add_argument("--num-nodes", type=int, default=24, help="nodes in the hidden graph (2 to 52)")
+    p.add_argument("--dim", type=int, default=96, help="hidden size of every model")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of every model")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps for the looped model")
+    p.add_argument("--baseline-steps", type=int, default=None, help="optimizer steps per dense model "
+                                                                      "(default: --steps)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--train-examples", type=int, default=20000, help="questions in the training set")
+    p.add_argument("--samples", type=int, default=4, help="sample questions answered after reloading")
+    p.add_argument("--seed", type=int, default=0, help="seed of the graph, the data and the models")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these models are too small to gain "
+                                                           "from more)")
+    p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--no-plot", action="store_true", help="skip accuracy.png (no matplotlib needed)")
+    args = p.parse_args(argv)
+    args.eval_hops = args.eval_hops or 2 * args.train_hops
+    args.max_loops = args.max_loops or 2 * args.train_hops + 2
+    args.baseline_steps = args.baseline_steps if args.baseline_steps is not None else args.steps
+    for name in ("train_hops", "eval_hops", "max_loops", "dim", "heads", "steps", "batch_size", "train_examples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_hops >= args.num_nodes:
+        p.error(f"--eval-hops ({args.eval_hops}) must be below --num-nodes ({args.num_nodes}): past that, the "
+                f"cycle repeats and deeper questions share answers with shallower ones")
+    if args.dim % args.heads or (args.dim // args.heads) % 2:
+        p.error(f"--dim ({args.dim}) must be divisible by --heads ({args.heads}) into an even head size")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------ models
+def looped_config(args, tokenizer) -> MythosConfig:
+    """A tiny looped model: one prelude block, one shared MoE block looped n_loops times, one coda block.
+
+    The loop-index signal and the depth-wise LoRA are off: both are indexed by the loop number, and questions deeper
+    than K would reach loop indices that training never used. Without them every iteration applies the same map,
+    which is what lets the model run more loops than it was trained with.
+    """
+    return MythosConfig(
+        vocab_size=len(tokenizer), dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, attn_type="gqa",
+        max_seq_len=64, max_loop_iters=args.train_hops, prelude_layers=1, coda_layers=1,
+        n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=args.dim, lora_rank=0,
+        loop_signal_scale=0.0, rope_theta=10000.0, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def dense_config(args, tokenizer, layers: int, ffn_dim: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.dim, intermediate_size=ffn_dim, num_hidden_layers=layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=64,
+        rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def build_models(args, tokenizer) -> dict[str, torch.nn.Module]:
+    """The looped model and its two dense baselines.
+
+    Same parameters: dense layers as wide as the looped model's prelude/coda, as many as bring the total closest to
+    the looped model's. Same compute: one dense layer per block pass of the looped model at depth K (prelude, K loops,
+    coda), each with the FFN width a token actually uses in the looped block (top-k routed plus shared experts).
+    """
+    set_seed(args.seed)
+    looped = MythosForCausalLM(looped_config(args, tokenizer))
+    cfg = looped.config
+    target = looped.num_parameters()
+
+    def dense(layers, ffn_dim):
+        set_seed(args.seed)
+        return LlamaForCausalLM(dense_config(args, tokenizer, layers, ffn_dim))
+
+    one_layer = dense(1, cfg.dense_ffn_dim).num_parameters()
+    per_layer = dense(2, cfg.dense_ffn_dim).num_parameters() - one_layer
+    same_params_layers = max(1, round((target - (one_layer - per_layer)) / per_layer))
+    active_ffn = (cfg.n_experts_per_tok + cfg.n_shared_experts * cfg.n_experts_per_tok) * cfg.expert_dim
+    passes = cfg.prelude_layers + args.train_hops + cfg.coda_layers
+    return {
+        LOOPED: looped,
+        SAME_PARAMS: dense(same_params_layers, cfg.dense_ffn_dim),
+        SAME_COMPUTE: dense(passes, active_ffn),
+    }
+
+
+def describe(name: str, model, args) -> str:
+    if name == LOOPED:
+        cfg = model.config
+        return (f"looped: {cfg.prelude_layers} prelude + 1 shared MoE block x n_loops + {cfg.coda_layers} coda, "
+                f"{model.num_parameters():,} parameters, {cfg.prelude_layers + args.train_hops + cfg.coda_layers} "
+                f"block passes per token at n_loops={args.train_hops}")
+    cfg = model.config
+    return (f"{name}: {cfg.num_hidden_layers} dense layers (FFN {cfg.intermediate_size}), "
+            f"{model.num_parameters():,} parameters, {cfg.num_hidden_layers} block passes per token")
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+def collate(features: list[dict], pad_token_id: int, with_hops: bool) -> dict:
+    """Right-pad questions of different lengths; padded labels are -100."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {
+        "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * (width - len(f["input_ids"])) for f in features]),
+        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"]))
+                                       for f in features]),
+        "labels": torch.tensor([f["labels"] + [-100] * (width - len(f["labels"])) for f in features]),
+    }
+    if with_hops:
+        batch["hops"] = torch.tensor([f["hops"] for f in features])
+    return batch
+
+
+class LoopsPerHopTrainer(Trainer):
+    """Trainer for the looped model: each question runs ``n_loops = hops`` iterations.
+
+    ``n_loops`` is one number per forward, so a batch is split by hop count; every group's loss is a sum divided by
+    the batch's label count (``num_items_in_batch``), so the groups add up to the batch mean.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        hops = inputs.pop("hops")
+        labels = inputs["labels"]
+        if num_items_in_batch is None:
+            num_items_in_batch = (labels[:, 1:] != -100).sum()
+        loss = 0.0
+        for k in hops.unique().tolist():
+            rows = hops == k
+            out = model(input_ids=inputs["input_ids"][rows], attention_mask=inputs["attention_mask"][rows],
+                        labels=labels[rows], n_loops=int(k), num_items_in_batch=num_items_in_batch)
+            loss = loss + out.loss
+        return (loss, None) if return_outputs else loss
+
+
+def train(name: str, model, dataset, tokenizer, args) -> float:
+    looped = name == LOOPED
+    steps = args.steps if looped else args.baseline_steps
+    if steps == 0:
+        return 0.0
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.output_dir) / "trainer" / name), max_steps=steps,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 10), weight_decay=0.0, adam_beta2=0.98, max_grad_norm=1.0,
+        logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", seed=args.seed,
+        data_seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+    )
+    trainer_cls = LoopsPerHopTrainer if looped else Trainer
+    trainer = trainer_cls(
+        model=model, args=training_args, train_dataset=dataset,
+        data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped),
+        callbacks=[MythosTrainingCallback()] if looped else None,
+    )
+    print(f"\nTraining {describe(name, model, args)}", flush=True)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    print(f"  {steps} steps in {seconds:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    return seconds
+
+
+# -------------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def accuracy(model, task: PointerChasingTask, tokenizer, hops: int, n_loops: int | None = None) -> float:
+    """Exact accuracy over every start node: the answer is the model's most likely next token after the question."""
+    model.eval()
+    questions = [task.question(start, hops) for start in task.nodes]
+    answers = [tokenizer.encode(task.follow(start, hops), add_special_tokens=False)[0] for start in task.nodes]
+    input_ids = torch.tensor([tokenizer.encode(q, add_special_tokens=False) for q in questions])
+    kwargs = {"n_loops": n_loops} if n_loops is not None else {}
+    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **kwargs).logits[:, -1]
+    return (logits.argmax(-1) == torch.tensor(answers)).float().mean().item()
+
+
+def evaluate(models, task, tokenizer, args) -> dict:
+    hop_range = range(1, args.eval_hops + 1)
+    table = {f"{LOOPED}@{n}": [accuracy(models[LOOPED], task, tokenizer, k, n) for k in hop_range]
+             for n in range(1, args.max_loops + 1)}
+    table[f"{LOOPED}@hops"] = [accuracy(models[LOOPED], task, tokenizer, k, k) for k in hop_range]
+    for name in (SAME_PARAMS, SAME_COMPUTE):
+        table[name] = [accuracy(models[name], task, tokenizer, k) for k in hop_range]
+    return table
+
+
+def format_table(table: dict, args) -> str:
+    """Markdown: one row per hop count, one column per model (the looped one at each n_loops)."""
+    columns = [f"{LOOPED}@hops"] + [f"{LOOPED}@{n}" for n in range(1, args.max_loops + 1)] + [SAME_PARAMS,
+                                                                                                SAME_COMPUTE]
+    titles = ["hops", "looped, n_loops=hops"] + [f"n_loops={n}" for n in range(1, args.max_loops + 1)] + [
+        "dense, same params", "dense, same compute"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for i in range(args.eval_hops):
+        mark = "" if i < args.train_hops else " (held out)"
+        cells = [f"{table[c][i] * 100:.0f}%" for c in columns]
+        lines.append(f"| {i + 1}{mark} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(table: dict, args) -> dict:
+    """The headline numbers the demo is judged by."""
+    k, deep = args.train_hops, args.eval_hops
+    in_dist = table[f"{LOOPED}@hops"][:k]
+    return {
+        "looped_in_distribution": sum(in_dist) / len(in_dist),
+        "looped_at_eval_hops_with_n_loops_eq_hops": table[f"{LOOPED}@hops"][deep - 1],
+        "looped_at_eval_hops_with_training_depth": table[f"{LOOPED}@{min(k, args.max_loops)}"][deep - 1],
+        "dense_same_params_in_distribution": sum(table[SAME_PARAMS][:k]) / k,
+        "dense_same_params_at_eval_hops": table[SAME_PARAMS][deep - 1],
+        "dense_same_compute_in_distribution": sum(table[SAME_COMPUTE][:k]) / k,
+        "dense_same_compute_at_eval_hops": table[SAME_COMPUTE][deep - 1],
+    }
+
+
+def plot(table: dict, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hops = list(range(1, args.eval_hops + 1))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.cm.viridis([i / max(1, args.max_loops - 1) for i in range(args.max_loops)])
+    for n in range(1, args.max_loops + 1):
+        ax.plot(hops, [a * 100 for a in table[f"{LOOPED}@{n}"]], color=colors[n - 1], marker="o", markersize=3,
+                linewidth=1, label=f"looped, n_loops={n}")
+    ax.plot(hops, [a * 100 for a in table[f"{LOOPED}@hops"]], color="black", linewidth=2.5, marker="o",
+            label="looped, n_loops=hops")
+    ax.plot(hops, [a * 100 for a in table[SAME_PARAMS]], "r--", linewidth=2, marker="s", label="dense, same params")
+    ax.plot(hops, [a * 100 for a in table[SAME_COMPUTE]], "m:", linewidth=2, marker="^", label="dense, same compute")
+    ax.axvline(args.train_hops + 0.5, color="grey", linestyle="--", linewidth=1)
+    ax.text(args.train_hops + 0.6, 50, "held out ->", color="grey")
+    ax.set_xlabel("hops in the question")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks(hops)
+    ax.set_ylim(-3, 103)
+    ax.set_title(f"k-hop pointer chasing, trained on k <= {args.train_hops}")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def answer_samples(folder: Path, task: PointerChasingTask, args) -> list[dict]:
+    """Reload the saved looped model through the Auto classes and answer questions with generate(n_loops=hops)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    depths = sorted({1, args.train_hops, min(args.train_hops + 2, args.eval_hops), args.eval_hops})
+    samples = []
+    for i in range(args.samples):
+        hops = depths[i % len(depths)]
+        start = task.nodes[(7 * i + 3) % task.num_nodes]
+        prompt = task.question(start, hops)
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, n_loops=hops,
+                             pad_token_id=tokenizer.pad_token_id)
+        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        samples.append({"question": prompt, "hops": hops, "n_loops": hops, "answer": reply,
+                        "expected": task.follow(start, hops)})
+    return samples
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    tokenizer = MythosTokenizer()
+    task = PointerChasingTask(num_nodes=args.num_nodes, seed=args.seed)
+    print(f"Task: {task.num_nodes} nodes on one hidden random cycle; '{task.question('q', 3)}' asks for the node "
+          f"3 links after 'q'. Training on 1..{args.train_hops} hops, testing on 1..{args.eval_hops}.")
+    dataset = task.dataset(tokenizer, range(1, args.train_hops + 1), args.train_examples, seed=args.seed)
+    models = build_models(args, tokenizer)
+    seconds = {name: train(name, model, dataset, tokenizer, args) for name, model in models.items()}
+
+    table = evaluate(models, task, tokenizer, args)
+    text = format_table(table, args)
+    print("\nAccuracy (every start node, exact):\n" + text)
+    (out / "accuracy.md").write_text(text + "\n")
+    if not args.no_plot:
+        plot(table, args, out / "accuracy.png")
+
+    folder = out / "looped-model"
+    models[LOOPED].save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    samples = answer_samples(folder, task, args)
+    print(f"\nSample questions, answered by the reloaded model ({folder}) with generate(n_loops=hops):")
+    for s in samples:
+        verdict = "right" if s["answer"] == s["expected"] else f"wrong, expected {s['expected']!r}"
+        print(f"  {s['question']!r} ({s['hops']} hops) -> {s['answer']!r} ({verdict})")
+
+    results = {
+        "settings": {k: v for k, v in vars(args).items()},
+        "models": {name: describe(name, m, args) for name, m in models.items()},
+        "parameters": {name: m.num_parameters() for name, m in models.items()},
+        "train_seconds": seconds,
+        "hops": list(range(1, args.eval_hops + 1)),
+        "accuracy": table,
+        "summary": summary(table, args),
+        "samples": samples,
+        "total_seconds": time.perf_counter() - started,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    s = results["summary"]
+    print(f"\nLooped model: {s['looped_in_distribution']:.0%} on 1..{args.train_hops} hops; at {args.eval_hops} hops "
+          f"{s['looped_at_eval_hops_with_n_loops_eq_hops']:.0%} with n_loops={args.eval_hops} vs "
+          f"{s['looped_at_eval_hops_with_training_depth']:.0%} with n_loops={args.train_hops}. "
+          f"Dense, same params: {s['dense_same_params_at_eval_hops']:.0%}; dense, same compute: "
+          f"{s['dense_same_compute_at_eval_hops']:.0%} at {args.eval_hops} hops.")
+    print(f"Wrote {out / 'results.json'}, {out / 'accuracy.md'}"
+          + ("" if args.no_plot else f", {out / 'accuracy.png'}") + f" in {results['total_seconds']:.0f} s.")
+    return results
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
