@@ -16,6 +16,12 @@ def _quickstart(args):
     run(attn_types=args.attn_type, n_loops=args.n_loops)
 
 
+def _demo(args, demo_argv):
+    from .demo import main as demo_main
+
+    return demo_main(demo_argv)
+
+
 def _export(args):
     from pathlib import Path
 
@@ -30,7 +36,8 @@ def _export(args):
 
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     training = Path(args.training).read_text() if args.training and Path(args.training).is_file() else args.training
-    files = export(model, args.folder, tokenizer, repo_id=args.repo_id, training=training, datasets=args.datasets)
+    files = export(model, args.folder, tokenizer, repo_id=args.repo_id, training=training, datasets=args.datasets,
+                   overwrite=args.overwrite)
     for path in files:
         print(f"{path.stat().st_size:>12,}  {path}")
 
@@ -54,12 +61,17 @@ def main(argv=None):
     p.add_argument("--attn-type", nargs="+", default=["mla", "gqa"], choices=["mla", "gqa"])
     p.add_argument("--n-loops", nargs="+", type=int, default=[1, 4, 8])
     p.set_defaults(func=_quickstart)
+    p = sub.add_parser("demo", add_help=False,
+                       help="train a looped model and dense baselines on multi-hop reasoning; `mythos demo --help` "
+                            "lists its flags")
+    p.set_defaults(func=_demo)
     p = sub.add_parser("export", help="write a Hub-ready folder (weights, remote code, tokenizer, model card)")
     p.add_argument("folder", help="output folder")
     p.add_argument("--from", dest="checkpoint", required=True, help="a save_pretrained / Trainer checkpoint folder")
     p.add_argument("--repo-id", default=None, help="the Hub repo the card's examples should name")
     p.add_argument("--training", default=None, help="training notes for the card (text, or a file to read)")
     p.add_argument("--datasets", nargs="*", default=None, help="datasets for the card's metadata")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     p.set_defaults(func=_export)
     p = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
     p.add_argument("repo_id")
@@ -67,7 +79,12 @@ def main(argv=None):
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact nobody")
     p.set_defaults(func=_push)
-    args = parser.parse_args(argv)
+    # the demo owns its flags (openmythos.demo.parse_args); every other command takes only its own
+    args, extra = parser.parse_known_args(argv)
+    if args.func is _demo:
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.func(args)
     return 0
 

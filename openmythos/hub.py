@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from .configuration_mythos import MYTHOS_FORMAT_VERSION, MythosConfig
-from .modeling_mythos import MythosForCausalLM, MythosModel
+from .modeling_mythos import MythosForCausalLM
 from .parameters import count_parameters, format_count
 
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "hub_card.md"
@@ -69,51 +69,57 @@ def render_card(config: MythosConfig, *, repo_id: str = "your-name/your-mythos-m
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
 
 
-def _register_remote_code():
-    MythosConfig.register_for_auto_class()
-    MythosForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+def _add_auto_map(path: Path, entries: dict):
+    data = json.loads(path.read_text())
+    data["auto_map"] = {**data.get("auto_map", {}), **entries}
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def export(model: MythosForCausalLM, folder, tokenizer=None, *, repo_id: str | None = None, training: str | None = None,
-           datasets: list[str] | None = None) -> list[Path]:
+           datasets: list[str] | None = None, overwrite: bool = False) -> list[Path]:
     """Write everything a loader needs without ``openmythos`` installed; returns the files written.
 
-    The configuration and modeling modules are copied next to the weights (they import only torch, transformers and
-    each other), and config.json's ``auto_map`` points AutoConfig, AutoModel and AutoModelForCausalLM at them.
+    The configuration and modeling (and tokenizer) modules are copied next to the weights (they import only torch,
+    transformers and each other), and ``auto_map`` in config.json (and tokenizer_config.json) points the Auto classes
+    at them. Only the written files change: no class is registered process-wide (``register_for_auto_class``), so
+    later ``save_pretrained`` calls stay plain.
+    ``folder`` must be empty or new: ``push`` uploads everything in it. With ``overwrite=True`` its previous contents
+    are deleted first (hidden entries such as ``.git`` are kept), so that no stale file from an earlier export remains.
     """
+    from .tokenization_mythos import MythosTokenizer
+
     folder = Path(folder)
+    previous = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if previous and not overwrite:
+        raise FileExistsError(f"export folder {folder} is not empty ({len(previous)} entries, e.g. {previous[0].name}); "
+                              f"pass overwrite=True (CLI: --overwrite) to replace its contents, or use a new folder")
+    for path in previous:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     folder.mkdir(parents=True, exist_ok=True)
-    _register_remote_code()
     model.save_pretrained(folder, safe_serialization=True)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    auto_map = config.setdefault("auto_map", {})
-    auto_map.setdefault("AutoConfig", "configuration_mythos.MythosConfig")
-    auto_map["AutoModel"] = f"modeling_mythos.{MythosModel.__name__}"
-    auto_map["AutoModelForCausalLM"] = f"modeling_mythos.{MythosForCausalLM.__name__}"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for module in ("configuration_mythos.py", "modeling_mythos.py"):
-        if not (folder / module).exists():
-            shutil.copy(Path(__file__).parent / module, folder / module)
+    _add_auto_map(folder / "config.json", {"AutoConfig": "configuration_mythos.MythosConfig",
+                                           "AutoModel": "modeling_mythos.MythosModel",
+                                           "AutoModelForCausalLM": "modeling_mythos.MythosForCausalLM"})
+    modules = ["configuration_mythos.py", "modeling_mythos.py"]
     if tokenizer is not None:
-        _export_tokenizer(tokenizer, folder)
+        tokenizer.save_pretrained(folder)
+        if isinstance(tokenizer, MythosTokenizer):
+            _add_auto_map(folder / "tokenizer_config.json",
+                          {"AutoTokenizer": ["tokenization_mythos.MythosTokenizer", None]})
+            modules.append("tokenization_mythos.py")
+    for module in modules:
+        shutil.copy(Path(__file__).parent / module, folder / module)
     card = render_card(model.config, repo_id=repo_id or f"your-name/{folder.name}", training=training,
                        datasets=datasets, spectral_radius=model.spectral_radius())
     (folder / "README.md").write_text(card)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.relative_to(folder).parts[0].startswith("."))
     unexpected = [p.name for p in files if not p.name.endswith(ALLOWED_SUFFIXES)]
     if unexpected:
         raise RuntimeError(f"export wrote files that are not safetensors/json/code/text: {unexpected}")
     return files
-
-
-def _export_tokenizer(tokenizer, folder: Path):
-    from .tokenization_mythos import MythosTokenizer
-
-    if isinstance(tokenizer, MythosTokenizer):
-        type(tokenizer).register_for_auto_class("AutoTokenizer")
-        shutil.copy(Path(__file__).parent / "tokenization_mythos.py", folder / "tokenization_mythos.py")
-    tokenizer.save_pretrained(folder)
 
 
 def push(folder, repo_id: str, *, private: bool = False, dry_run: bool = False, token: str | None = None,

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from openmythos import mythos_tiny
 from openmythos.configuration_mythos import MYTHOS_FORMAT_VERSION
 from openmythos.hub import export, push, render_card
+from openmythos.tokenization_mythos import MythosTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,13 +33,17 @@ def run_without_package(code: str, tmp_path: Path) -> subprocess.CompletedProces
                           cwd=tmp_path)
 
 
+UNICODE_TEXT = "Grüße, 世界! 🙂 naïve café — ∑ x² ≠ ∞"
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export") / "mythos-test"
-    model = make_model("mla", use_act=True)
-    files = export(model, folder, repo_id="someone/mythos-test", training="40 steps on a toy corpus.",
+    tokenizer = MythosTokenizer()
+    model = make_model("mla", use_act=True, vocab_size=len(tokenizer))
+    files = export(model, folder, tokenizer, repo_id="someone/mythos-test", training="40 steps on a toy corpus.",
                    datasets=["HuggingFaceFW/fineweb-edu"])
-    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
     torch.save({"ids": ids, "logits": model(ids, n_loops=3).logits}, folder.parent / "expected.pt")
     return folder, files
 
@@ -47,36 +52,43 @@ def test_export_folder_holds_exactly_what_a_loader_needs(exported):
     folder, files = exported
     names = sorted(p.name for p in files)
     assert names == ["README.md", "config.json", "configuration_mythos.py", "generation_config.json",
-                     "model.safetensors", "modeling_mythos.py"]
+                     "model.safetensors", "modeling_mythos.py", "tokenization_mythos.py", "tokenizer_config.json"]
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in names)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_mythos.MythosConfig",
                                   "AutoModel": "modeling_mythos.MythosModel",
                                   "AutoModelForCausalLM": "modeling_mythos.MythosForCausalLM"}
     assert config["mythos_format_version"] == MYTHOS_FORMAT_VERSION
-    for module in ("configuration_mythos.py", "modeling_mythos.py"):
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tokenizer_config["auto_map"]["AutoTokenizer"][0] == "tokenization_mythos.MythosTokenizer"
+    for module in ("configuration_mythos.py", "modeling_mythos.py", "tokenization_mythos.py"):
         imports = [line for line in (folder / module).read_text().splitlines()
                    if line.startswith(("import ", "from "))]
         roots = {line.split()[1].split(".")[0] for line in imports if not line.startswith("from .")}
         assert roots <= {"torch", "transformers"} | set(sys.stdlib_module_names), roots
 
 
-def test_exported_model_loads_without_the_package(exported, tmp_path):
+def test_exported_model_and_tokenizer_load_without_the_package(exported, tmp_path):
     folder, _ = exported
     code = f"""
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 expected = torch.load({str(folder.parent / 'expected.pt')!r})
 got = model(expected["ids"], n_loops=3).logits
 torch.testing.assert_close(got, expected["logits"], atol=1e-6, rtol=0)
-out = model.generate(expected["ids"], max_new_tokens=4, do_sample=False, n_loops=2)
-print("ok", tuple(out.shape))
+tokenizer = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+assert type(tokenizer).__module__.startswith("transformers_modules"), type(tokenizer).__module__
+ids = tokenizer({UNICODE_TEXT!r}, return_tensors="pt").input_ids
+assert ids.shape[1] == len({UNICODE_TEXT!r}.encode("utf-8"))
+assert tokenizer.decode(ids[0]) == {UNICODE_TEXT!r}
+out = model.generate(ids, max_new_tokens=4, do_sample=False, n_loops=2)
+print("ok", tuple(out.shape), tokenizer.decode(out[0, :ids.shape[1]]) == {UNICODE_TEXT!r})
 """
     result = run_without_package(code, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ok (2, 13)" in result.stdout
+    assert f"ok (1, {len(UNICODE_TEXT.encode()) + 4}) True" in result.stdout
 
 
 def test_loading_without_trust_remote_code_says_what_to_do(exported, tmp_path):
@@ -139,6 +151,34 @@ def test_push_dry_run_lists_the_files_and_contacts_nobody(exported):
         push(folder.parent / "nowhere", "someone/x", dry_run=True)
 
 
+def test_export_refuses_a_non_empty_folder_and_overwrite_leaves_no_stale_file(tmp_path):
+    folder = tmp_path / "out"
+    (folder / "old_shards").mkdir(parents=True)
+    (folder / "old_shards" / "model-00001-of-00002.safetensors").write_text("stale")
+    (folder / "notes.txt").write_text("stale")
+    (folder / ".git").mkdir()
+    model = make_model("gqa")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export(model, folder)
+    assert (folder / "notes.txt").read_text() == "stale"  # refused before touching anything
+    files = export(model, folder, overwrite=True)
+    assert not (folder / "notes.txt").exists() and not (folder / "old_shards").exists()
+    assert (folder / ".git").is_dir()  # hidden entries (a git clone of the Hub repo) are kept
+    assert sorted(p.name for p in files) == ["README.md", "config.json", "configuration_mythos.py",
+                                             "generation_config.json", "model.safetensors", "modeling_mythos.py"]
+    assert [n for n in push(folder, "someone/x", dry_run=True) if not n.startswith(".")] == [p.name for p in files]
+
+
+def test_export_leaves_later_plain_saves_without_remote_code(tmp_path):
+    model, tokenizer = make_model("gqa"), MythosTokenizer()
+    export(model, tmp_path / "export", tokenizer)
+    model.save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "auto_map" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
+    assert not list((tmp_path / "plain").glob("*.py"))
+
+
 def test_export_and_push_commands(tmp_path):
     checkpoint = tmp_path / "ckpt"
     make_model("gqa").save_pretrained(checkpoint)
@@ -147,6 +187,11 @@ def test_export_and_push_commands(tmp_path):
     result = run("export", str(tmp_path / "out"), "--from", str(checkpoint), "--repo-id", "me/tiny")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "README.md").exists() and "me/tiny" in (tmp_path / "out" / "README.md").read_text()
+    result = run("export", str(tmp_path / "out"), "--from", str(checkpoint), "--repo-id", "me/other")
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    result = run("export", str(tmp_path / "out"), "--from", str(checkpoint), "--repo-id", "me/other", "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "me/other" in (tmp_path / "out" / "README.md").read_text()
     result = run("push", "me/tiny", "--folder", str(tmp_path / "out"), "--dry-run")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "would upload" in result.stdout and "model.safetensors" in result.stdout
