@@ -27,7 +27,8 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "train": ["datasets>=3.0", "peft>=0.17", "tqdm"],
-        "test": ["pytest>=8", "datasets>=3.0", "peft>=0.17"],
+        "demo": ["datasets>=3.0", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "datasets>=3.0", "peft>=0.17", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["mythos=openmythos.cli:main"]},
 )

@@ -15,6 +15,7 @@ def test_readme_starts_with_the_setup_and_test_commands_and_ci_runs_the_test_one
     commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
     setup_and_run, setup_and_test = commands[0].strip(), commands[1].strip()
     assert "pip install" in setup_and_run and "torch==2.13.0" in setup_and_run
+    assert '-e ".[demo]"' in setup_and_run and setup_and_run.endswith(".venv/bin/mythos demo")
     assert setup_and_test.endswith("python -m pytest -q") and "torch==2.13.0" in setup_and_test
     assert setup_and_test in (ROOT / ".ci/run").read_text()
 
@@ -53,3 +54,22 @@ def test_readme_training_and_hub_commands_run(tmp_path):
         assert result.returncode == 0, (command, result.stderr[-3000:])
     assert (tmp_path / "runs" / "hub" / "README.md").exists()
     assert "would upload" in result.stdout
+
+
+def test_readme_demo_table_is_the_recorded_default_run():
+    """README's demo table is docs/demo/accuracy.md, which the recorded run (docs/demo/results.json) produced with
+    the demo's current default settings."""
+    import argparse
+    import json
+
+    from openmythos.demo import format_table, parse_args
+
+    table = README.split("<!-- demo-table:start -->\n")[1].split("\n<!-- demo-table:end -->")[0]
+    recorded = (ROOT / "docs" / "demo" / "accuracy.md").read_text().strip()
+    assert table == recorded
+    results = json.loads((ROOT / "docs" / "demo" / "results.json").read_text())
+    defaults = vars(parse_args([]))
+    settings = {k: v for k, v in results["settings"].items() if k != "output_dir"}
+    assert settings == {k: v for k, v in defaults.items() if k != "output_dir"}
+    assert format_table(results["accuracy"], argparse.Namespace(**defaults)) == recorded
+    assert (ROOT / "docs" / "demo" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
