@@ -91,8 +91,9 @@ def export(model: MythosForCausalLM, folder, tokenizer=None, *, repo_id: str | N
     folder = Path(folder)
     previous = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
     if previous and not overwrite:
-        raise FileExistsError(f"export folder {folder} is not empty ({len(previous)} entries, e.g. {previous[0].name}); "
-                              f"pass overwrite=True (CLI: --overwrite) to replace its contents, or use a new folder")
+        raise FileExistsError(f"export folder {folder} is not empty ({len(previous)} entries, e.g. "
+                              f"{previous[0].name}); pass overwrite=True (CLI: --overwrite) to replace its contents, "
+                              f"or use a new folder")
     for path in previous:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
