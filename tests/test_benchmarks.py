@@ -1,0 +1,64 @@
+"""The side-by-side benchmark runs and writes complete results. It never asserts timings (CI machines are noisy).
+
+The benchmark needs the reference implementation (`pip install --no-deps open-mythos==0.5.0`), which is not a
+dependency of this package, so that test is skipped where it is not installed (CI included).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_reference.py"
+
+needs_reference = pytest.mark.skipif(
+    importlib.util.find_spec("open_mythos") is None,
+    reason="the reference implementation is not installed (pip install --no-deps open-mythos==0.5.0)",
+)
+
+WORKLOADS = ("forward", "generate", "train_step")
+
+
+@needs_reference
+def test_quick_benchmark_writes_every_measure_for_both_attention_types(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--reps", "1", "--warmup", "0", "--new-tokens", "2",
+         "--threads", "1", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ref / ours" in result.stdout or "ref/ours" in result.stdout
+
+    data = json.loads(out.read_text())
+    assert data["meta"]["threads"] == 1 and data["meta"]["n_loops"] == 4 and data["meta"]["dtype"] == "float32"
+    assert set(data["attn"]) == {"mla", "gqa"}
+    for attn, res in data["attn"].items():
+        params = res["params"]
+        # same architecture: the reference only adds its ACT head (dim + 1) and a recurrent-input norm (dim)
+        assert params["ref"] - params["ours"] == 2 * 256 + 1, (attn, params)
+        kv = res["kv_cache_bytes_per_token"]
+        assert kv["ref"] > 0 and kv["ours"] > 0 and kv["ref_slots"] == kv["ours_slots"] == 6
+        for workload in WORKLOADS:
+            timing = res["timings"][workload]
+            assert set(timing) == {"ref", "ours"}, (attn, workload, timing)
+            for name, t in timing.items():
+                assert t["median_ms"] > 0 and t["min_ms"] > 0 and t["reps"] >= 1, (attn, workload, name, t)
+    # MLA caches the latent plus one shared rope key per token and slot: (32 + 16) fp32 numbers x 6 slots
+    assert data["attn"]["mla"]["kv_cache_bytes_per_token"]["ours"] == (32 + 16) * 4 * 6
+    # GQA caches 2 kv heads x 32 dims for keys and values in both implementations
+    assert data["attn"]["gqa"]["kv_cache_bytes_per_token"]["ours"] == 2 * 2 * 32 * 4 * 6
+
+
+def test_benchmark_explains_how_to_install_a_missing_reference(tmp_path):
+    """Run with `open_mythos` made unimportable: the script says how to install it instead of a traceback."""
+    blocker = tmp_path / "open_mythos.py"
+    blocker.write_text("raise ImportError('hidden for this test')\n")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert "pip install --no-deps open-mythos==0.5.0" in result.stderr
