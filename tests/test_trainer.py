@@ -19,7 +19,7 @@ def corpus(seq_len=64):
                                           streaming=False)
 
 
-def make_trainer(output_dir, max_steps, *, optimizer=None, grad_accum=1, **config):
+def make_trainer(output_dir, max_steps, *, optimizer=None, grad_accum=1, bf16=False, **config):
     tokenizer, data = corpus()
     torch.manual_seed(0)
     model = MythosForCausalLM(mythos_tiny(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
@@ -28,7 +28,7 @@ def make_trainer(output_dir, max_steps, *, optimizer=None, grad_accum=1, **confi
     args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8,
                              gradient_accumulation_steps=grad_accum, learning_rate=3e-3, warmup_steps=2,
                              logging_steps=1, save_steps=3, seed=0, data_seed=0, report_to="none",
-                             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+                             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, bf16=bf16)
     optimizers = (MuonAdamW.from_model(model, lr=3e-3), None) if optimizer == "muon" else (None, None)
     return Trainer(model=model, args=args, train_dataset=data, data_collator=causal_lm_collator,
                    callbacks=[MythosTrainingCallback()], optimizers=optimizers)
@@ -90,3 +90,16 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_training_runs_under_autocast_with_fp32_weights(tmp_path):
+    """TrainingArguments(bf16=True) trains with bf16 autocast (CPU autocast here, CUDA on a GPU); master weights stay
+    fp32 and the loss stays finite and falls."""
+    trainer = make_trainer(tmp_path, 12, bf16=True)
+    seen = []
+    trainer.model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer.train()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    history = list(losses(trainer).values())
+    assert all(torch.isfinite(torch.tensor(history))) and history[-1] < history[0]
