@@ -40,10 +40,9 @@ def apply_fsdp2(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:
     kwargs = dict(fully_shard_kwargs, mesh=mesh)
     for layer in base.prelude:
         fully_shard(layer, **kwargs)
-    if base.recurrent.halt is not None:
-        # The halting head is called by the model between loop iterations, outside the looped block's forward,
-        # when that block's parameters are already resharded; as its own unit it is gathered when it runs.
-        fully_shard(base.recurrent.halt, **kwargs)
+    # One unit for the whole looped block, halting head included (the block computes the halting probability). Its
+    # inner decoder layer holds nearly all of the block's weights: a unit of its own would save no memory and would
+    # add a second all-gather per loop iteration.
     fully_shard(base.recurrent, **kwargs)
     for layer in base.coda:
         fully_shard(layer, **kwargs)

@@ -401,9 +401,14 @@ class MythosDecoderLayer(GradientCheckpointingLayer):
         return attn + self.dropout(ffn), attn_weights, routing
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
-                cache_idx=None, **kwargs):
-        delta, attn_weights, _ = self.residual_delta(hidden_states, position_embeddings, attention_mask,
-                                                     cache, cache_idx, **kwargs)
+                cache_idx=None, loop_idx=0, return_delta=False, **kwargs):
+        """Returns ``(hidden_states + delta, attn_weights)``, or ``(delta, attn_weights, routing)`` with
+        ``return_delta``: the looped block calls the layer that way, through ``__call__`` rather than
+        ``residual_delta``, so that hooks on the layer (FSDP's gather) and its checkpointing apply."""
+        delta, attn_weights, routing = self.residual_delta(hidden_states, position_embeddings, attention_mask,
+                                                           cache, cache_idx, loop_idx, **kwargs)
+        if return_delta:
+            return delta, attn_weights, routing
         return hidden_states + delta, attn_weights
 
 
@@ -490,8 +495,13 @@ def loop_signal(x: torch.Tensor, loop_idx: int, scale: float) -> torch.Tensor:
     return (scale * rms * _loop_embedding(loop_idx, x.shape[-1], x.device)).to(x.dtype)
 
 
-class MythosRecurrentBlock(GradientCheckpointingLayer):
-    """One loop iteration: h_{t+1} = A * h_t + B * e + F_t(h_t, e). The same weights serve every iteration."""
+class MythosRecurrentBlock(nn.Module):
+    """One loop iteration: h_{t+1} = A * h_t + B * e + F_t(h_t, e). The same weights serve every iteration.
+
+    A plain module, not a ``GradientCheckpointingLayer``: activation checkpointing applies to the inner decoder layer
+    (attention + MoE, nearly all the compute), and the cheap injection, depth-wise LoRA and loop signal are not
+    recomputed. Checkpointing this block too would nest the layer's checkpoint in it and recompute the layer twice.
+    """
 
     def __init__(self, config: MythosConfig):
         super().__init__()
@@ -502,16 +512,28 @@ class MythosRecurrentBlock(GradientCheckpointingLayer):
         self.lora = MythosDepthLoRA(config) if config.lora_rank > 0 else None
         self.halt = MythosHalting(config) if config.use_act else None
 
-    def forward(self, h, e, loop_idx=0, position_embeddings=None, attention_mask=None, cache=None,
-                cache_idx=None, **kwargs):
-        x = h + e
-        if self.config.loop_signal_scale > 0:
-            x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
-        delta, attn_weights, routing = self.layer.residual_delta(
-            x, position_embeddings, attention_mask, cache, cache_idx, loop_idx, **kwargs)
-        if self.lora is not None:
-            delta = delta + self.lora(delta, loop_idx)
-        return self.injection(h, e, delta), attn_weights, routing
+    def forward(self, h, e, loop_idx=0, n_loops=1, backprop=True, position_embeddings=None, attention_mask=None,
+                cache=None, cache_idx=None, **kwargs):
+        """Returns ``(h_next, attn_weights, routing, p)``: ``p`` is the halting probability after this iteration
+        (``None`` without a halting head). It is computed here, so that wrapping this block (an FSDP unit) gathers
+        the halting head's weights with the rest of the block.
+
+        ``backprop=False`` (truncated backprop through depth) builds no graph for the loop update. The halting
+        probability still builds one: its gradient through the halting head is not truncated.
+        """
+        with torch.set_grad_enabled(backprop and torch.is_grad_enabled()):
+            x = h + e
+            if self.config.loop_signal_scale > 0:
+                x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
+            # the hidden state positional and the rest by keyword, as GradientCheckpointingLayer requires
+            delta, attn_weights, routing = self.layer(
+                x, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache,
+                cache_idx=cache_idx, loop_idx=loop_idx, return_delta=True, **kwargs)
+            if self.lora is not None:
+                delta = delta + self.lora(delta, loop_idx)
+            h = self.injection(h, e, delta)
+        p = self.halt(h, n_loops) if self.halt is not None else None
+        return h, attn_weights, routing, p
 
 
 class MythosPreTrainedModel(PreTrainedModel):
@@ -800,9 +822,9 @@ class MythosModel(MythosPreTrainedModel):
         no_grad_loops = max(0, n_loops - config.backprop_loops) if truncate else 0
         aux_losses = []
         for t in range(n_loops):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_grad_loops):
-                h, attn, (router_logits, chosen) = self.recurrent(h, e, loop_idx=t, cache_idx=loop_base + t,
-                                                                  **shared, **kwargs)
+            h, attn, (router_logits, chosen), p = self.recurrent(
+                h, e, loop_idx=t, n_loops=n_loops, backprop=t >= no_grad_loops, cache_idx=loop_base + t,
+                **shared, **kwargs)
             record(h, attn)
             if all_router is not None:
                 all_router.append(router_logits)
@@ -812,7 +834,6 @@ class MythosModel(MythosPreTrainedModel):
                     aux_losses.append(
                         sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts, token_mask))
             if halting:
-                p = self.recurrent.halt(h, n_loops)
                 last = t == n_loops - 1
                 remainder = 1.0 - cumulative
                 halts_now = (cumulative + p >= config.act_threshold) | last

@@ -32,6 +32,8 @@ LR = 1e-3
 # Adam turns the rounding noise of a gradient entry near zero into a sizeable update when eps is tiny; gradients here
 # are ~1e-4 to 1e-2, so eps=1e-6 changes nothing else and keeps the comparison tight.
 EPS = 1e-6
+# The Accelerate run: halting, and the first loop truncated (no graph for its update, one for its halting probability).
+ACCELERATE_MODEL = dict(use_act=True, backprop_loops=N_LOOPS - 1)
 
 
 def build_model(**overrides) -> MythosForCausalLM:
@@ -123,7 +125,7 @@ def main(out_path: str):
     dist.all_gather(biases, router.e_score_correction_bias)
     result["bias_per_rank"] = biases
 
-    # Halting (ACT): its head runs between loop iterations, outside the looped block's forward.
+    # Halting (ACT): the looped block's unit holds the halting head too.
     act_model = apply_fsdp2(build_model(use_act=True))
     result["act_units"] = fsdp_units(act_model)
     result["act_losses"] = train(act_model, [ids[rows] for ids in global_batches()[:2]])
@@ -134,8 +136,11 @@ def main(out_path: str):
     checkpointed.activation_checkpointing_enable()
     result["checkpointed_losses"] = train(apply_fsdp2(checkpointed), [ids[rows] for ids in global_batches()[:2]])
 
-    # Accelerate's FSDP2 wrapping with the example config (the `accelerate launch` path of the README).
-    accelerate_model = shard_like_accelerate(build_model(), ACCELERATE_CONFIG)
+    # Accelerate's FSDP2 wrapping with the example config (the `accelerate launch` path of the README), which makes
+    # the looped block's inner decoder layer a nested unit; with activation checkpointing on top.
+    accelerate_model = build_model(**ACCELERATE_MODEL)
+    accelerate_model.activation_checkpointing_enable()
+    accelerate_model = shard_like_accelerate(accelerate_model, ACCELERATE_CONFIG)
     result["accelerate_units"] = fsdp_units(accelerate_model)
     result["accelerate_losses"] = train(accelerate_model, [ids[rows] for ids in global_batches()[:2]])
 

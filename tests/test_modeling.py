@@ -42,12 +42,12 @@ def test_loop_update_is_a_h_plus_b_e_plus_block_delta(model):
     x = h + e + loop_signal(h + e, 2, config.loop_signal_scale)
     delta, _, _ = recurrent.layer.residual_delta(x, position_embeddings, None, None, None, loop_idx=2)
     delta = delta + recurrent.lora(delta, 2)
-    out, _, _ = recurrent(h, e, loop_idx=2, position_embeddings=position_embeddings)
+    out, _, _, _ = recurrent(h, e, loop_idx=2, position_embeddings=position_embeddings)
     assert delta.abs().max() > 1e-3
     torch.testing.assert_close(out - (A * h + B * e), delta)
     # with every output projection zeroed, the block adds nothing and one loop is exactly A*h + B*e
     zero_block_delta(model)
-    out, _, _ = recurrent(h, e, loop_idx=2, position_embeddings=position_embeddings)
+    out, _, _, _ = recurrent(h, e, loop_idx=2, position_embeddings=position_embeddings)
     assert torch.equal(out, A * h + B * e)
 
 
@@ -233,6 +233,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(attn_type):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_gradient_checkpointing_recomputes_the_looped_layer_once_and_not_the_cheap_loop_parts():
+    """With checkpointing, a training step runs the looped block's inner layer twice per loop (forward, and the
+    backward recompute): it is not checkpointed inside another checkpoint. Injection and depth-LoRA run once."""
+    n_loops = 3
+    model = make_model("mla").train()
+    model.activation_checkpointing_enable()
+    recurrent = model.model.recurrent
+    calls = {"attention": 0, "moe": 0, "injection": 0, "lora": 0}
+    # pre-hooks: the recompute stops early once it has every saved tensor back, inside the MoE's forward
+    hooks = [module.register_forward_pre_hook(lambda m, a, name=name: calls.__setitem__(name, calls[name] + 1))
+             for name, module in (("attention", recurrent.layer.self_attn), ("moe", recurrent.layer.mlp),
+                                  ("injection", recurrent.injection), ("lora", recurrent.lora))]
+    ids = torch.randint(0, 512, (2, 16))
+    model(ids, labels=ids, n_loops=n_loops).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"attention": 2 * n_loops, "moe": 2 * n_loops, "injection": n_loops, "lora": n_loops}
 
 
 def test_halting_is_never_a_no_op_at_initialisation(attn_type, input_ids):

@@ -30,6 +30,22 @@ def test_save_load_round_trip_is_bit_exact(attn_type, input_ids, tmp_path):
                                atol=1e-6, rtol=0)
 
 
+def test_looped_block_state_dict_keys_are_unchanged():
+    """Checkpoints saved by earlier versions must keep loading: the looped block's keys are pinned."""
+    keys = [k for k in MythosForCausalLM(mythos_tiny(use_act=True)).state_dict() if k.startswith("model.recurrent.")]
+    layer = ["input_layernorm.weight", "self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight",
+             "self_attn.q_b_proj.weight", "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_layernorm.weight",
+             "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+             "mlp.gate.weight", "mlp.gate.e_score_correction_bias", "mlp.experts.gate_up_proj",
+             "mlp.experts.down_proj", "mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
+             "mlp.shared_experts.down_proj.weight"]
+    rest = ["injection.log_A", "injection.log_dt", "injection.B", "lora.down", "lora.up", "lora.scale",
+            "halt.weight", "halt.bias"]
+    assert keys == [f"model.recurrent.layer.{k}" for k in layer] + [f"model.recurrent.{k}" for k in rest]
+    gqa = MythosForCausalLM(mythos_tiny(attn_type="gqa")).state_dict()
+    assert {f"model.recurrent.layer.self_attn.{p}_proj.weight" for p in "qkvo"} <= gqa.keys()
+
+
 def test_tied_head_is_not_stored_twice(tmp_path):
     make_model("mla").save_pretrained(tmp_path)
     header_len = int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
