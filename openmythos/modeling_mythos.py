@@ -209,7 +209,9 @@ class MythosMLAttention(nn.Module):
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, cache_idx)
 
-        if self._absorb(seq, latent.shape[2]):
+        # No mask for several queries means SDPA's top-left causal alignment (prefill into an empty static cache);
+        # the absorbed path folds heads into query rows, where that alignment would be wrong: expand instead.
+        if (seq == 1 or attention_mask is not None) and self._absorb(seq, latent.shape[2]):
             out, weights = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
             return self.o_proj(out.reshape(batch, seq, -1)), weights
 
@@ -218,10 +220,17 @@ class MythosMLAttention(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
+        # torch's fused SDPA kernels (CPU flash included) need the value head size to equal the query/key one;
+        # otherwise it falls back to the slower math path. Zero columns of v give zero output columns: pad, slice.
+        pad = self.qk_head_dim - self.v_head_dim if self.config._attn_implementation == "sdpa" else 0
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         out, weights = _attention_interface(self.config)(
             self, q, k, v, attention_mask,
             dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
         )
+        if pad > 0:
+            out = out[..., :self.v_head_dim]
         return self.o_proj(out.reshape(batch, seq, -1)), weights
 
     def _absorb(self, q_len: int, kv_len: int) -> bool:
@@ -237,28 +246,28 @@ class MythosMLAttention(nn.Module):
         """Weight-absorbed MLA (DeepSeek-V2): fold kv_b_proj into the query and the output.
 
         score = q_nope . (W_uk c) + q_rope . k_rope = (W_uk^T q_nope) . c + q_rope . k_rope, and
-        out = sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j). Attention then runs as multi-query attention over the
-        cached latents (one shared "head" of size kv_lora_rank + qk_rope_head_dim), never expanding the cache.
+        out = sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j). Attention then runs over the cached latents (one shared
+        "head" of size kv_lora_rank + qk_rope_head_dim), never expanding the cache.
         """
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        batch, heads, seq = q_nope.shape[:3]
+        w = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q = torch.cat((torch.einsum("bhsn,hnr->bhsr", q_nope, w_uk), q_rope), dim=-1)
-        k = torch.cat((latent, k_rope), dim=-1)
+        q = torch.cat((torch.matmul(q_nope, w_uk), q_rope), dim=-1)  # [B, H, S, R + rope]
+        k = torch.cat((latent, k_rope), dim=-1)  # [B, 1, T, R + rope]
+        # Every head reads the same single latent head, so fold the heads into the query rows: one [H*S, T] score
+        # matrix per sequence, with no repeat of the latent per head (which eager's repeat_kv would copy H times).
+        q = q.reshape(batch, 1, heads * seq, q.shape[-1])
+        if attention_mask is not None and seq > 1:
+            mask = attention_mask[:, :, None].expand(-1, -1, heads, -1, -1)
+            attention_mask = mask.reshape(batch, mask.shape[1], heads * seq, mask.shape[-1])
+        # is_causal=False: rows are (head, position) pairs now, so SDPA's own causal alignment would be wrong; the
+        # mask (or its absence, when every query may see the whole cache) already says what each row sees.
         out, weights = _attention_interface(self.config)(
-            _SharedLatentHead(self), q, k, latent, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
-        return torch.einsum("bshr,hvr->bshv", out, w_uv), weights
-
-
-class _SharedLatentHead:
-    """The attention module as the attention interface should see it for absorbed MLA: every query head shares the
-    single cached latent head, i.e. ``num_key_value_groups == num_heads``."""
-
-    def __init__(self, attention: MythosMLAttention):
-        self._attention = attention
-        self.num_key_value_groups = attention.num_heads
-
-    def __getattr__(self, name):
-        return getattr(self._attention, name)
+            self, q, k, latent, attention_mask, dropout=0.0, scaling=self.scaling, is_causal=False, **kwargs)
+        out = torch.matmul(out.reshape(batch, heads, seq, -1), w_uv.transpose(1, 2))  # [B, H, S, V]
+        if weights is not None:
+            weights = weights.reshape(batch, heads, seq, -1)
+        return out.transpose(1, 2), weights
 
 
 class MythosMLP(nn.Module):

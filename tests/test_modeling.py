@@ -171,6 +171,27 @@ def test_eager_and_sdpa_agree(attn_type, input_ids):
                                    sdpa(input_ids, n_loops=3, **kwargs).logits[real], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("v_head_dim", [4, 24])  # narrower than q/k (sdpa pads v to 16) and wider (no padding)
+def test_mla_sdpa_with_other_value_width_matches_eager(input_ids, v_head_dim):
+    sdpa = make_model("mla", v_head_dim=v_head_dim).train()
+    eager = make_model("mla", v_head_dim=v_head_dim, attn_implementation="eager").train()
+    sdpa.set_attn_implementation("sdpa")
+    mask = torch.ones_like(input_ids)
+    mask[0, :4] = 0
+    for kwargs in ({}, {"attention_mask": mask}):
+        real = mask.bool() if kwargs else torch.ones_like(mask, dtype=torch.bool)
+        losses = []
+        for m in (eager, sdpa):
+            m.zero_grad()
+            logits = m(input_ids, n_loops=2, use_cache=False, **kwargs).logits
+            logits[real].square().mean().backward()
+            losses.append(logits[real])
+        torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+        for (name, a), b in zip(eager.named_parameters(), sdpa.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_grouped_mm_experts_match_the_plain_path(attn_type, input_ids):
     fast = make_model(attn_type)
     plain = make_model(attn_type)
