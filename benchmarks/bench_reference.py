@@ -40,13 +40,25 @@ INSTALL_HINT = ("The reference implementation is not installed. Install it besid
                 "    .venv/bin/pip install --no-deps open-mythos==0.5.0\n"
                 "(--no-deps because it pins torch==2.11.0 exactly; it runs on the torch you already have).")
 
-# The reference README's example config, with its two attention variants.
-COMMON = dict(vocab_size=1000, dim=256, n_heads=8, max_seq_len=128, max_loop_iters=4, prelude_layers=1,
-              coda_layers=1, n_experts=8, n_shared_experts=1, n_experts_per_tok=2, expert_dim=64, lora_rank=8)
-VARIANTS = {
-    "mla": dict(attn_type="mla", n_kv_heads=8, kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=16,
-                qk_nope_head_dim=16, v_head_dim=16),
-    "gqa": dict(attn_type="gqa", n_kv_heads=2),
+# "small": the reference README's example config, with its two attention variants. Per-op overhead dominates it.
+# "medium": 4x wider, 16 experts, 256-token sequences: big enough that arithmetic, not dispatch, dominates. Its MLA
+# has DeepSeek's shape ratios (v head narrower than q/k, latent 4x the rope dim).
+SIZES = {
+    "small": dict(
+        common=dict(vocab_size=1000, dim=256, n_heads=8, max_seq_len=128, max_loop_iters=4, prelude_layers=1,
+                    coda_layers=1, n_experts=8, n_shared_experts=1, n_experts_per_tok=2, expert_dim=64, lora_rank=8),
+        variants={"mla": dict(attn_type="mla", n_kv_heads=8, kv_lora_rank=32, q_lora_rank=64, qk_rope_head_dim=16,
+                              qk_nope_head_dim=16, v_head_dim=16),
+                  "gqa": dict(attn_type="gqa", n_kv_heads=2)},
+        batch=2, seq_len=128, prompt_len=16, reps=30),
+    "medium": dict(
+        common=dict(vocab_size=4096, dim=512, n_heads=8, max_seq_len=512, max_loop_iters=4, prelude_layers=1,
+                    coda_layers=1, n_experts=16, n_shared_experts=1, n_experts_per_tok=2, expert_dim=256,
+                    lora_rank=8),
+        variants={"mla": dict(attn_type="mla", n_kv_heads=8, kv_lora_rank=128, q_lora_rank=256,
+                              qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64),
+                  "gqa": dict(attn_type="gqa", n_kv_heads=2)},
+        batch=2, seq_len=256, prompt_len=128, reps=10),
 }
 N_LOOPS = 4
 
@@ -59,9 +71,9 @@ OUR_VARIANTS = {
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def build_models(attn: str, with_variants: bool, seed: int = 0):
+def build_models(attn: str, with_variants: bool, seed: int = 0, size: str = "small"):
     """The reference (ACT forced off) and our model(s), fp32. Our variants share one set of weights."""
-    fields = {**COMMON, **VARIANTS[attn]}
+    fields = {**SIZES[size]["common"], **SIZES[size]["variants"][attn]}
     torch.manual_seed(seed)
     # act_threshold above the largest possible cumulative halting probability (n_loops * 1): the reference's ACT
     # never halts, so it runs every loop. With the default 0.99 it stops after 2-3 loops and n_loops is a no-op.
@@ -222,10 +234,11 @@ def interleaved(fns: dict, reps: int, warmup: int) -> dict:
 
 
 def bench_attn(attn, args):
-    ref, ours = build_models(attn, with_variants=not args.no_variants)
+    ref, ours = build_models(attn, with_variants=not args.no_variants, size=args.size)
     gen = torch.Generator().manual_seed(1)
-    seq_ids = torch.randint(0, COMMON["vocab_size"], (args.batch, args.seq_len), generator=gen)
-    prompt = torch.randint(0, COMMON["vocab_size"], (args.batch, args.prompt_len), generator=gen)
+    vocab = SIZES[args.size]["common"]["vocab_size"]
+    seq_ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen)
+    prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen)
     result = {"params": {"ref": count_params(ref), **{n: count_params(m) for n, m in ours.items()}}}
 
     for model in [ref, *ours.values()]:
@@ -284,7 +297,7 @@ def print_report(results, args):
     meta = results["meta"]
     print(f"{meta['date']}, {meta['cpu_count']} CPUs, 1-minute load average {meta['load_average_at_start']:.1f} at "
           f"start, {meta['load_average_at_end']:.1f} at end (counts this run too; more means noisier timings)")
-    print(f"forward and train step: {args.batch}x{args.seq_len}; generate: prompt {args.batch}x{args.prompt_len}, "
+    print(f"size {args.size}; forward and train step: {args.batch}x{args.seq_len}; generate: prompt {args.batch}x{args.prompt_len}, "
           f"+{args.new_tokens} tokens; {N_LOOPS} loops everywhere. Medians; ratio = ref / ours (>1: we are faster)")
     for attn, res in results["attn"].items():
         params = res["params"]
@@ -313,7 +326,10 @@ def cpu_model() -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few repetitions, no extra variants")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per model (default 30; quick 3)")
+    parser.add_argument("--size", choices=list(SIZES), default="small",
+                        help="model and input size: small (the reference README config, default) or medium")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions per model (default 30 small, 10 medium; quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs per model first (default 3; quick 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--attn", choices=["mla", "gqa", "both"], default="both")
@@ -327,14 +343,15 @@ def main(argv=None):
         print(INSTALL_HINT, file=sys.stderr)
         return 2
     if args.reps is None:
-        args.reps = 3 if args.quick else 30
+        args.reps = 3 if args.quick else SIZES[args.size]["reps"]
     if args.warmup is None:
         args.warmup = 1 if args.quick else 3
     if args.reps < 1 or args.warmup < 0 or args.threads < 1 or args.new_tokens < 1:
         parser.error(f"need --reps >= 1, --warmup >= 0, --threads >= 1, --new-tokens >= 1; got reps={args.reps}, "
                      f"warmup={args.warmup}, threads={args.threads}, new_tokens={args.new_tokens}")
     args.no_variants = args.no_variants or args.quick
-    args.batch, args.seq_len, args.prompt_len = 2, 128, 16
+    size = SIZES[args.size]
+    args.batch, args.seq_len, args.prompt_len = size["batch"], size["seq_len"], size["prompt_len"]
     torch.set_num_threads(args.threads)
 
     from importlib.metadata import version
@@ -347,7 +364,8 @@ def main(argv=None):
             "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "openmythos": openmythos.__version__, "reference_version": version("open-mythos"),
-            "threads": args.threads, "dtype": "float32", "n_loops": N_LOOPS,
+            "threads": args.threads, "dtype": "float32", "n_loops": N_LOOPS, "size": args.size,
+            "config": SIZES[args.size]["common"], "attn_configs": SIZES[args.size]["variants"],
             "batch": args.batch, "seq_len": args.seq_len, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "reps": args.reps, "warmup": args.warmup, "quick": args.quick,
         },

@@ -52,6 +52,10 @@ class MythosRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # all fp32: the same math with the weight applied inside the kernel, two fewer ops per call (decode calls
+            # this ~25 times a token)
+            return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
         # x * rsqrt(mean(x^2) + eps) in fp32, as one fused kernel
         normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon)
         return self.weight * normed.to(hidden_states.dtype)

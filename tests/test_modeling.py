@@ -6,7 +6,7 @@ from conftest import make_model
 from transformers import AutoModel, AutoModelForCausalLM
 
 from openmythos import MythosForCausalLM, MythosModel, mythos_tiny
-from openmythos.modeling_mythos import A_MAX, A_MIN, loop_signal
+from openmythos.modeling_mythos import A_MAX, A_MIN, MythosRMSNorm, loop_signal
 
 
 def test_auto_classes_build_mythos_models():
@@ -405,3 +405,18 @@ def test_flash_attention_2_matches_sdpa_on_gpu(attn_type, input_ids):
     expected = sdpa(ids, n_loops=3).logits.float()
     got = flash(ids, n_loops=3).logits.float()
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_its_formula(dtype):
+    # fp32 takes a single fused call with the weight inside; other dtypes normalise in fp32 and cast back
+    norm = MythosRMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 16)
+    expected = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(norm(x), expected, atol=1e-6, rtol=1e-5)
+    norm.to(dtype)
+    out = norm(x.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
