@@ -141,3 +141,25 @@ def test_absorbed_mla_decoding_matches_expanded(input_ids, attn_implementation):
     for x, y in zip(a.logits, b.logits):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
     assert absorbed.model.prelude[0].self_attn._absorb(1, 13) and not expanded.model.prelude[0].self_attn._absorb(1, 13)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_absorbed_mla_chunk_against_cache_matches_expanded(input_ids, attn_implementation, monkeypatch):
+    # Several new tokens against a cache (with left padding): absorbed attention folds the heads into the query rows,
+    # so it must fold the causal + padding mask the same way.
+    from openmythos.modeling_mythos import MythosMLAttention
+    calls = []
+    absorbed_attention = MythosMLAttention._absorbed_attention
+    monkeypatch.setattr(MythosMLAttention, "_absorbed_attention",
+                        lambda self, *a, **k: calls.append(a[0].shape[2]) or absorbed_attention(self, *a, **k))
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0
+    logits = []
+    for absorb in (True, False):
+        model = make_model("mla", mla_absorb=absorb)
+        model.set_attn_implementation(attn_implementation)
+        cache = DynamicCache(config=model.config)
+        model(input_ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache, n_loops=2)
+        logits.append(model(input_ids[:, 6:], attention_mask=mask, past_key_values=cache, n_loops=2).logits)
+    assert calls and set(calls) == {input_ids.shape[1] - 6}  # the absorbed model took the absorbed path, per chunk
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-4)
