@@ -11,9 +11,15 @@ It then scores every model on every question with 1..2K hops (the looped one at 
 accuracy table, writes it as ``results.json`` / ``accuracy.md`` and plots ``accuracy.png``, saves the looped model
 with ``save_pretrained``, reloads it through ``AutoModelForCausalLM`` and answers sample questions with
 ``generate(n_loops=...)``. Every setting is a flag; a seed fixes the results.
+
+``--task context`` swaps the hidden graph for one written in the prompt, a new graph per example
+(``InContextPointerChasingTask``): training prompts query every node of graphs of varied size, the first
+``--curriculum-steps`` batches are 1-hop only, and all three models see the same batches in the same order. Its
+defaults are the recipe that makes the looped model learn it (docs/demo.md).
 """
 
 import argparse
+import datasets
 import json
 import time
 from pathlib import Path
@@ -24,29 +30,45 @@ from transformers.utils import logging as hf_logging
 
 from .configuration_mythos import MythosConfig
 from .modeling_mythos import MythosForCausalLM
-from .tasks import PointerChasingTask
+from .tasks import InContextPointerChasingTask, PointerChasingTask
 from .tokenization_mythos import MythosTokenizer
 from .training import MythosTrainingCallback
 
 LOOPED, SAME_PARAMS, SAME_COMPUTE = "looped", "dense_same_params", "dense_same_compute"
+# per-task defaults of the flags left at None: hidden graph / in-context graph
+TASK_DEFAULTS = {
+    "hidden": {"num_nodes": 24, "dim": 96, "steps": 1500, "lr": 2e-3, "train_examples": 20000,
+               "curriculum_steps": 0},
+    "context": {"num_nodes": 9, "dim": 64, "steps": 1200, "lr": 3e-3, "train_examples": None,
+                "curriculum_steps": 300},
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mythos demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="hidden",
+                   help="hidden: one graph learned into the weights; context: a new graph written in every prompt")
     p.add_argument("--train-hops", type=int, default=4, help="K: training questions have 1..K hops")
     p.add_argument("--eval-hops", type=int, default=None, help="evaluate 1..this many hops (default 2K)")
     p.add_argument("--max-loops", type=int, default=None, help="evaluate the looped model at n_loops 1..this "
                                                                  "(default 2K + 2)")
-    p.add_argument("--num-nodes", type=int, default=24, help="nodes in the hidden graph (2 to 52)")
-    p.add_argument("--dim", type=int, default=96, help="hidden size of every model")
+    p.add_argument("--num-nodes", type=int, default=None, help="nodes in the hidden graph (2 to 52; default 24), or "
+                                                                 "most nodes of an in-context graph (3 to 52; "
+                                                                 "default 9)")
+    p.add_argument("--dim", type=int, default=None, help="hidden size of every model (default 96; context: 64)")
     p.add_argument("--heads", type=int, default=4, help="attention heads of every model")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps for the looped model")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps for the looped model (default 1500; "
+                                                              "context: 1200)")
     p.add_argument("--baseline-steps", type=int, default=None, help="optimizer steps per dense model "
                                                                       "(default: --steps)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-examples", type=int, default=20000, help="questions in the training set")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3; context: 3e-3)")
+    p.add_argument("--train-examples", type=int, default=None, help="questions in the training set (default 20000; "
+                                                                      "context: one batch per step)")
+    p.add_argument("--curriculum-steps", type=int, default=None, help="context: the first this many batches are "
+                                                                        "1-hop only (default 300)")
+    p.add_argument("--eval-examples", type=int, default=500, help="context: scored prompts per hop count")
     p.add_argument("--samples", type=int, default=4, help="sample questions answered after reloading")
     p.add_argument("--seed", type=int, default=0, help="seed of the graph, the data and the models")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these models are too small to gain "
@@ -54,15 +76,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--no-plot", action="store_true", help="skip accuracy.png (no matplotlib needed)")
     args = p.parse_args(argv)
+    for name, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.eval_hops = args.eval_hops or 2 * args.train_hops
     args.max_loops = args.max_loops or 2 * args.train_hops + 2
     args.baseline_steps = args.baseline_steps if args.baseline_steps is not None else args.steps
-    for name in ("train_hops", "eval_hops", "max_loops", "dim", "heads", "steps", "batch_size", "train_examples"):
+    if args.train_examples is None:
+        args.train_examples = max(args.steps, args.baseline_steps) * args.batch_size
+    for name in ("train_hops", "eval_hops", "max_loops", "dim", "heads", "steps", "batch_size", "train_examples",
+                 "eval_examples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eval_hops >= args.num_nodes:
         p.error(f"--eval-hops ({args.eval_hops}) must be below --num-nodes ({args.num_nodes}): past that, the "
                 f"cycle repeats and deeper questions share answers with shallower ones")
+    if args.curriculum_steps < 0:
+        p.error(f"--curriculum-steps must be >= 0, got {args.curriculum_steps}")
+    if args.task == "context" and args.train_examples < args.curriculum_steps * args.batch_size:
+        p.error("--train-examples must cover the --curriculum-steps batches")
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         p.error(f"--dim ({args.dim}) must be divisible by --heads ({args.heads}) into an even head size")
     return args
@@ -78,17 +110,22 @@ def looped_config(args, tokenizer) -> MythosConfig:
     """
     return MythosConfig(
         vocab_size=len(tokenizer), dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, attn_type="gqa",
-        max_seq_len=64, max_loop_iters=args.train_hops, prelude_layers=1, coda_layers=1,
+        max_seq_len=max_seq_len(args), max_loop_iters=args.train_hops, prelude_layers=1, coda_layers=1,
         n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=args.dim, lora_rank=0,
         loop_signal_scale=0.0, rope_theta=10000.0, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
 
 
+def max_seq_len(args) -> int:
+    return 64 if args.task == "hidden" else 128
+
+
 def dense_config(args, tokenizer, layers: int, ffn_dim: int) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=args.dim, intermediate_size=ffn_dim, num_hidden_layers=layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=64,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max_seq_len(args),
         rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
@@ -148,6 +185,13 @@ def collate(features: list[dict], pad_token_id: int, with_hops: bool) -> dict:
     return batch
 
 
+class InOrderTrainer(Trainer):
+    """Trainer that reads the training set in order, not shuffled: the context task's curriculum is its row order."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
 class LoopsPerHopTrainer(Trainer):
     """Trainer for the looped model: each question runs ``n_loops = hops`` iterations.
 
@@ -169,20 +213,29 @@ class LoopsPerHopTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
 
+class InOrderLoopsPerHopTrainer(InOrderTrainer, LoopsPerHopTrainer):
+    pass
+
+
 def train(name: str, model, dataset, tokenizer, args) -> float:
     looped = name == LOOPED
     steps = args.steps if looped else args.baseline_steps
     if steps == 0:
         return 0.0
+    schedule = {"lr_scheduler_type": "cosine"} if args.task == "hidden" else {  # context: decay to 0.1x, not to 0
+        "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
     training_args = TrainingArguments(
         output_dir=str(Path(args.output_dir) / "trainer" / name), max_steps=steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
         warmup_steps=max(1, steps // 10), weight_decay=0.0, adam_beta2=0.98, max_grad_norm=1.0,
         logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", seed=args.seed,
         data_seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(), **schedule,
     )
-    trainer_cls = LoopsPerHopTrainer if looped else Trainer
+    if args.task == "hidden":
+        trainer_cls = LoopsPerHopTrainer if looped else Trainer
+    else:
+        trainer_cls = InOrderLoopsPerHopTrainer if looped else InOrderTrainer
     trainer = trainer_cls(
         model=model, args=training_args, train_dataset=dataset,
         data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped),
@@ -198,13 +251,42 @@ def train(name: str, model, dataset, tokenizer, args) -> float:
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
+def make_task(args):
+    if args.task == "hidden":
+        return PointerChasingTask(num_nodes=args.num_nodes, seed=args.seed)
+    return InContextPointerChasingTask(max_nodes=args.num_nodes, seed=args.seed)
+
+
+def training_set(task, tokenizer, args):
+    """Hidden task: shuffled questions. Context task: ``--curriculum-steps`` batches of 1-hop prompts, then prompts
+    with 1..K hops; each batch shares one hop count and graph size (read in order by ``InOrderTrainer``)."""
+    hops = range(1, args.train_hops + 1)
+    if args.task == "hidden":
+        return task.dataset(tokenizer, hops, args.train_examples, seed=args.seed)
+    first = args.curriculum_steps * args.batch_size
+    parts = [task.dataset(tokenizer, [1], first, seed=args.seed, group_size=args.batch_size)] if first else []
+    if args.train_examples > first:
+        parts.append(task.dataset(tokenizer, hops, args.train_examples - first, seed=args.seed + 1,
+                                  group_size=args.batch_size))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def eval_questions(task, hops: int, args) -> list[tuple[str, str]]:
+    """(question, answer) pairs scored at ``hops`` hops: every start node of the hidden graph, or
+    ``--eval-examples`` seeded single-query prompts over fresh ``--num-nodes``-node graphs."""
+    if args.task == "hidden":
+        return [(task.question(start, hops), task.follow(start, hops)) for start in task.nodes]
+    return [(row["question"], row["answer"]) for row in task.eval_examples(hops, args.eval_examples)]
+
+
 @torch.no_grad()
-def accuracy(model, task: PointerChasingTask, tokenizer, hops: int, n_loops: int | None = None) -> float:
-    """Exact accuracy over every start node: the answer is the model's most likely next token after the question."""
+def accuracy(model, questions: list[tuple[str, str]], tokenizer, n_loops: int | None = None) -> float:
+    """Exact accuracy: the answer is the model's most likely next token after the question (questions of one
+    hop count have one length)."""
     model.eval()
-    questions = [task.question(start, hops) for start in task.nodes]
-    answers = [tokenizer.encode(task.follow(start, hops), add_special_tokens=False)[0] for start in task.nodes]
-    input_ids = torch.tensor([tokenizer.encode(q, add_special_tokens=False) for q in questions], device=model.device)
+    answers = [tokenizer.encode(a, add_special_tokens=False)[0] for _, a in questions]
+    input_ids = torch.tensor([tokenizer.encode(q, add_special_tokens=False) for q, _ in questions],
+                             device=model.device)
     kwargs = {"n_loops": n_loops} if n_loops is not None else {}
     logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **kwargs).logits[:, -1]
     return (logits.argmax(-1).cpu() == torch.tensor(answers)).float().mean().item()
@@ -212,11 +294,12 @@ def accuracy(model, task: PointerChasingTask, tokenizer, hops: int, n_loops: int
 
 def evaluate(models, task, tokenizer, args) -> dict:
     hop_range = range(1, args.eval_hops + 1)
-    table = {f"{LOOPED}@{n}": [accuracy(models[LOOPED], task, tokenizer, k, n) for k in hop_range]
+    questions = {k: eval_questions(task, k, args) for k in hop_range}
+    table = {f"{LOOPED}@{n}": [accuracy(models[LOOPED], questions[k], tokenizer, n) for k in hop_range]
              for n in range(1, args.max_loops + 1)}
-    table[f"{LOOPED}@hops"] = [accuracy(models[LOOPED], task, tokenizer, k, k) for k in hop_range]
+    table[f"{LOOPED}@hops"] = [accuracy(models[LOOPED], questions[k], tokenizer, k) for k in hop_range]
     for name in (SAME_PARAMS, SAME_COMPUTE):
-        table[name] = [accuracy(models[name], task, tokenizer, k) for k in hop_range]
+        table[name] = [accuracy(models[name], questions[k], tokenizer) for k in hop_range]
     return table
 
 
@@ -284,13 +367,14 @@ def plot(table: dict, args, path: Path) -> None:
     heat.axhline(args.train_hops + 0.5, color="grey", linestyle="--", linewidth=1)
     heat.set(xlabel="n_loops at inference", ylabel="hops in the question", xticks=loops, yticks=hops,
              title="Looped model accuracy (%)")
-    fig.suptitle(f"k-hop pointer chasing over a hidden {args.num_nodes}-node cycle")
+    fig.suptitle(f"k-hop pointer chasing over a hidden {args.num_nodes}-node cycle" if args.task == "hidden" else
+                 f"in-context k-hop pointer chasing, a new {args.num_nodes}-node cycle in every prompt")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def answer_samples(folder: Path, task: PointerChasingTask, args) -> list[dict]:
+def answer_samples(folder: Path, task, args) -> list[dict]:
     """Reload the saved looped model through the Auto classes and answer questions with generate(n_loops=hops)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -300,15 +384,19 @@ def answer_samples(folder: Path, task: PointerChasingTask, args) -> list[dict]:
     samples = []
     for i in range(args.samples):
         hops = depths[i % len(depths)]
-        start = task.nodes[(7 * i + 3) % task.num_nodes]
-        prompt = task.question(start, hops)
+        if args.task == "hidden":
+            start = task.nodes[(7 * i + 3) % task.num_nodes]
+            prompt, expected = task.question(start, hops), task.follow(start, hops)
+        else:
+            row = task.eval_examples(hops, 1, seed=f"sample-{args.seed}-{i}")[0]
+            prompt, expected = row["question"], row["answer"]
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         # the answer is one node name: one new token
         out = model.generate(ids, max_new_tokens=1, do_sample=False, n_loops=hops,
                              pad_token_id=tokenizer.pad_token_id)
         reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         samples.append({"question": prompt, "hops": hops, "n_loops": hops, "answer": reply,
-                        "expected": task.follow(start, hops)})
+                        "expected": expected})
     return samples
 
 
@@ -320,16 +408,24 @@ def run(args: argparse.Namespace) -> dict:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     tokenizer = MythosTokenizer()
-    task = PointerChasingTask(num_nodes=args.num_nodes, seed=args.seed)
-    print(f"Task: {task.num_nodes} nodes on one hidden random cycle; '{task.question('q', 3)}' asks for the node "
-          f"3 links after 'q'. Training on 1..{args.train_hops} hops, testing on 1..{args.eval_hops}.")
-    dataset = task.dataset(tokenizer, range(1, args.train_hops + 1), args.train_examples, seed=args.seed)
+    task = make_task(args)
+    if args.task == "hidden":
+        print(f"Task: {task.num_nodes} nodes on one hidden random cycle; '{task.question('q', 3)}' asks for the "
+              f"node 3 links after 'q'. Training on 1..{args.train_hops} hops, testing on 1..{args.eval_hops}.")
+    else:
+        example = task.eval_examples(2, 1, seed="intro")[0]
+        print(f"Task: a new random cycle of up to {args.num_nodes} nodes in every prompt; '{example['question']}' "
+              f"asks for the node 2 links after '{example['question'][-1]}' ({example['answer']!r}). Training on "
+              f"1..{args.train_hops} hops ({args.curriculum_steps} 1-hop batches first), testing on "
+              f"1..{args.eval_hops} over {args.num_nodes}-node graphs.")
+    dataset = training_set(task, tokenizer, args)
     models = build_models(args, tokenizer)
     seconds = {name: train(name, model, dataset, tokenizer, args) for name, model in models.items()}
 
     table = evaluate(models, task, tokenizer, args)
     text = format_table(table, args)
-    print("\nAccuracy (every start node, exact):\n" + text)
+    scored = "every start node" if args.task == "hidden" else f"{args.eval_examples} prompts per hop count"
+    print(f"\nAccuracy ({scored}, exact):\n" + text)
     (out / "accuracy.md").write_text(text + "\n")
     if not args.no_plot:
         plot(table, args, out / "accuracy.png")

@@ -8,6 +8,9 @@ hop count in unary keeps every token of a deeper question one that training has 
 
 A looped model can learn one lookup per loop iteration and answer deeper questions by looping more; a model of fixed
 depth has to spend layers per hop and runs out (``openmythos.demo`` measures both).
+
+``InContextPointerChasingTask`` is the in-context variant: the links are written in the prompt, a new graph for every
+example, so the model has to learn the lookup procedure rather than the graph.
 """
 
 import random
@@ -43,16 +46,11 @@ class PointerChasingTask:
     @cached_property
     def successor(self) -> dict[str, str]:
         """The hidden links: one cycle through every node, in a seeded random order."""
-        order = list(self.nodes)
-        random.Random(self.seed).shuffle(order)
-        return {node: order[(i + 1) % len(order)] for i, node in enumerate(order)}
+        return random_cycle(self.nodes, random.Random(self.seed))
 
     def follow(self, start: str, hops: int) -> str:
         """The node reached from ``start`` after ``hops`` links."""
-        node = start
-        for _ in range(_check_hops(hops)):
-            node = self.successor[node]
-        return node
+        return follow(self.successor, start, hops)
 
     @staticmethod
     def question(start: str, hops: int) -> str:
@@ -60,9 +58,7 @@ class PointerChasingTask:
 
     def examples(self, hops: Iterable[int], num_examples: int, seed: int = 0) -> list[dict]:
         """``num_examples`` questions with start nodes and hop counts drawn uniformly (seeded) from ``hops``."""
-        hop_choices = sorted({_check_hops(k) for k in hops})
-        if not hop_choices:
-            raise ValueError("`hops` must name at least one hop count")
+        hop_choices = _hop_choices(hops)
         rng = random.Random(seed)
         rows = []
         for _ in range(num_examples):
@@ -87,10 +83,125 @@ class PointerChasingTask:
         return datasets.Dataset.from_list(rows)
 
 
+class InContextPointerChasingTask:
+    """k-hop pointer chasing over a graph written in the prompt, a new random graph for every example.
+
+    A prompt lists the links of one random cycle in shuffled order, then ``|``, then one ``+`` per hop, then the
+    query nodes: ``"c>a a>d d>b b>c|++da"`` asks for the nodes two links after ``d`` and after ``a``. Nothing about a
+    graph can be memorised: every answer has to be looked up in the context, k times over.
+
+    Training prompts query every node of their graph (in random order) and the graph size varies from
+    ``max(3, k + 1)`` to ``max_nodes``; evaluation prompts (``eval_examples``) query one node of a ``max_nodes`` graph,
+    in the hidden task's ``...|+++x`` format. Both are fixed by their seed.
+
+    Args:
+        max_nodes (`int`, defaults to 9): Most nodes in a graph, 3 to 52; the names are drawn from its first letters.
+        seed (`int`, defaults to 0): Default seed of ``examples``, ``dataset`` and ``eval_examples``.
+    """
+
+    def __init__(self, max_nodes: int = 9, seed: int = 0):
+        if isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or not 3 <= max_nodes <= len(NODE_NAMES):
+            raise ValueError(f"`max_nodes` must be an integer from 3 to {len(NODE_NAMES)}, got {max_nodes!r}")
+        self.max_nodes, self.seed = max_nodes, seed
+
+    @property
+    def names(self) -> str:
+        return NODE_NAMES[: self.max_nodes]
+
+    def min_nodes(self, hops: int) -> int:
+        """The smallest graph used for ``hops``-hop training prompts (k + 1 nodes, so no k-hop answer is the start)."""
+        return max(3, _check_hops(hops) + 1)
+
+    def _check_fits(self, hops: int) -> int:
+        if self.min_nodes(hops) > self.max_nodes:
+            raise ValueError(f"{hops}-hop prompts need graphs of at least {self.min_nodes(hops)} nodes, but "
+                             f"`max_nodes` is {self.max_nodes}")
+        return hops
+
+    def example(self, rng: random.Random, hops: int, num_nodes: int, num_queries: int | None = None) -> dict:
+        """One prompt over a fresh ``num_nodes``-node cycle with ``num_queries`` queries (default: every node)."""
+        order = rng.sample(self.names, num_nodes)
+        successor = random_cycle(order, rng)
+        edges = list(successor)
+        rng.shuffle(edges)
+        queries = rng.sample(edges, num_nodes if num_queries is None else num_queries)
+        context = " ".join(f"{s}>{successor[s]}" for s in edges) + "|" + HOP_MARK * hops
+        return {"context": context, "queries": "".join(queries),
+                "answers": "".join(follow(successor, q, hops) for q in queries), "hops": hops,
+                "num_nodes": num_nodes}
+
+    def examples(self, hops: Iterable[int], num_examples: int, seed: int | None = None, group_size: int = 1):
+        """``num_examples`` training prompts querying every node; each run of ``group_size`` consecutive prompts
+        shares one hop count (uniform over ``hops``) and one graph size (uniform over ``min_nodes(k)..max_nodes``),
+        so a batch of that size can run one ``n_loops`` and needs no padding."""
+        hop_choices = [self._check_fits(k) for k in _hop_choices(hops)]
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"`group_size` must be a positive integer, got {group_size!r}")
+        rng = random.Random(self.seed if seed is None else seed)
+        rows = []
+        while len(rows) < num_examples:
+            k = rng.choice(hop_choices)
+            n = rng.randint(self.min_nodes(k), self.max_nodes)
+            rows += [self.example(rng, k, n) for _ in range(min(group_size, num_examples - len(rows)))]
+        return rows
+
+    def dataset(self, tokenizer, hops: Iterable[int], num_examples: int, seed: int | None = None,
+                group_size: int = 1):
+        """A ``datasets.Dataset`` of tokenized training prompts (see ``examples``) for causal-LM training.
+
+        ``input_ids`` is the context, the queries and an eos. ``labels`` is -100 except one position after each
+        query, which holds that query's answer: with the usual one-token shift of causal-LM labels, the logits at a
+        query are trained to predict its answer. Also holds ``hops``, ``num_nodes``, ``context``, ``queries`` and
+        ``answers``.
+        """
+        import datasets
+
+        rows = self.examples(hops, num_examples, seed, group_size)
+        for row in rows:
+            context = tokenizer.encode(row["context"], add_special_tokens=False)
+            queries = tokenizer.encode(row["queries"], add_special_tokens=False)
+            answers = tokenizer.encode(row["answers"], add_special_tokens=False)
+            row["input_ids"] = context + queries + [tokenizer.eos_token_id]
+            row["labels"] = [-100] * (len(context) + 1) + answers
+        return datasets.Dataset.from_list(rows)
+
+    def eval_examples(self, hops: int, num_examples: int, seed: int | None = None) -> list[dict]:
+        """``num_examples`` single-query questions ``"<links>|+++x"`` over fresh ``max_nodes``-node graphs."""
+        self._check_fits(hops)
+        rng = random.Random(f"eval-{self.seed if seed is None else seed}-{hops}")
+        rows = []
+        for _ in range(num_examples):
+            row = self.example(rng, hops, self.max_nodes, num_queries=1)
+            rows.append({"question": row["context"] + row["queries"], "answer": row["answers"], "hops": hops})
+        return rows
+
+
+def random_cycle(nodes: Iterable[str], rng: random.Random) -> dict[str, str]:
+    """Links one cycle through ``nodes`` in an order shuffled by ``rng``: node -> successor."""
+    order = list(nodes)
+    rng.shuffle(order)
+    return {node: order[(i + 1) % len(order)] for i, node in enumerate(order)}
+
+
+def follow(successor: dict[str, str], start: str, hops: int) -> str:
+    """The node reached from ``start`` after ``hops`` links of ``successor``."""
+    node = start
+    for _ in range(_check_hops(hops)):
+        node = successor[node]
+    return node
+
+
+def _hop_choices(hops: Iterable[int]) -> list[int]:
+    choices = sorted({_check_hops(k) for k in hops})
+    if not choices:
+        raise ValueError("`hops` must name at least one hop count")
+    return choices
+
+
 def _check_hops(hops) -> int:
     if isinstance(hops, bool) or not isinstance(hops, int) or hops < 1:
         raise ValueError(f"hop counts must be positive integers, got {hops!r}")
     return hops
 
 
-__all__ = ["PointerChasingTask", "NODE_NAMES", "HOP_MARK"]
+__all__ = ["PointerChasingTask", "InContextPointerChasingTask", "NODE_NAMES", "HOP_MARK"]

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from openmythos import MythosTokenizer
-from openmythos.tasks import HOP_MARK, PointerChasingTask
+from openmythos.tasks import HOP_MARK, InContextPointerChasingTask, PointerChasingTask
 
 
 def test_hidden_links_form_one_cycle_through_every_node():
@@ -106,3 +106,112 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     assert "Sample questions, answered by the reloaded model" in result.stdout
     params = results["parameters"]
     assert abs(params["dense_same_params"] - params["looped"]) / params["looped"] < 0.35
+
+
+# ------------------------------------------------------------------------------------------- in-context pointer chasing
+def _links(context: str) -> dict[str, str]:
+    edges = context.split("|")[0].split(" ")
+    return {edge[0]: edge[2] for edge in edges}
+
+
+def _follow(links, node, hops):
+    for _ in range(hops):
+        node = links[node]
+    return node
+
+
+def test_in_context_task_is_deterministic_for_a_seed_and_differs_across_seeds():
+    task = InContextPointerChasingTask(max_nodes=9, seed=1)
+    one = task.examples(range(1, 5), 40, group_size=8)
+    assert one == InContextPointerChasingTask(max_nodes=9, seed=1).examples(range(1, 5), 40, group_size=8)
+    assert one != InContextPointerChasingTask(max_nodes=9, seed=2).examples(range(1, 5), 40, group_size=8)
+    assert task.eval_examples(3, 20) == InContextPointerChasingTask(max_nodes=9, seed=1).eval_examples(3, 20)
+    assert task.eval_examples(3, 20) != task.eval_examples(3, 20, seed=5)
+
+
+def test_in_context_prompts_write_one_cycle_and_vary_its_size_within_bounds():
+    task = InContextPointerChasingTask(max_nodes=8, seed=0)
+    rows = task.examples(range(1, 4), 300, seed=3, group_size=10)
+    sizes = {row["num_nodes"] for row in rows}
+    assert min(sizes) >= 3 and max(sizes) <= 8 and len(sizes) > 3
+    for i, row in enumerate(rows):
+        links = _links(row["context"])
+        assert len(links) == row["num_nodes"] >= max(3, row["hops"] + 1)
+        assert set(links) == set(links.values()) <= set("abcdefgh")
+        assert _follow(links, next(iter(links)), row["num_nodes"]) == next(iter(links))  # one cycle through all
+        assert len({_follow(links, "".join(links)[0], k) for k in range(row["num_nodes"])}) == row["num_nodes"]
+        assert row["context"].endswith("|" + HOP_MARK * row["hops"])
+        assert sorted(row["queries"]) == sorted(links)  # every node is queried once
+        assert row["answers"] == "".join(_follow(links, q, row["hops"]) for q in row["queries"])
+        first = rows[i - i % 10]  # a group shares its hop count and graph size
+        assert (row["hops"], row["num_nodes"]) == (first["hops"], first["num_nodes"])
+
+
+def test_in_context_labels_hold_each_query_answer_one_position_after_it():
+    tokenizer = MythosTokenizer()
+    task = InContextPointerChasingTask(max_nodes=7, seed=0)
+    data = task.dataset(tokenizer, [1, 2, 3], num_examples=30, seed=0, group_size=5)
+    assert len(data) == 30 and set(data.column_names) >= {"input_ids", "labels", "hops", "num_nodes", "context",
+                                                           "queries", "answers"}
+    for row in data:
+        ids, labels = row["input_ids"], row["labels"]
+        assert len(ids) == len(labels) and ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids, skip_special_tokens=True) == row["context"] + row["queries"]
+        start = len(tokenizer.encode(row["context"], add_special_tokens=False))
+        links = _links(row["context"])
+        for j, query in enumerate(row["queries"]):
+            assert tokenizer.decode([ids[start + j]]) == query
+            # causal-LM labels are shifted by one: the logits at the query predict labels[position + 1]
+            assert tokenizer.decode([labels[start + j + 1]]) == _follow(links, query, row["hops"])
+        assert sum(label != -100 for label in labels) == row["num_nodes"]
+
+
+def test_in_context_eval_prompts_are_single_queries_over_full_size_graphs():
+    task = InContextPointerChasingTask(max_nodes=9, seed=0)
+    for hops in (1, 4, 8):
+        rows = task.eval_examples(hops, 50)
+        assert len(rows) == 50 and len({row["question"] for row in rows}) > 40
+        for row in rows:
+            context, question = row["question"].split("|")
+            assert question == HOP_MARK * hops + question[-1] and len(_links(context + "|")) == 9
+            assert row["answer"] == _follow(_links(context + "|"), question[-1], hops) and row["hops"] == hops
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: InContextPointerChasingTask(max_nodes=2), "max_nodes"),
+    (lambda: InContextPointerChasingTask(max_nodes=53), "max_nodes"),
+    (lambda: InContextPointerChasingTask(max_nodes=5).examples([5], 3), "at least 6 nodes"),
+    (lambda: InContextPointerChasingTask(max_nodes=5).eval_examples(0, 3), "hop counts"),
+    (lambda: InContextPointerChasingTask().examples([], 3), "at least one"),
+    (lambda: InContextPointerChasingTask().examples([1], 3, group_size=0), "group_size"),
+])
+def test_bad_in_context_settings_are_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_context_demo_runs_end_to_end_at_toy_size(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "openmythos.demo", "--task", "context", "--train-hops", "2", "--num-nodes", "5",
+         "--dim", "32", "--heads", "2", "--steps", "12", "--baseline-steps", "6", "--batch-size", "8",
+         "--curriculum-steps", "4", "--eval-examples", "20", "--samples", "2", "--no-plot", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["task"] == "context" and results["hops"] == [1, 2, 3, 4]
+    table = results["accuracy"]
+    assert set(table) == {f"looped@{n}" for n in range(1, 7)} | {"looped@hops", "dense_same_params",
+                                                                  "dense_same_compute"}
+    for column in table.values():  # 20 prompts per hop count
+        assert len(column) == 4 and all(0.0 <= a <= 1.0 and abs(a * 20 - round(a * 20)) < 1e-6 for a in column)
+    assert all(isinstance(v, float) for v in results["summary"].values())
+    assert (out / "accuracy.md").read_text().count("\n") == 2 + 4
+    assert (out / "looped-model" / "model.safetensors").exists()
+    assert len(results["samples"]) == 2 and all("|" in s["question"] for s in results["samples"])
+
+
+def test_context_demo_rejects_eval_depths_that_wrap_around_the_cycle():
+    result = subprocess.run([sys.executable, "-m", "openmythos.demo", "--task", "context", "--num-nodes", "6",
+                             "--eval-hops", "6"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--eval-hops" in result.stderr
