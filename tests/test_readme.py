@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from openmythos.parameters import preset_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,20 +58,24 @@ def test_readme_training_and_hub_commands_run(tmp_path):
     assert "would upload" in result.stdout
 
 
-def test_readme_demo_table_is_the_recorded_default_run():
-    """README's demo table is docs/demo/accuracy.md, which the recorded run (docs/demo/results.json) produced with
-    the demo's current default settings."""
+@pytest.mark.parametrize("marker, folder, argv", [
+    ("demo-table", "docs/demo", []),
+    ("demo-context-table", "docs/demo/context", ["--task", "context"]),
+])
+def test_readme_demo_tables_are_the_recorded_default_runs(marker, folder, argv):
+    """README's demo tables are the accuracy.md files that the recorded runs (results.json beside them) produced with
+    the demo's current default settings for each task."""
     import argparse
     import json
 
     from openmythos.demo import format_table, parse_args
 
-    table = README.split("<!-- demo-table:start -->\n")[1].split("\n<!-- demo-table:end -->")[0]
-    recorded = (ROOT / "docs" / "demo" / "accuracy.md").read_text().strip()
+    table = README.split(f"<!-- {marker}:start -->\n")[1].split(f"\n<!-- {marker}:end -->")[0]
+    recorded = (ROOT / folder / "accuracy.md").read_text().strip()
     assert table == recorded
-    results = json.loads((ROOT / "docs" / "demo" / "results.json").read_text())
-    defaults = vars(parse_args([]))
+    results = json.loads((ROOT / folder / "results.json").read_text())
+    defaults = vars(parse_args(argv))
     settings = {k: v for k, v in results["settings"].items() if k != "output_dir"}
     assert settings == {k: v for k, v in defaults.items() if k != "output_dir"}
     assert format_table(results["accuracy"], argparse.Namespace(**defaults)) == recorded
-    assert (ROOT / "docs" / "demo" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (ROOT / folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
