@@ -19,11 +19,11 @@ defaults are the recipe that makes the looped model learn it (docs/demo.md).
 """
 
 import argparse
-import datasets
 import json
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
@@ -214,7 +214,7 @@ class LoopsPerHopTrainer(Trainer):
 
 
 class InOrderLoopsPerHopTrainer(InOrderTrainer, LoopsPerHopTrainer):
-    pass
+    """The looped model's trainer for a curriculum: batches in dataset order, each hop group with n_loops = hops."""
 
 
 def train(name: str, model, dataset, tokenizer, args) -> float:
