@@ -297,7 +297,9 @@ def evaluate(models, task, tokenizer, args) -> dict:
     questions = {k: eval_questions(task, k, args) for k in hop_range}
     table = {f"{LOOPED}@{n}": [accuracy(models[LOOPED], questions[k], tokenizer, n) for k in hop_range]
              for n in range(1, args.max_loops + 1)}
-    table[f"{LOOPED}@hops"] = [accuracy(models[LOOPED], questions[k], tokenizer, k) for k in hop_range]
+    # n_loops = hops is the diagonal of the columns above; only depths past --max-loops need their own run
+    table[f"{LOOPED}@hops"] = [table[f"{LOOPED}@{k}"][k - 1] if k <= args.max_loops
+                               else accuracy(models[LOOPED], questions[k], tokenizer, k) for k in hop_range]
     for name in (SAME_PARAMS, SAME_COMPUTE):
         table[name] = [accuracy(models[name], questions[k], tokenizer) for k in hop_range]
     return table
