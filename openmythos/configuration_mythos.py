@@ -70,6 +70,9 @@ class MythosConfig(PreTrainedConfig):
         loop_sampling_sigma (`float`, defaults to 0.5): Std of the log-normal rate.
         max_train_loops (`int`, *optional*): Largest training draw. Defaults to ``2 * ceil(mean_train_loops)``.
         loop_sampling_seed (`int`, defaults to 0): Seed of the draws (the draw also depends on the step index).
+        max_inference_loops (`int`, *optional*): Upper bound on ``n_loops`` for any call, and on training draws.
+            Defaults to ``8 * max_loop_iters`` (read it as ``config.loop_limit``). A larger request is refused with an
+            error that names this field, instead of running for hours.
         backprop_loops (`int`, *optional*): In training, only the last ``backprop_loops`` iterations build a graph;
             earlier ones run without grad (truncated backprop through depth). ``None`` backpropagates through all.
         router_bias_update_rate (`float`, defaults to 1e-3): Step of the aux-loss-free router-bias update
@@ -128,6 +131,7 @@ class MythosConfig(PreTrainedConfig):
     loop_sampling_sigma: float = 0.5
     max_train_loops: int | None = None
     loop_sampling_seed: int = 0
+    max_inference_loops: int | None = None
     backprop_loops: int | None = None
     router_bias_update_rate: float = 1e-3
     router_aux_loss_coef: float = 0.0
@@ -170,6 +174,11 @@ class MythosConfig(PreTrainedConfig):
                 f"`num_hidden_layers` is derived from prelude_layers + coda_layers + max_loop_iters "
                 f"({self.num_hidden_layers}); set those fields instead of num_hidden_layers={value}"
             )
+
+    @property
+    def loop_limit(self) -> int:
+        """The most loops any call (or training draw) may run: ``max_inference_loops``, default ``8 * max_loop_iters``."""
+        return self.max_inference_loops if self.max_inference_loops is not None else 8 * self.max_loop_iters
 
     @property
     def head_dim(self) -> int:
@@ -223,7 +232,7 @@ class MythosConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
         if self.loop_sampling not in LOOP_SAMPLINGS:
             raise ValueError(f"`loop_sampling` must be one of {LOOP_SAMPLINGS}, got {self.loop_sampling!r}")
-        for name in ("max_train_loops", "backprop_loops"):
+        for name in ("max_train_loops", "backprop_loops", "max_inference_loops"):
             if getattr(self, name) is not None:
                 check_int(name, 1)
         if self.mean_train_loops is not None and not float(self.mean_train_loops) >= 1:
