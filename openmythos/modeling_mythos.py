@@ -29,9 +29,13 @@ from transformers.generation import utils as generation_utils
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mythos import MythosConfig
 
@@ -40,8 +44,9 @@ from .configuration_mythos import MythosConfig
 A_MIN = 2.0**-8
 A_MAX = 1.0 - 2.0**-8
 
-# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. forward() accepts
-# both names; outputs use the installed version's name, which is the one generate() reads back.
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. forward() takes
+# `cache`, and `deprecate_kwarg` renames `past_key_values` silently (5.23's generate() passes that name); outputs use
+# the installed version's field name, which is the one generate() reads back.
 CACHE_NAME = "cache" if "cache" in generation_utils.ALL_CACHE_NAMES else "past_key_values"
 
 
@@ -126,9 +131,13 @@ def _attention_interface(config) -> Callable:
 
 
 class MythosGQAttention(nn.Module):
-    """Grouped-query attention: ``n_kv_heads`` key/value heads shared by groups of query heads."""
+    """Grouped-query attention: ``n_kv_heads`` key/value heads shared by groups of query heads.
 
-    def __init__(self, config: MythosConfig, layer_idx: int):
+    ``layer_idx`` is the KV-cache slot this module writes. The looped block's attention runs once per loop, so it has
+    none of its own (``None``) and is given ``layer_idx = loop_cache_slot(config, t)`` on every call.
+    """
+
+    def __init__(self, config: MythosConfig, layer_idx: int | None):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -143,8 +152,7 @@ class MythosGQAttention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, cache_idx=None,
-                **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, **kwargs):
         batch, seq = hidden_states.shape[:2]
         q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -152,7 +160,7 @@ class MythosGQAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, cache_idx)
+            k, v = cache.update(k, v, self.layer_idx if layer_idx is None else layer_idx)
         out, weights = _attention_interface(self.config)(
             self, q, k, v, attention_mask,
             dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
@@ -166,9 +174,10 @@ class MythosMLAttention(nn.Module):
     The cache holds, per token, the normalised ``kv_lora_rank`` latent (as the "key") and one rope key of
     ``qk_rope_head_dim`` shared by all heads (as the "value"): ``kv_lora_rank + qk_rope_head_dim`` numbers per token
     and layer, independent of the head count. Keys and values are expanded from the latent with ``kv_b_proj``.
+    ``layer_idx`` is the cache slot, as in :class:`MythosGQAttention`.
     """
 
-    def __init__(self, config: MythosConfig, layer_idx: int):
+    def __init__(self, config: MythosConfig, layer_idx: int | None):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -194,8 +203,7 @@ class MythosMLAttention(nn.Module):
                                    bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.dim, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, cache_idx=None,
-                **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, **kwargs):
         batch, seq = hidden_states.shape[:2]
         if self.q_lora_rank > 0:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
@@ -211,7 +219,7 @@ class MythosMLAttention(nn.Module):
         cos, sin = position_embeddings
         q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
         if cache is not None:
-            latent, k_rope = cache.update(latent, k_rope, cache_idx)
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx if layer_idx is None else layer_idx)
 
         # No mask for several queries means SDPA's top-left causal alignment (prefill into an empty static cache);
         # the absorbed path folds heads into query rows, where that alignment would be wrong: expand instead.
@@ -287,6 +295,23 @@ class MythosMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def loop_cache_slot(config: MythosConfig, loop_idx: int) -> int:
+    """The KV-cache slot of loop iteration ``loop_idx``; every slot rule in the package uses this one function.
+
+    Slots are ``[prelude..., coda..., loop 0, loop 1, ...]``: the loop slots come last, so a dynamic cache can simply
+    grow when ``n_loops > max_loop_iters``.
+    """
+    return config.prelude_layers + config.coda_layers + loop_idx
+
+
+def loop_row(table: torch.Tensor, loop_idx: int) -> torch.Tensor:
+    """Row ``loop_idx`` of a loop-indexed table (depth-wise LoRA scales, router bias, expert counts).
+
+    Indices past the last row use the last row, so any ``n_loops`` works at inference.
+    """
+    return table[min(loop_idx, table.shape[0] - 1)]
+
+
 class MythosTopkRouter(nn.Module):
     """DeepSeek-V3 style router: sigmoid affinities; the correction bias affects expert choice only.
 
@@ -302,12 +327,13 @@ class MythosTopkRouter(nn.Module):
         self.n_experts = config.n_experts
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_experts, config.dim))
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.max_loop_iters, config.n_experts),
-                             persistent=True)
-        # Tokens routed to each expert at each loop depth since the last balancing update (training only). Integer,
-        # so `model.to(dtype)` leaves it exact. Depths past max_loop_iters - 1 count in the last row.
-        self.register_buffer("expert_load", torch.zeros(config.max_loop_iters, config.n_experts, dtype=torch.long),
-                             persistent=False)
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(config.max_loop_iters, config.n_experts))
+        # Tokens routed to each expert at each loop depth since the last balancing update (training only): the one
+        # piece of state a training forward writes. The recurrence adds each loop's counts (`record_load`) outside any
+        # checkpointed region, so recomputation never counts twice; `training.update_router_bias` reads and resets
+        # it. Integer, so `model.to(dtype)` leaves it exact. Depths past max_loop_iters - 1 count in the last row.
+        self.expert_load = nn.Buffer(torch.zeros(config.max_loop_iters, config.n_experts, dtype=torch.long),
+                                     persistent=False)
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` would cast the balancing bias too, and a 1e-3 update step rounds away
@@ -324,13 +350,12 @@ class MythosTopkRouter(nn.Module):
         """Count the routed tokens of loop ``loop_idx``, leaving out padding (``token_mask`` [batch, seq] is 0)."""
         if token_mask is not None:
             top_k_index = top_k_index[token_mask.reshape(-1).bool()]
-        row = min(loop_idx, self.expert_load.shape[0] - 1)
-        self.expert_load[row] += torch.bincount(top_k_index.flatten(), minlength=self.n_experts)
+        loop_row(self.expert_load, loop_idx).add_(torch.bincount(top_k_index.flatten(), minlength=self.n_experts))
 
     def forward(self, hidden_states: torch.Tensor, loop_idx: int = 0):
         router_logits = F.linear(hidden_states.float(), self.weight.float())
         scores = router_logits.sigmoid()
-        bias = self.e_score_correction_bias[min(loop_idx, self.e_score_correction_bias.shape[0] - 1)]
+        bias = loop_row(self.e_score_correction_bias, loop_idx)
         top_k_index = torch.topk(scores + bias.float(), self.top_k, dim=-1, sorted=False)[1]
         top_k_weights = scores.gather(-1, top_k_index)
         top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -386,43 +411,54 @@ class MythosMoE(nn.Module):
         return out, (router_logits, index)
 
 
-class MythosDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm attention + feed-forward block. Prelude/coda use a dense SwiGLU, the recurrent block a MoE."""
+class _MythosBlock(GradientCheckpointingLayer):
+    """Pre-norm attention + feed-forward, the parts every block shares. Subclasses say what the block returns."""
 
-    def __init__(self, config: MythosConfig, layer_idx: int, use_moe: bool = False):
+    def __init__(self, config: MythosConfig, layer_idx: int | None, mlp: nn.Module):
         super().__init__()
         attention_cls = MythosMLAttention if config.attn_type == "mla" else MythosGQAttention
         self.input_layernorm = MythosRMSNorm(config.dim, eps=config.rms_norm_eps)
         self.self_attn = attention_cls(config, layer_idx)
         self.post_attention_layernorm = MythosRMSNorm(config.dim, eps=config.rms_norm_eps)
-        self.mlp = MythosMoE(config) if use_moe else MythosMLP(config.dim, config.dense_ffn_dim)
-        self.use_moe = use_moe
+        self.mlp = mlp
         self.dropout = nn.Dropout(config.dropout)
 
-    def residual_delta(self, hidden_states, position_embeddings, attention_mask, cache, cache_idx,
-                       loop_idx=0, **kwargs):
-        """Everything the block adds to its input: attention delta + FFN delta (no copy of the input)."""
-        attn, attn_weights = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                                            cache, cache_idx, **kwargs)
-        attn = self.dropout(attn)
-        ffn_input = self.post_attention_layernorm(hidden_states + attn)
-        routing = None
-        if self.use_moe:
-            ffn, routing = self.mlp(ffn_input, loop_idx)
-        else:
-            ffn = self.mlp(ffn_input)
-        return attn + self.dropout(ffn), attn_weights, routing
+    def _attention_delta(self, hidden_states, position_embeddings, attention_mask, cache, layer_idx, **kwargs):
+        attn, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache,
+                                 layer_idx, **kwargs)
+        return self.dropout(attn)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
-                cache_idx=None, loop_idx=0, return_delta=False, **kwargs):
-        """Returns ``(hidden_states + delta, attn_weights)``, or ``(delta, attn_weights, routing)`` with
-        ``return_delta``: the looped block calls the layer that way, through ``__call__`` rather than
-        ``residual_delta``, so that hooks on the layer (FSDP's gather) and its checkpointing apply."""
-        delta, attn_weights, routing = self.residual_delta(hidden_states, position_embeddings, attention_mask,
-                                                           cache, cache_idx, loop_idx, **kwargs)
-        if return_delta:
-            return delta, attn_weights, routing
-        return hidden_states + delta, attn_weights
+
+class MythosDecoderLayer(_MythosBlock):
+    """A prelude or coda block (dense SwiGLU), run once per forward; it writes KV-cache slot ``layer_idx``."""
+
+    def __init__(self, config: MythosConfig, layer_idx: int):
+        super().__init__(config, layer_idx, MythosMLP(config.dim, config.dense_ffn_dim))
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        hidden_states = hidden_states + self._attention_delta(hidden_states, position_embeddings, attention_mask,
+                                                              cache, None, **kwargs)
+        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+
+
+class MythosLoopLayer(_MythosBlock):
+    """The attention + MoE of the shared looped block. It returns its residual delta F_t, never its input plus the
+    delta: the injection adds the state (A * h), and adding it here too would count it twice.
+
+    It has no fixed cache slot: the recurrence passes ``layer_idx = loop_cache_slot(config, t)`` on every call. It is
+    a class of its own, not a ``MythosDecoderLayer``, so that wrapping by class (FSDP's ``_no_split_modules``) never
+    makes it a unit nested inside the recurrence.
+    """
+
+    def __init__(self, config: MythosConfig):
+        super().__init__(config, None, MythosMoE(config))
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, layer_idx=None,
+                loop_idx=0, **kwargs):
+        """Returns ``(delta, routing)``; routing is (router logits [tokens, n_experts], chosen experts [tokens, k])."""
+        attn = self._attention_delta(hidden_states, position_embeddings, attention_mask, cache, layer_idx, **kwargs)
+        ffn, routing = self.mlp(self.post_attention_layernorm(hidden_states + attn), loop_idx)
+        return attn + self.dropout(ffn), routing
 
 
 class MythosInjection(nn.Module):
@@ -462,7 +498,7 @@ class MythosDepthLoRA(nn.Module):
         self.scale = nn.Parameter(torch.ones(config.max_loop_iters, config.lora_rank))
 
     def forward(self, x: torch.Tensor, loop_idx: int) -> torch.Tensor:
-        scale = self.scale[min(loop_idx, self.scale.shape[0] - 1)]
+        scale = loop_row(self.scale, loop_idx)
         return F.linear(F.linear(x, self.down) * scale.to(x.dtype), self.up)
 
 
@@ -508,45 +544,122 @@ def loop_signal(x: torch.Tensor, loop_idx: int, scale: float) -> torch.Tensor:
     return (scale * rms * _loop_embedding(loop_idx, x.shape[-1], x.device)).to(x.dtype)
 
 
-class MythosRecurrentBlock(nn.Module):
-    """One loop iteration: h_{t+1} = A * h_t + B * e + F_t(h_t, e). The same weights serve every iteration.
+class MythosHaltingState:
+    """ACT bookkeeping over the loop, per position: the running mix of loop states, the halting mass spent, whether
+    the position still runs, and the ponder cost (loops used plus the remainder).
 
-    A plain module, not a ``GradientCheckpointingLayer``: activation checkpointing applies to the inner decoder layer
-    (attention + MoE, nearly all the compute), and the cheap injection, depth-wise LoRA and loop signal are not
-    recomputed. Checkpointing this block too would nest the layer's checkpoint in it and recompute the layer twice.
+    The last loop takes the remainder, so the mixing weights of every position sum to 1.
+    """
+
+    def __init__(self, h: torch.Tensor):
+        self.mixed = torch.zeros_like(h)
+        self.cumulative = torch.zeros(h.shape[:-1], device=h.device, dtype=torch.float32)
+        self.running = torch.ones_like(self.cumulative)
+        self.ponder = torch.zeros_like(self.cumulative)
+
+    def update(self, h: torch.Tensor, p: torch.Tensor, threshold: float, last: bool) -> None:
+        remainder = 1.0 - self.cumulative
+        halts_now = (self.cumulative + p >= threshold) | last
+        weight = torch.where(halts_now, remainder, p) * self.running
+        self.mixed = self.mixed + weight.unsqueeze(-1).to(h.dtype) * h
+        self.ponder = self.ponder + self.running * torch.where(halts_now, 1.0 + remainder, torch.ones_like(p))
+        self.cumulative = self.cumulative + weight
+        self.running = self.running * (~halts_now).float()
+
+
+@dataclass
+class MythosRecurrenceOutput(ModelOutput):
+    """What the loop hands to the coda: the final state (the ACT mix when halting), the mean ponder cost (halting) and
+    the sequence-level balance loss (training with ``router_aux_loss_coef > 0``)."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    ponder_cost: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+
+
+class MythosRecurrence(nn.Module):
+    """The loop, and everything about looping: h_{t+1} = A * h_t + B * e + F_t(h_t + e + signal_t), for t < n_loops.
+
+    It owns the loop body and its order of operations (:meth:`step`), the binding of a KV cache to ``n_loops``
+    (:meth:`bind_cache`), truncated backprop through depth, the halting state and per-loop routing statistics. The
+    same weights serve every iteration; loop-indexed parameters use :func:`loop_row` and cache slots
+    :func:`loop_cache_slot`.
+
+    This module is one FSDP unit: its weights are gathered when it is called, once per forward, whatever ``n_loops``
+    is. Activation checkpointing applies to the inner layer (attention + MoE, nearly all the compute); the cheap
+    injection, depth-wise LoRA and loop signal are not recomputed.
     """
 
     def __init__(self, config: MythosConfig):
         super().__init__()
         self.config = config
-        first_loop_slot = config.prelude_layers + config.coda_layers
-        self.layer = MythosDecoderLayer(config, first_loop_slot, use_moe=True)
+        self.layer = MythosLoopLayer(config)
         self.injection = MythosInjection(config.dim)
         self.lora = MythosDepthLoRA(config) if config.lora_rank > 0 else None
         self.halt = MythosHalting(config) if config.use_act else None
 
-    def forward(self, h, e, loop_idx=0, n_loops=1, backprop=True, position_embeddings=None, attention_mask=None,
-                cache=None, cache_idx=None, **kwargs):
-        """Returns ``(h_next, attn_weights, routing, p)``: ``p`` is the halting probability after this iteration
-        (``None`` without a halting head). It is computed here, so that wrapping this block (an FSDP unit) gathers
-        the halting head's weights with the rest of the block.
+    def bind_cache(self, cache: Cache, n_loops: int) -> None:
+        """Bind ``cache`` to ``n_loops`` and make sure it has a slot for every loop iteration."""
+        used = getattr(cache, "mythos_n_loops", None)
+        if cache.get_seq_length() > 0 and used is not None and used != n_loops:
+            raise ValueError(
+                f"This cache was filled with n_loops={used}; it cannot serve n_loops={n_loops} because the loop "
+                f"iterations past the first {min(used, n_loops)} would see a different history. Pass n_loops={used}, "
+                f"or start a new cache (cache=None).")
+        needed = loop_cache_slot(self.config, n_loops)
+        layers = getattr(cache, "layers", None)
+        if layers is not None and getattr(cache, "layer_class_to_replicate", None) is None and len(layers) < needed:
+            if not all(type(layer) is DynamicLayer for layer in layers):
+                raise ValueError(
+                    f"n_loops={n_loops} needs {needed} cache slots but this {type(cache).__name__} has {len(layers)} "
+                    f"(config.num_hidden_layers). Use a DynamicCache, or n_loops <= "
+                    f"{len(layers) - loop_cache_slot(self.config, 0)}.")
+            layers.extend(DynamicLayer() for _ in range(needed - len(layers)))
+        cache.mythos_n_loops = n_loops
 
-        ``backprop=False`` (truncated backprop through depth) builds no graph for the loop update. The halting
-        probability still builds one: its gradient through the halting head is not truncated.
+    def step(self, h, e, loop_idx, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        """One iteration: returns ``(h_next, routing)``. The block sees ``h + e`` plus the loop-index signal."""
+        x = h + e
+        if self.config.loop_signal_scale > 0:
+            x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
+        # the hidden state positional and the rest by keyword, as GradientCheckpointingLayer requires
+        delta, routing = self.layer(x, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                                    cache=cache, layer_idx=loop_cache_slot(self.config, loop_idx), loop_idx=loop_idx,
+                                    **kwargs)
+        if self.lora is not None:
+            delta = delta + self.lora(delta, loop_idx)
+        return self.injection(h, e, delta), routing
+
+    def forward(self, e, n_loops, position_embeddings=None, attention_mask=None, cache=None, token_mask=None,
+                **kwargs) -> MythosRecurrenceOutput:
+        """Run ``n_loops`` iterations from ``h_0 = e``. ``token_mask`` [batch, seq] (0 = padding) keeps padding out
+        of the expert counts, the balance loss and the ponder cost.
+
+        Truncated backprop (Huginn): in training with ``backprop_loops``, only the last ``backprop_loops`` iterations
+        build a graph. The halting probability always builds one: the halting head's gradient is not truncated.
         """
-        with torch.set_grad_enabled(backprop and torch.is_grad_enabled()):
-            x = h + e
-            if self.config.loop_signal_scale > 0:
-                x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
-            # the hidden state positional and the rest by keyword, as GradientCheckpointingLayer requires
-            delta, attn_weights, routing = self.layer(
-                x, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache,
-                cache_idx=cache_idx, loop_idx=loop_idx, return_delta=True, **kwargs)
-            if self.lora is not None:
-                delta = delta + self.lora(delta, loop_idx)
-            h = self.injection(h, e, delta)
-        p = self.halt(h, n_loops) if self.halt is not None else None
-        return h, attn_weights, routing, p
+        config = self.config
+        truncate = self.training and config.backprop_loops is not None and torch.is_grad_enabled()
+        no_grad_loops = max(0, n_loops - config.backprop_loops) if truncate else 0
+        halting = MythosHaltingState(e) if self.halt is not None else None
+        aux_losses = []
+        h = e
+        for t in range(n_loops):
+            with torch.set_grad_enabled(t >= no_grad_loops and torch.is_grad_enabled()):
+                h, (router_logits, chosen) = self.step(h, e, t, position_embeddings, attention_mask, cache, **kwargs)
+            if self.training:
+                self.layer.mlp.gate.record_load(chosen, t, token_mask)
+                if config.router_aux_loss_coef > 0 and t >= no_grad_loops:
+                    aux_losses.append(
+                        sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts, token_mask))
+            if halting is not None:
+                halting.update(h, self.halt(h, n_loops), config.act_threshold, last=t == n_loops - 1)
+        ponder = None
+        if halting is not None:
+            h, ponder = halting.mixed, halting.ponder
+            ponder = (ponder if token_mask is None else ponder[token_mask]).mean()
+        return MythosRecurrenceOutput(last_hidden_state=h, ponder_cost=ponder,
+                                      aux_loss=torch.stack(aux_losses).mean() if aux_losses else None)
 
 
 class MythosPreTrainedModel(PreTrainedModel):
@@ -554,7 +667,7 @@ class MythosPreTrainedModel(PreTrainedModel):
     config_class = MythosConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["MythosDecoderLayer", "MythosRecurrentBlock"]
+    _no_split_modules = ["MythosDecoderLayer", "MythosRecurrence"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -562,6 +675,13 @@ class MythosPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    # hidden_states: the embeddings, then the state after every prelude layer, every loop iteration (the injection's
+    # output) and every coda layer, in the order they run (before the final norm).
+    _can_record_outputs = {
+        "hidden_states": [OutputRecorder(MythosDecoderLayer), OutputRecorder(MythosInjection)],
+        "attentions": [OutputRecorder(MythosGQAttention, index=1), OutputRecorder(MythosMLAttention, index=1)],
+        "router_logits": OutputRecorder(MythosTopkRouter, index=0),
+    }
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -590,13 +710,17 @@ class MythosPreTrainedModel(PreTrainedModel):
 
 
 @dataclass
+@auto_docstring
 class MythosModelOutput(MoeModelOutputWithPast):
-    """Output of :class:`MythosModel` (the cache field is ``cache`` on transformers >= 5.24, else ``past_key_values``).
+    r"""
+    ponder_cost (`torch.FloatTensor`, *optional*):
+        Mean ACT ponder cost (loops used plus the remainder) when ``use_act`` is on.
+    aux_loss (`torch.FloatTensor`, *optional*):
+        Sequence-level expert-balance loss (training with ``router_aux_loss_coef > 0``).
 
-    ``hidden_states`` holds the embeddings, then the state after every prelude layer, every loop iteration and
-    every coda layer (before the final norm). ``router_logits`` holds one [tokens, n_experts] tensor per loop.
-    ``ponder_cost`` is the mean ACT ponder cost (steps used plus remainder) when ``use_act`` is on; ``aux_loss`` the
-    sequence-level expert-balance loss (training with ``router_aux_loss_coef > 0``).
+    The cache field is ``cache`` on transformers >= 5.24, else ``past_key_values``. ``hidden_states`` holds the
+    embeddings, then the state after every prelude layer, every loop iteration and every coda layer (before the final
+    norm); ``router_logits`` one [tokens, n_experts] tensor per loop.
     """
 
     ponder_cost: torch.FloatTensor | None = None
@@ -604,29 +728,16 @@ class MythosModelOutput(MoeModelOutputWithPast):
 
 
 @dataclass
+@auto_docstring
 class MythosCausalLMOutput(MoeCausalLMOutputWithPast):
-    """Output of :class:`MythosForCausalLM`; ``loss`` includes the weighted ACT ponder cost and balance loss (with
-    ``num_items_in_batch``, each scaled by this batch's share of the label tokens, like the cross-entropy)."""
+    r"""
+    ponder_cost (`torch.FloatTensor`, *optional*):
+        Mean ACT ponder cost when ``use_act`` is on. ``loss`` includes it weighted by ``act_ponder_weight``, and the
+        balance loss weighted by ``router_aux_loss_coef`` (with ``num_items_in_batch``, each scaled by this batch's
+        share of the label tokens, like the cross-entropy).
+    """
 
     ponder_cost: torch.FloatTensor | None = None
-
-
-def sample_n_loops(config: MythosConfig, step: int) -> int:
-    """Training-time loop count for draw number ``step`` (Huginn / Parcae recipe).
-
-    n = 1 + Poisson(lambda), log(lambda) ~ Normal(log(mean - 1) - sigma^2 / 2, sigma), so E[n] = mean_train_loops;
-    then clamped to [1, max_train_loops]. The draw depends only on (loop_sampling_seed, step): every rank draws the
-    same count without communication, and a resumed run continues the same sequence.
-    """
-    mean = config.mean_train_loops if config.mean_train_loops is not None else config.max_loop_iters
-    cap = config.max_train_loops if config.max_train_loops is not None else 2 * math.ceil(mean)
-    if mean <= 1:
-        return 1
-    generator = torch.Generator().manual_seed(int(config.loop_sampling_seed) * 1_000_003 + int(step))
-    sigma = float(config.loop_sampling_sigma)
-    log_rate = math.log(mean - 1) - sigma**2 / 2 + sigma * torch.randn((), generator=generator).item()
-    n = 1 + int(torch.poisson(torch.tensor(math.exp(log_rate)), generator=generator).item())
-    return max(1, min(n, cap))
 
 
 def sequence_balance_loss(router_logits: torch.Tensor, chosen: torch.Tensor, batch: int, n_experts: int,
@@ -647,13 +758,6 @@ def sequence_balance_loss(router_logits: torch.Tensor, chosen: torch.Tensor, bat
     return (fraction * probs).sum(-1).mean()
 
 
-def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("Pass the KV cache as `cache` or as `past_key_values` (its name before transformers 5.24), "
-                         "not both")
-    return cache if cache is not None else past_key_values
-
-
 def _check_n_loops(n_loops) -> int:
     """Any integer (Python, numpy, or a 0-d integer tensor) >= 1; bools are refused."""
     if isinstance(n_loops, torch.Tensor) and n_loops.dim() == 0 and not (
@@ -664,29 +768,21 @@ def _check_n_loops(n_loops) -> int:
     return int(n_loops)
 
 
+@auto_docstring
 class MythosModel(MythosPreTrainedModel):
-    """Embeddings, prelude, the looped recurrent block and the coda, returning the final normalised state."""
+    """Embeddings, prelude, the recurrence and the coda, returning the final normalised state."""
 
     def __init__(self, config: MythosConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, config.pad_token_id)
         self.prelude = nn.ModuleList(MythosDecoderLayer(config, i) for i in range(config.prelude_layers))
-        self.recurrent = MythosRecurrentBlock(config)
+        self.recurrent = MythosRecurrence(config)
         self.coda = nn.ModuleList(
             MythosDecoderLayer(config, config.prelude_layers + i) for i in range(config.coda_layers))
         self.norm = MythosRMSNorm(config.dim, eps=config.rms_norm_eps)
         self.rotary_emb = MythosRotary(config)
         self.gradient_checkpointing = False
-        # Index of the next training-time loop-count draw; the training callback sets it from the global step so that
-        # every rank, and a resumed run, draws the same counts.
-        self.loop_draw_step = 0
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     def spectral_radius(self) -> float:
         """rho(A) of the recurrent injection: the largest diagonal entry of A (always strictly below 1)."""
@@ -731,27 +827,9 @@ class MythosModel(MythosPreTrainedModel):
         if position_ids is not None and position_ids.shape[-1] != seq:
             raise ValueError(f"`position_ids` must have {seq} positions per row, got shape {tuple(position_ids.shape)}")
 
-    def _prepare_cache(self, cache: Cache, n_loops: int):
-        """Bind the cache to ``n_loops`` and make sure it has a slot for every loop iteration."""
-        used = getattr(cache, "mythos_n_loops", None)
-        if cache.get_seq_length() > 0 and used is not None and used != n_loops:
-            raise ValueError(
-                f"This cache was filled with n_loops={used}; it cannot serve n_loops={n_loops} because the loop "
-                f"iterations past the first {min(used, n_loops)} would see a different history. Pass n_loops={used}, "
-                f"or start a new cache (cache=None).")
-        needed = self.config.prelude_layers + self.config.coda_layers + n_loops
-        layers = getattr(cache, "layers", None)
-        if layers is not None and getattr(cache, "layer_class_to_replicate", None) is None:
-            if len(layers) < needed:
-                if not all(type(layer) is DynamicLayer for layer in layers):
-                    raise ValueError(
-                        f"n_loops={n_loops} needs {needed} cache slots but this {type(cache).__name__} has "
-                        f"{len(layers)} (config.num_hidden_layers). Use a DynamicCache, or n_loops <= "
-                        f"{len(layers) - self.config.prelude_layers - self.config.coda_layers}.")
-                layers.extend(DynamicLayer() for _ in range(needed - len(layers)))
-        cache.mythos_n_loops = n_loops
-
-    # --------------------------------------------------------------------------------------------------- forward
+    @deprecate_kwarg("past_key_values", "5.23.0", new_name="cache", raise_if_both_names=True)
+    @capture_outputs(tie_last_hidden_states=False)
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -760,122 +838,49 @@ class MythosModel(MythosPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
         n_loops: int | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MythosModelOutput:
-        config = self.config
-        cache = _one_cache(cache, past_key_values)
-        if n_loops is None:
-            if self.training and config.loop_sampling != "fixed":
-                n_loops = sample_n_loops(config, self.loop_draw_step)
-                self.loop_draw_step += 1
-            else:
-                n_loops = config.max_loop_iters
-        n_loops = _check_n_loops(n_loops)
+        r"""
+        n_loops (`int`, *optional*):
+            Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``. A cache filled with one
+            value refuses another.
+        """
+        n_loops = _check_n_loops(self.config.max_loop_iters if n_loops is None else n_loops)
         if use_cache is None:
-            use_cache = config.use_cache and not self.training
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+            use_cache = self.config.use_cache and not self.training
+        use_cache = use_cache and not (self.gradient_checkpointing and self.training)
         if use_cache and cache is None:
-            cache = DynamicCache(config=config)
-        if not use_cache:
-            cache = None
+            cache = DynamicCache(config=self.config)
+        cache = cache if use_cache else None
         past_length = cache.get_seq_length() if cache is not None else 0
         self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
         if cache is not None:
-            self._prepare_cache(cache, n_loops)
-
+            self.recurrent.bind_cache(cache, n_loops)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        # Padded positions (2-D attention_mask 0) count in neither the expert load, the balance loss nor the ponder cost
-        token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -inputs_embeds.shape[1]:].bool()
+        seq = inputs_embeds.shape[1]
+        # padded positions (2-D attention_mask 0) count in neither the expert load, the balance loss nor the ponder cost
+        token_mask = attention_mask[:, -seq:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + inputs_embeds.shape[1],
-                                        device=inputs_embeds.device).unsqueeze(0)
+            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device).unsqueeze(0)
         # positional: the cache argument's name changed in transformers 5.24
-        mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        shared = dict(position_embeddings=position_embeddings, attention_mask=mask,
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
+        shared = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids), attention_mask=mask,
                       cache=cache)
 
-        all_hidden = [inputs_embeds] if output_hidden_states else None
-        all_attn = [] if output_attentions else None
-        all_router = [] if output_router_logits else None
-
-        def record(state, attn):
-            if all_hidden is not None:
-                all_hidden.append(state)
-            if all_attn is not None:
-                all_attn.append(attn)
-
         hidden = inputs_embeds
-        for i, layer in enumerate(self.prelude):
-            hidden, attn = layer(hidden, cache_idx=i, **shared, **kwargs)
-            record(hidden, attn)
-
-        e = hidden
-        h = e
-        loop_base = config.prelude_layers + config.coda_layers
-        halting = self.recurrent.halt is not None
-        if halting:
-            mixed = torch.zeros_like(h)
-            cumulative = torch.zeros(h.shape[:-1], device=h.device, dtype=torch.float32)
-            running = torch.ones_like(cumulative)
-            ponder = torch.zeros_like(cumulative)
-        # Truncated backprop through depth (Huginn): only the last `backprop_loops` iterations build a graph.
-        truncate = self.training and config.backprop_loops is not None and torch.is_grad_enabled()
-        no_grad_loops = max(0, n_loops - config.backprop_loops) if truncate else 0
-        aux_losses = []
-        for t in range(n_loops):
-            h, attn, (router_logits, chosen), p = self.recurrent(
-                h, e, loop_idx=t, n_loops=n_loops, backprop=t >= no_grad_loops, cache_idx=loop_base + t,
-                **shared, **kwargs)
-            record(h, attn)
-            if all_router is not None:
-                all_router.append(router_logits)
-            if self.training:
-                self.recurrent.layer.mlp.gate.record_load(chosen, t, token_mask)
-                if config.router_aux_loss_coef > 0 and t >= no_grad_loops:
-                    aux_losses.append(
-                        sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts, token_mask))
-            if halting:
-                last = t == n_loops - 1
-                remainder = 1.0 - cumulative
-                halts_now = (cumulative + p >= config.act_threshold) | last
-                weight = torch.where(halts_now, remainder, p) * running
-                mixed = mixed + weight.unsqueeze(-1).to(h.dtype) * h
-                ponder = ponder + running * torch.where(halts_now, 1.0 + remainder, torch.ones_like(p))
-                cumulative = cumulative + weight
-                running = running * (~halts_now).float()
-        if halting:
-            h = mixed
-            if token_mask is not None:
-                ponder = ponder[token_mask]
-
-        hidden = h
-        for i, layer in enumerate(self.coda):
-            hidden, attn = layer(hidden, cache_idx=config.prelude_layers + i, **shared, **kwargs)
-            record(hidden, attn)
-
-        return MythosModelOutput(
-            last_hidden_state=self.norm(hidden),
-            **{CACHE_NAME: cache},
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            attentions=tuple(all_attn) if all_attn is not None else None,
-            router_logits=tuple(all_router) if all_router is not None else None,
-            ponder_cost=ponder.mean() if halting else None,
-            aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
-        )
+        for layer in self.prelude:
+            hidden = layer(hidden, **shared, **kwargs)
+        loop = self.recurrent(hidden, n_loops, token_mask=token_mask, **shared, **kwargs)
+        hidden = loop.last_hidden_state
+        for layer in self.coda:
+            hidden = layer(hidden, **shared, **kwargs)
+        return MythosModelOutput(last_hidden_state=self.norm(hidden), **{CACHE_NAME: cache},
+                                 ponder_cost=loop.ponder_cost, aux_loss=loop.aux_loss)
 
 
+@auto_docstring
 class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -886,22 +891,13 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
     def spectral_radius(self) -> float:
         """rho(A) of the recurrent injection (always strictly below 1)."""
         return self.model.spectral_radius()
 
+    @deprecate_kwarg("past_key_values", "5.23.0", new_name="cache", raise_if_both_names=True)
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -911,52 +907,46 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
         n_loops: int | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MythosCausalLMOutput:
         r"""
-        n_loops (`int`, *optional*): Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``.
-            A cache filled with one value refuses another.
-        cache (`Cache`, *optional*): The KV cache (``past_key_values`` is accepted too: transformers < 5.24 name).
-        labels (`torch.LongTensor`, *optional*): Token ids for the next-token loss (shifted inside; -100 ignored).
+        n_loops (`int`, *optional*):
+            Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``. A cache filled with one
+            value refuses another.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids for the next-token loss (shifted inside; -100 is ignored).
         """
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
-        outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits, n_loops=n_loops, **kwargs,
-        )
-        hidden = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, n_loops=n_loops, **kwargs)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-            extra = 0.0
-            if outputs.ponder_cost is not None:
-                extra = extra + self.config.act_ponder_weight * outputs.ponder_cost
-            if outputs.aux_loss is not None:
-                extra = extra + self.config.router_aux_loss_coef * outputs.aux_loss
-            num_items = loss_kwargs.get("num_items_in_batch")
-            if num_items is not None and torch.is_tensor(extra):
-                # The CE is summed and divided by the label tokens of every accumulated micro-batch (and rank); weight
-                # this micro-batch's mean terms by its share of those tokens, so that they add up like the CE does.
-                counted = (labels[..., 1:] != loss_kwargs.get("ignore_index", -100)).sum()
-                extra = extra * counted / torch.as_tensor(num_items, device=counted.device)
-            loss = loss + extra
-        result = MythosCausalLMOutput(
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = loss + self._extra_loss(outputs, labels, kwargs)
+        return MythosCausalLMOutput(
             loss=loss, aux_loss=outputs.aux_loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, router_logits=outputs.router_logits, ponder_cost=outputs.ponder_cost,
-        )
-        return result if return_dict is not False else result.to_tuple()
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,
+            ponder_cost=outputs.ponder_cost)
+
+    def _extra_loss(self, outputs: MythosModelOutput, labels: torch.Tensor, loss_kwargs: dict):
+        """The weighted ponder cost plus the weighted balance loss, on the CE's scale.
+
+        Under ``num_items_in_batch`` the CE is summed and divided by the label tokens of every accumulated
+        micro-batch (and rank); the extra terms are means over this micro-batch, so they are weighted by its share of
+        those tokens, and add up like the CE does.
+        """
+        extra = 0.0
+        if outputs.ponder_cost is not None:
+            extra = extra + self.config.act_ponder_weight * outputs.ponder_cost
+        if outputs.aux_loss is not None:
+            extra = extra + self.config.router_aux_loss_coef * outputs.aux_loss
+        num_items = loss_kwargs.get("num_items_in_batch")
+        if num_items is not None and torch.is_tensor(extra):
+            counted = (labels[..., 1:] != loss_kwargs.get("ignore_index", -100)).sum()
+            extra = extra * counted / torch.as_tensor(num_items, device=counted.device)
+        return extra
 
 
 __all__ = ["MythosPreTrainedModel", "MythosModel", "MythosForCausalLM"]

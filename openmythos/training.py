@@ -1,14 +1,40 @@
-"""Training helpers: aux-loss-free MoE balancing, expert-load statistics and the Trainer callback.
+"""Training helpers: the loop-count schedule, aux-loss-free MoE balancing, expert-load statistics and the Trainer
+callback that applies them.
 
-The recurrence recipe itself (loop-count sampling, truncated backprop) lives in the model and is switched on by
-config fields (``loop_sampling``, ``backprop_loops``); this module keeps its draws in step with the Trainer.
+The model's forward is stateless: given ``n_loops`` it runs exactly that many loops, and without one it runs
+``config.max_loop_iters``. Drawing a random loop count per training step (``config.loop_sampling``) is the training
+side's job: :func:`sample_n_loops` is a pure function of (seed, draw index), and :class:`MythosTrainingCallback`
+passes its draw to every training forward.
 """
+
+import math
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .configuration_mythos import MythosConfig
 from .modeling_mythos import MythosTopkRouter
+
+
+def sample_n_loops(config: MythosConfig, step: int) -> int:
+    """Training-time loop count for draw number ``step`` (Huginn / Parcae recipe).
+
+    n = 1 + Poisson(lambda), log(lambda) ~ Normal(log(mean - 1) - sigma^2 / 2, sigma), so E[n] = mean_train_loops;
+    then clamped to [1, max_train_loops] and to ``config.loop_limit``. The draw depends only on
+    (loop_sampling_seed, step): every rank draws the same count without communication, and a resumed run continues
+    the same sequence.
+    """
+    mean = config.mean_train_loops if config.mean_train_loops is not None else config.max_loop_iters
+    cap = config.max_train_loops if config.max_train_loops is not None else 2 * math.ceil(mean)
+    cap = min(cap, config.loop_limit)
+    if mean <= 1:
+        return 1
+    generator = torch.Generator().manual_seed(int(config.loop_sampling_seed) * 1_000_003 + int(step))
+    sigma = float(config.loop_sampling_sigma)
+    log_rate = math.log(mean - 1) - sigma**2 / 2 + sigma * torch.randn((), generator=generator).item()
+    n = 1 + int(torch.poisson(torch.tensor(math.exp(log_rate)), generator=generator).item())
+    return max(1, min(n, cap))
 
 
 def routers(model: torch.nn.Module) -> list[MythosTopkRouter]:
@@ -67,10 +93,14 @@ def _config_of(model):
 
 
 class MythosTrainingCallback(TrainerCallback):
-    """Keeps OpenMythos' training recipe in step with ``transformers.Trainer``.
+    """Keeps OpenMythos' training recipe in step with ``transformers.Trainer``: the stock Trainer plus this callback
+    trains with loop sampling and balanced experts.
 
-    - Before each optimizer step, sets the loop-count draw index from the global step, so all ranks and a resumed
-      run draw the same ``n_loops`` sequence.
+    - Loop sampling (``config.loop_sampling != "fixed"``): every training forward that is not given ``n_loops`` gets
+      ``sample_n_loops(config, draw)``, with draw index ``global_step * gradient_accumulation_steps + micro-batch``.
+      The draw is a function of the optimizer step alone, so every rank draws the same count and a resumed run
+      continues the same sequence. It is passed through a forward pre-hook on the model the Trainer trains (installed
+      at ``on_train_begin``, removed at ``on_train_end``); evaluation forwards (eval mode) are left alone.
     - After each optimizer step, applies the aux-loss-free router-bias update (counts all-reduced across ranks).
     - Adds expert-load statistics (overall and per loop) to the logged metrics (``trainer.state.log_history``).
     """
@@ -78,18 +108,27 @@ class MythosTrainingCallback(TrainerCallback):
     def __init__(self, balance_router: bool = True):
         self.balance_router = balance_router
         self._stats = {}
+        self._draw = 0
+        self._hook = None
 
-    @staticmethod
-    def _base(model):
-        for module in model.modules():
-            if hasattr(module, "loop_draw_step"):
-                return module
-        return None
+    def _inject_n_loops(self, module, args, kwargs):
+        config = _config_of(module)
+        if module.training and config.loop_sampling != "fixed" and kwargs.get("n_loops") is None:
+            kwargs["n_loops"] = sample_n_loops(config, self._draw)
+            self._draw += 1
+        return args, kwargs
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        base = self._base(model) if model is not None else None
-        if base is not None:
-            base.loop_draw_step = state.global_step * args.gradient_accumulation_steps
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._inject_n_loops, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._draw = state.global_step * args.gradient_accumulation_steps
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None:

@@ -40,14 +40,14 @@ def test_loop_update_is_a_h_plus_b_e_plus_block_delta(model):
     A, B = recurrent.injection.get_A(), recurrent.injection.B
     # F is the layer's residual delta (plus depth-wise LoRA) on h + e + the loop signal
     x = h + e + loop_signal(h + e, 2, config.loop_signal_scale)
-    delta, _, _ = recurrent.layer.residual_delta(x, position_embeddings, None, None, None, loop_idx=2)
+    delta, _ = recurrent.layer(x, position_embeddings=position_embeddings, loop_idx=2)
     delta = delta + recurrent.lora(delta, 2)
-    out, _, _, _ = recurrent(h, e, loop_idx=2, position_embeddings=position_embeddings)
+    out, _ = recurrent.step(h, e, 2, position_embeddings=position_embeddings)
     assert delta.abs().max() > 1e-3
     torch.testing.assert_close(out - (A * h + B * e), delta)
     # with every output projection zeroed, the block adds nothing and one loop is exactly A*h + B*e
     zero_block_delta(model)
-    out, _, _, _ = recurrent(h, e, loop_idx=2, position_embeddings=position_embeddings)
+    out, _ = recurrent.step(h, e, 2, position_embeddings=position_embeddings)
     assert torch.equal(out, A * h + B * e)
 
 

@@ -7,9 +7,9 @@ import torch
 from conftest import make_model
 
 from openmythos import MythosForCausalLM, mythos_tiny
-from openmythos.modeling_mythos import sample_n_loops, sequence_balance_loss
+from openmythos.modeling_mythos import sequence_balance_loss
 from openmythos.optim import MuonAdamW, split_parameters
-from openmythos.training import expert_load_stats, update_router_bias
+from openmythos.training import MythosTrainingCallback, expert_load_stats, sample_n_loops, update_router_bias
 
 
 def test_loop_count_draws_have_the_configured_mean_and_are_reproducible():
@@ -23,27 +23,67 @@ def test_loop_count_draws_have_the_configured_mean_and_are_reproducible():
     assert draws[:50] != [sample_n_loops(other_seed, step) for step in range(50)]
 
 
-def test_training_forward_draws_loops_and_eval_uses_the_fixed_count():
+def loops_run(model, *args, **kwargs) -> int:
+    """How many loop iterations one forward ran (the injection runs once per iteration)."""
+    counts = []
+    hook = model.model.recurrent.injection.register_forward_hook(lambda *a: counts.append(1))
+    model(*args, **kwargs)
+    hook.remove()
+    return len(counts)
+
+
+def test_forward_is_stateless_in_training():
+    """Two identical training calls run the same depth, give the same output and write no module attribute."""
+    model = make_model("mla", use_act=True, loop_sampling="poisson_lognormal", mean_train_loops=3).train()
+    ids = torch.randint(0, 512, (2, 8))
+
+    def attributes():
+        return {(name, key): value for name, m in model.named_modules() for key, value in vars(m).items()
+                if key not in ("_parameters", "_buffers", "_modules")}
+
+    before = attributes()
+    first = model(ids, n_loops=3, labels=ids)
+    second = model(ids, n_loops=3, labels=ids)
+    after = attributes()
+    assert after.keys() == before.keys()
+    changed = [key for key in before if after[key] is not before[key]]
+    assert changed == []
+    torch.testing.assert_close(first.logits, second.logits, rtol=0, atol=0)
+    torch.testing.assert_close(first.loss, second.loss, rtol=0, atol=0)
+    # without n_loops, training runs config.max_loop_iters: drawing a count is the training side's job
+    assert loops_run(model, ids) == model.config.max_loop_iters == loops_run(model, ids)
+
+
+def test_training_callback_draws_loops_for_training_forwards_only():
     model = make_model("gqa", loop_sampling="poisson_lognormal", mean_train_loops=3, max_loop_iters=4).train()
     ids = torch.randint(0, 512, (2, 8))
-    counts = []
-    hook = model.model.recurrent.register_forward_hook(lambda *a: counts.append(1))
-    for step in range(5):
-        counts.clear()
-        model(ids)
-        assert len(counts) == sample_n_loops(model.config, step)
+    callback = MythosTrainingCallback()
+
+    class Args:
+        gradient_accumulation_steps = 2
+
+    class State:
+        global_step = 0
+
+    callback.on_train_begin(Args, State, None, model=model)
+    for step in range(4):
+        State.global_step = step
+        callback.on_step_begin(Args, State, None, model=model)
+        for micro in range(2):  # every micro-batch of an optimizer step gets its own draw
+            assert loops_run(model, ids) == sample_n_loops(model.config, 2 * step + micro)
+    assert loops_run(model, ids, n_loops=2) == 2  # an explicit n_loops wins
     model.eval()
-    counts.clear()
-    model(ids)
-    assert len(counts) == model.config.max_loop_iters
-    hook.remove()
+    assert loops_run(model, ids) == model.config.max_loop_iters
+    callback.on_train_end(Args, State, None)
+    model.train()
+    assert loops_run(model, ids) == model.config.max_loop_iters  # the hook is gone
 
 
 def test_truncated_backprop_builds_no_graph_for_early_loops():
     model = make_model("mla", backprop_loops=2).train()
     ids = torch.randint(0, 512, (2, 16))
     tracked = []
-    hook = model.model.recurrent.register_forward_hook(lambda m, a, out: tracked.append(out[0].requires_grad))
+    hook = model.model.recurrent.injection.register_forward_hook(lambda m, a, out: tracked.append(out.requires_grad))
     model(ids, labels=ids, n_loops=5).loss.backward()
     hook.remove()
     assert tracked == [False, False, False, True, True]
