@@ -28,7 +28,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "train": ["datasets>=3.0", "peft>=0.17", "tqdm"],
         "demo": ["datasets>=3.0", "matplotlib>=3.7"],
-        "test": ["pytest>=8", "datasets>=3.0", "peft>=0.17", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "datasets>=3.0", "peft>=0.17", "matplotlib>=3.7", "transformers-mlinter==0.1.5"],
     },
     entry_points={"console_scripts": ["mythos=openmythos.cli:main"]},
 )

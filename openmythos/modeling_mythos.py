@@ -234,7 +234,8 @@ class MythosMLAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)
         # torch's fused SDPA kernels (CPU flash included) need the value head size to equal the query/key one;
         # otherwise it falls back to the slower math path. Zero columns of v give zero output columns: pad, slice.
-        pad = self.qk_head_dim - self.v_head_dim if self.config._attn_implementation == "sdpa" else 0
+        # (flash-attn pads the same way itself, eager pays a few zero columns.)
+        pad = self.qk_head_dim - self.v_head_dim
         if pad > 0:
             v = F.pad(v, (0, pad))
         out, weights = _attention_interface(self.config)(
@@ -416,6 +417,7 @@ class _MythosBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: MythosConfig, layer_idx: int | None, mlp: nn.Module):
         super().__init__()
+        # CODEPATH: attn_type="mla" (every preset, mythos_tiny) or "gqa" (the reasoning demo's looped model)
         attention_cls = MythosMLAttention if config.attn_type == "mla" else MythosGQAttention
         self.input_layernorm = MythosRMSNorm(config.dim, eps=config.rms_norm_eps)
         self.self_attn = attention_cls(config, layer_idx)
@@ -567,10 +569,19 @@ class MythosHaltingState:
         self.running = self.running * (~halts_now).float()
 
 
+@auto_docstring
 @dataclass
 class MythosRecurrenceOutput(ModelOutput):
-    """What the loop hands to the coda: the final state (the ACT mix when halting), the mean ponder cost (halting) and
-    the sequence-level balance loss (training with ``router_aux_loss_coef > 0``)."""
+    r"""
+    What the loop hands to the coda.
+
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        The final loop state (the ACT mix of the loop states when halting).
+    ponder_cost (`torch.FloatTensor`, *optional*):
+        Mean ACT ponder cost (loops used plus the remainder) when ``use_act`` is on.
+    aux_loss (`torch.FloatTensor`, *optional*):
+        Sequence-level expert-balance loss (training with ``router_aux_loss_coef > 0``).
+    """
 
     last_hidden_state: torch.FloatTensor | None = None
     ponder_cost: torch.FloatTensor | None = None
@@ -595,7 +606,9 @@ class MythosRecurrence(nn.Module):
         self.config = config
         self.layer = MythosLoopLayer(config)
         self.injection = MythosInjection(config.dim)
+        # CODEPATH: lora_rank > 0 in every preset; lora_rank=0 checkpoints have no depth-wise LoRA
         self.lora = MythosDepthLoRA(config) if config.lora_rank > 0 else None
+        # CODEPATH: use_act=False by default; use_act=True checkpoints carry the halting head (ACT)
         self.halt = MythosHalting(config) if config.use_act else None
 
     def bind_cache(self, cache: Cache, n_loops: int) -> None:
@@ -620,6 +633,7 @@ class MythosRecurrence(nn.Module):
     def step(self, h, e, loop_idx, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         """One iteration: returns ``(h_next, routing)``. The block sees ``h + e`` plus the loop-index signal."""
         x = h + e
+        # CODEPATH: loop_signal_scale=0.1 by default; 0 turns the loop-index signal off (an ablation)
         if self.config.loop_signal_scale > 0:
             x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
         # the hidden state positional and the rest by keyword, as GradientCheckpointingLayer requires
@@ -649,6 +663,7 @@ class MythosRecurrence(nn.Module):
                 h, (router_logits, chosen) = self.step(h, e, t, position_embeddings, attention_mask, cache, **kwargs)
             if self.training:
                 self.layer.mlp.gate.record_load(chosen, t, token_mask)
+                # CODEPATH: router_aux_loss_coef=0 by default (bias balancing only); > 0 adds the balance loss
                 if config.router_aux_loss_coef > 0 and t >= no_grad_loops:
                     aux_losses.append(
                         sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts, token_mask))
@@ -662,6 +677,7 @@ class MythosRecurrence(nn.Module):
                                       aux_loss=torch.stack(aux_losses).mean() if aux_losses else None)
 
 
+@auto_docstring
 class MythosPreTrainedModel(PreTrainedModel):
     config: MythosConfig
     config_class = MythosConfig
@@ -709,8 +725,8 @@ class MythosPreTrainedModel(PreTrainedModel):
             init.constant_(module.bias, -math.log(max(self.config.max_loop_iters - 1, 1)))
 
 
-@dataclass
 @auto_docstring
+@dataclass
 class MythosModelOutput(MoeModelOutputWithPast):
     r"""
     ponder_cost (`torch.FloatTensor`, *optional*):
@@ -727,8 +743,8 @@ class MythosModelOutput(MoeModelOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
 
 
-@dataclass
 @auto_docstring
+@dataclass
 class MythosCausalLMOutput(MoeCausalLMOutputWithPast):
     r"""
     ponder_cost (`torch.FloatTensor`, *optional*):
