@@ -75,16 +75,33 @@ def test_gradient_accumulation_passes_num_items_in_batch(tmp_path):
     assert seen and all(n is not None and int(n) == 2 * 8 * 63 for n in seen)
 
 
+def record_loop_draws(trainer) -> list[tuple[int, int]]:
+    """(optimizer step, n_loops) of every training forward, as the recurrence receives it."""
+    draws = []
+
+    def record(module, args):
+        if module.training:
+            draws.append((trainer.state.global_step, int(args[1])))
+
+    trainer.model.model.recurrent.register_forward_pre_hook(record)
+    return draws
+
+
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
-    full = make_trainer(tmp_path / "full", 6)
+    full = make_trainer(tmp_path / "full", 6, grad_accum=2)
+    full_draws = record_loop_draws(full)
     full.train()
-    interrupted = make_trainer(tmp_path / "resumed", 6)
+    interrupted = make_trainer(tmp_path / "resumed", 6, grad_accum=2)
     interrupted.add_callback(StopAfter(3))  # the run dies after its step-3 checkpoint
     interrupted.train()
     assert interrupted.state.global_step == 3
     assert (tmp_path / "resumed" / "checkpoint-3" / "model.safetensors").exists()
-    resumed = make_trainer(tmp_path / "resumed", 6)
+    resumed = make_trainer(tmp_path / "resumed", 6, grad_accum=2)
+    resumed_draws = record_loop_draws(resumed)
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    # the loop-count draws continue exactly: every micro-batch of steps 4..6 runs the depth it ran uninterrupted
+    assert resumed_draws == [d for d in full_draws if d[0] >= 3] and {s for s, _ in resumed_draws} == {3, 4, 5}
+    assert len({n for _, n in full_draws}) > 1  # really sampled, not a constant
     expected, got = losses(full), losses(resumed)
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
