@@ -359,14 +359,6 @@ class TestBadInput:
         with pytest.raises(ValueError, match="n_loops"):
             model(input_ids, n_loops=n_loops)
 
-
-def test_n_loops_accepts_any_integer_type(model, input_ids):
-    expected = model(input_ids, n_loops=2).logits
-    for n_loops in (np.int64(2), np.int32(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32)):
-        assert torch.equal(model(input_ids, n_loops=n_loops).logits, expected), repr(n_loops)
-    assert torch.equal(model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=np.int64(2)),
-                       model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=2))
-
     def test_input_longer_than_max_seq_len(self, model):
         with pytest.raises(ValueError, match="max_seq_len=128"):
             model(torch.ones(1, 129, dtype=torch.long))
@@ -392,6 +384,14 @@ def test_n_loops_accepts_any_integer_type(model, input_ids):
             model(torch.ones(1, 4))
         with pytest.raises(ValueError, match="exactly one"):
             model()
+
+
+def test_n_loops_accepts_any_integer_type(model, input_ids):
+    expected = model(input_ids, n_loops=2).logits
+    for n_loops in (np.int64(2), np.int32(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32)):
+        assert torch.equal(model(input_ids, n_loops=n_loops).logits, expected), repr(n_loops)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=np.int64(2)),
+                       model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=2))
 
 
 @pytest.mark.skipif(not __import__("transformers").utils.is_flash_attn_2_available(),
