@@ -429,7 +429,9 @@ class MythosInjection(nn.Module):
     """Stable diagonal input injection (Parcae): A = exp(dt * A_c), A_c = -exp(log_A), dt = exp(log_dt).
 
     A is computed in fp32 and squeezed into [A_MIN, A_MAX] (both strictly inside (0, 1) in fp16/bf16/fp32), so the
-    spectral radius is below 1 whatever values the parameters take. B is a learned diagonal.
+    spectral radius is below 1 whatever values the parameters take, NaN and +-inf included: +-inf give the limits
+    (A_MIN, A_MAX), and a NaN exponent (a NaN parameter, or inf - inf) counts as 0, i.e. A = exp(-1) squeezed.
+    B is a learned diagonal.
     """
 
     def __init__(self, dim: int):
@@ -439,7 +441,9 @@ class MythosInjection(nn.Module):
         self.B = nn.Parameter(torch.full((dim,), 0.1))
 
     def get_A(self) -> torch.Tensor:
-        rate = torch.exp((self.log_dt.float() + self.log_A.float()).clamp(-30.0, 30.0))
+        # clamp passes NaN through, so replace it first (+-inf are clamped like any large value)
+        exponent = torch.nan_to_num(self.log_dt.float() + self.log_A.float(), nan=0.0)
+        rate = torch.exp(exponent.clamp(-30.0, 30.0))
         decay = torch.exp(-rate)
         return (A_MIN + (A_MAX - A_MIN) * decay).clamp(A_MIN, A_MAX)
 
@@ -689,9 +693,21 @@ class MythosModel(MythosPreTrainedModel):
         self.embed_tokens = value
 
     def spectral_radius(self) -> float:
-        """rho(A) of the recurrent injection: the largest diagonal entry of A (always strictly below 1)."""
+        """rho(A) of the recurrent injection: the largest diagonal entry of A, always strictly below 1.
+
+        NaN parameters raise a ValueError naming them instead: the loop still multiplies by an A inside (0, 1)
+        (see ``MythosInjection``), but a NaN weight means the run diverged, and a tidy number would hide that.
+        """
+        injection = self.recurrent.injection
+        for name in ("log_A", "log_dt"):
+            values = getattr(injection, name)
+            if torch.isnan(values).any():
+                raise ValueError(
+                    f"`recurrent.injection.{name}` has {int(torch.isnan(values).sum())} NaN entries of "
+                    f"{values.numel()}, so rho(A) is undefined; the parameters must be finite or +-inf (training "
+                    f"probably diverged: reload a checkpoint from before the NaN)")
         with torch.no_grad():
-            return float(self.recurrent.injection.get_A().max())
+            return float(injection.get_A().max())
 
     # ---------------------------------------------------------------------------------------------------- checks
     def _validate_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):

@@ -67,6 +67,21 @@ def test_injection_a_strictly_inside_unit_interval_for_adversarial_parameters(va
     assert A_MIN <= float(A.detach().min()) and float(A.detach().max()) <= A_MAX
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["log_A", "log_dt"])
+def test_injection_a_stays_inside_its_bounds_for_non_finite_parameters(input_ids, name, value):
+    """NaN and +-inf in either parameter still give A in [A_MIN, A_MAX], so the loop never multiplies by NaN."""
+    model = make_model("gqa")
+    injection = model.model.recurrent.injection
+    with torch.no_grad():
+        getattr(injection, name)[0] = value
+    A = injection.get_A()
+    assert A_MIN <= float(A.min()) and float(A.max()) <= A_MAX
+    expected = {"nan": A_MIN + (A_MAX - A_MIN) * float(torch.exp(torch.tensor(-1.0))), "inf": A_MIN, "-inf": A_MAX}
+    assert float(A[0]) == pytest.approx(expected[str(value)], rel=1e-6)
+    assert torch.isfinite(model(input_ids, n_loops=3).logits).all()
+
+
 def test_spectral_radius_is_the_largest_entry_of_a(model):
     with torch.no_grad():
         model.model.recurrent.injection.log_A.copy_(torch.linspace(-3, 3, model.config.dim))
