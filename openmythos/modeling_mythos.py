@@ -619,11 +619,13 @@ def sample_n_loops(config: MythosConfig, step: int) -> int:
     """Training-time loop count for draw number ``step`` (Huginn / Parcae recipe).
 
     n = 1 + Poisson(lambda), log(lambda) ~ Normal(log(mean - 1) - sigma^2 / 2, sigma), so E[n] = mean_train_loops;
-    then clamped to [1, max_train_loops]. The draw depends only on (loop_sampling_seed, step): every rank draws the
-    same count without communication, and a resumed run continues the same sequence.
+    then clamped to [1, max_train_loops], and never past ``config.loop_limit`` (a huge ``mean_train_loops`` would
+    otherwise draw ~10^12 loops for one step). The draw depends only on (loop_sampling_seed, step): every rank draws
+    the same count without communication, and a resumed run continues the same sequence.
     """
     mean = config.mean_train_loops if config.mean_train_loops is not None else config.max_loop_iters
     cap = config.max_train_loops if config.max_train_loops is not None else 2 * math.ceil(mean)
+    cap = min(cap, config.loop_limit)
     if mean <= 1:
         return 1
     generator = torch.Generator().manual_seed(int(config.loop_sampling_seed) * 1_000_003 + int(step))
@@ -658,13 +660,22 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     return cache if cache is not None else past_key_values
 
 
-def _check_n_loops(n_loops) -> int:
-    """Any integer (Python, numpy, or a 0-d integer tensor) >= 1; bools are refused."""
+def _check_n_loops(n_loops, config: MythosConfig) -> int:
+    """Any integer (Python, numpy, or a 0-d integer tensor) in [1, config.loop_limit]; bools are refused.
+
+    The upper bound keeps a typo (n_loops=10**6) from running for hours: every loop is a full block over every token.
+    """
     if isinstance(n_loops, torch.Tensor) and n_loops.dim() == 0 and not (
             n_loops.is_floating_point() or n_loops.is_complex() or n_loops.dtype == torch.bool):
         n_loops = n_loops.item()
     if isinstance(n_loops, bool) or not isinstance(n_loops, numbers.Integral) or n_loops < 1:
         raise ValueError(f"`n_loops` must be a positive integer (1, 2, ...), got {n_loops!r}")
+    if n_loops > config.loop_limit:
+        bound = (f"max_inference_loops={config.max_inference_loops}" if config.max_inference_loops is not None
+                 else f"max_inference_loops (unset: 8 * max_loop_iters = {config.loop_limit})")
+        raise ValueError(
+            f"`n_loops`={n_loops} exceeds the config's bound {bound}; accepted values are 1 to {config.loop_limit}. "
+            f"To run more loops, raise the bound: `model.config.max_inference_loops = {n_loops}`.")
     return int(n_loops)
 
 
@@ -791,7 +802,7 @@ class MythosModel(MythosPreTrainedModel):
                 self.loop_draw_step += 1
             else:
                 n_loops = config.max_loop_iters
-        n_loops = _check_n_loops(n_loops)
+        n_loops = _check_n_loops(n_loops, config)
         if use_cache is None:
             use_cache = config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
