@@ -373,8 +373,10 @@ def _check_token_id(name, value, vocab_size, in_list=None):
     accepted = f"None or a token id in [0, {vocab_size}) (vocab_size)"
     if name == "eos_token_id":
         accepted = f"None, or a token id or non-empty list of token ids in [0, {vocab_size}) (vocab_size)"
+    if not _is_int(value) and in_list is not None:
+        raise TypeError(f"`{name}` must be {accepted}, got {shown!r} (element {value!r} is a {type(value).__name__})")
     if not _is_int(value):
-        raise _type_error(name, shown, accepted)
+        raise _type_error(name, value, accepted)
     if not 0 <= value < vocab_size:
         raise ValueError(f"`{name}` must be {accepted}, got {shown!r}")
     return int(value)
