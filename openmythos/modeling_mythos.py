@@ -31,9 +31,12 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.utils import logging
 from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_mythos import MythosConfig
+
+logger = logging.get_logger(__name__)
 
 # A = exp(-exp(x)) is squeezed into [A_MIN, A_MAX]. Both bounds are exactly representable in fp16, bf16 and fp32 and
 # lie strictly inside (0, 1), so rounding A to any of those dtypes can never produce 0 or 1.
@@ -337,11 +340,43 @@ class MythosTopkRouter(nn.Module):
         return router_logits, top_k_weights * self.routed_scaling_factor, top_k_index
 
 
+def grouped_mm_fits(experts: nn.Module) -> bool:
+    """Whether torch's ``grouped_mm`` can multiply by these experts' matrices.
+
+    The kernel reads every matrix with a row stride that must be a multiple of 16 bytes: ``dim`` and ``expert_dim``
+    must be multiples of 4 numbers in fp32, 8 in bf16/fp16 (the input is cast to the weights' dtype first). Other
+    sizes are valid configs, so they fall back to the plain path instead of failing.
+    """
+    per_16_bytes = max(1, 16 // experts.gate_up_proj.element_size())
+    return experts.hidden_dim % per_16_bytes == 0 and experts.intermediate_dim % per_16_bytes == 0
+
+
+def _grouped_mm_falls_back_when_misaligned(experts_class):
+    """Wrap the dispatching ``forward`` made by ``use_experts_implementation``: a ``grouped_mm`` call whose sizes the
+    kernel cannot take (``grouped_mm_fits``) runs the plain path, with one warning."""
+    dispatch = experts_class.forward
+
+    @functools.wraps(dispatch)
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if self.config._experts_implementation == "grouped_mm" and not grouped_mm_fits(self):
+            logger.warning_once(
+                f"grouped_mm needs dim ({self.hidden_dim}) and expert_dim ({self.intermediate_dim}) to be multiples "
+                f"of {16 // self.gate_up_proj.element_size()} in {self.gate_up_proj.dtype}; the experts run the plain "
+                f"(eager) path instead. Pick such sizes, or set_experts_implementation('eager') to silence this.")
+            return self.plain_forward(hidden_states, top_k_index, top_k_weights)
+        return dispatch(self, hidden_states, top_k_index, top_k_weights)
+
+    experts_class.forward = forward
+    return experts_class
+
+
+@_grouped_mm_falls_back_when_misaligned
 @use_experts_implementation
 class MythosExperts(nn.Module):
     """Routed experts stored as 3-D tensors, so transformers' ``grouped_mm`` / ``batched_mm`` kernels apply.
 
-    The ``forward`` below is the plain ("eager") path that the fast kernels are tested against.
+    ``plain_forward`` is the plain ("eager") path that the fast kernels are tested against, and the one that
+    ``grouped_mm`` falls back to for sizes its kernel cannot take.
     """
 
     def __init__(self, config: MythosConfig):
@@ -353,7 +388,7 @@ class MythosExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(config.n_experts, config.dim, config.expert_dim))
         self.act_fn = F.silu
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
+    def plain_forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
         for expert in range(self.num_experts):
             token_idx, slot = torch.where(top_k_index == expert)
@@ -363,6 +398,8 @@ class MythosExperts(nn.Module):
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
             out.index_add_(0, token_idx, (expert_out * top_k_weights[token_idx, slot, None]).to(out.dtype))
         return out
+
+    forward = plain_forward  # what "eager" runs; use_experts_implementation wraps it into the kernel dispatch
 
 
 class MythosMoE(nn.Module):

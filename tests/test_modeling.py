@@ -216,6 +216,39 @@ def test_grouped_mm_experts_match_the_plain_path(attn_type, input_ids):
                                atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim, expert_dim", [(30, 32), (64, 34), (36, 36)])
+def test_grouped_mm_with_misaligned_sizes_falls_back_to_the_plain_path(dtype, dim, expert_dim):
+    """torch's grouped_mm needs row strides of a multiple of 16 bytes (4 fp32 or 8 bf16 numbers); sizes that are not
+    (36 is fine in fp32 but not in bf16) run the plain experts loop instead of crashing, with equal outputs and
+    gradients."""
+    overrides = dict(dim=dim, expert_dim=expert_dim)  # MLA: any dim
+    fast, plain = make_model(**overrides).train().to(dtype), make_model(**overrides).train().to(dtype)
+    fast.set_experts_implementation("grouped_mm")
+    plain.set_experts_implementation("eager")
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for m in (fast, plain):
+        loss = m(ids, labels=ids, n_loops=2).loss
+        loss.backward()
+        losses.append(loss)
+    assert fast.config._experts_implementation == "grouped_mm"
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_grouped_mm_alignment_rule():
+    from openmythos.modeling_mythos import grouped_mm_fits
+
+    for dtype, good, bad in ((torch.float32, (32, 36), (34, 30)), (torch.bfloat16, (32, 64), (36, 34))):
+        experts = make_model(dim=good[0], expert_dim=good[1]).to(dtype).model.recurrent.layer.mlp.experts
+        assert grouped_mm_fits(experts)
+        for dim, expert_dim in ((bad[0], good[1]), (good[0], bad[1])):
+            experts = make_model(dim=dim, expert_dim=expert_dim)
+            assert not grouped_mm_fits(experts.to(dtype).model.recurrent.layer.mlp.experts), (dtype, dim, expert_dim)
+
+
 def test_router_bias_changes_selection_but_not_gate_weights(model):
     router = model.model.recurrent.layer.mlp.gate
     x = torch.randn(16, model.config.dim)
