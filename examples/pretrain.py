@@ -107,6 +107,7 @@ def resume_checkpoint(output_dir: str) -> str | None:
 
 def main(argv=None):
     args = parse_args(argv)
+    resume = resume_checkpoint(args.output_dir) if args.resume else None  # before any work: it may refuse
     set_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
     model = build_model(args, tokenizer)
@@ -133,7 +134,7 @@ def main(argv=None):
     trainer = AtomicCheckpointTrainer(model=model, args=training_args, train_dataset=train_data,
                                       data_collator=causal_lm_collator, callbacks=[MythosTrainingCallback()],
                                       optimizers=optimizers)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args.output_dir) if args.resume else None)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -99,3 +99,15 @@ def test_pretrain_killed_during_a_checkpoint_save_resumes_to_the_uninterrupted_l
     resumed_weights = load_file(resumed / "model.safetensors")
     assert straight_weights.keys() == resumed_weights.keys()
     assert all(torch.equal(straight_weights[k], resumed_weights[k]) for k in straight_weights)
+
+
+def test_pretrain_resume_refuses_a_folder_whose_checkpoints_are_all_broken(tmp_path):
+    broken = tmp_path / "out" / "checkpoint-4"
+    broken.mkdir(parents=True)
+    (broken / "trainer_state.json").write_text("{")
+    result = subprocess.run([sys.executable, str(PRETRAIN), *SHORT_TOY, "--output-dir", "out", "--resume"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert f"Skipping incomplete checkpoint {Path('out') / 'checkpoint-4'}: no model weights" in result.stderr
+    assert "--resume: no complete checkpoint-N folder in out" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-4"]  # nothing trained or deleted
