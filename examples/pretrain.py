@@ -9,6 +9,9 @@ A toy run that needs no download and finishes in about a minute on a laptop CPU 
 tokenizer, the small corpus shipped with the package):
 
     python examples/pretrain.py --toy --output-dir runs/toy
+
+Checkpoints are written atomically (openmythos.checkpoints), so a run killed at any moment, even mid-save, continues
+with the same command plus --resume: it picks the newest complete checkpoint and says which broken ones it skipped.
 """
 
 import argparse
