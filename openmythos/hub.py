@@ -156,7 +156,7 @@ def check_export_target(folder, *, sources=(), overwrite: bool = False, repo_id:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"export folder {str(folder)!r} is a file; pass a new or empty folder")
     entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    hidden = [name for name in entries if name.startswith(".")]
+    hidden = _hidden_entries(folder) if entries else []
     if hidden:
         raise FileExistsError(f"export folder {str(folder)!r} holds hidden entries {hidden} that export did not "
                               f"write; export never deletes or publishes them, even with overwrite=True (CLI: "
@@ -166,6 +166,16 @@ def check_export_target(folder, *, sources=(), overwrite: bool = False, repo_id:
                               f"{entries[0]}); pass overwrite=True (CLI: --overwrite) to replace its contents, "
                               f"or use a new folder")
     return folder
+
+
+def _hidden_entries(folder: Path) -> list[str]:
+    """The outermost hidden files and folders at any depth under ``folder`` (overwrite would delete nested ones)."""
+    hidden = []
+    for root, dirs, files in os.walk(folder):
+        relative = Path(root).relative_to(folder)
+        hidden += [(relative / name).as_posix() for name in sorted(dirs + files) if name.startswith(".")]
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+    return sorted(hidden)
 
 
 def _scratch(folder: Path, kind: str) -> list[Path]:

@@ -250,8 +250,11 @@ def test_export_refuses_hidden_entries_and_names_them(tmp_path, overwrite):
     (folder / ".env").write_text("HF_TOKEN=hf_secret")
     (folder / ".git").mkdir()
     (folder / ".git" / "config").write_text("[core]")
+    (folder / "old_shards").mkdir()
+    (folder / "old_shards" / ".secret").write_text("nested")  # overwrite would delete old_shards with it
     before = tree_digest(folder)
-    with pytest.raises(FileExistsError, match=r"hidden entries \['\.env', '\.git'\].*move them out"):
+    with pytest.raises(FileExistsError, match=r"hidden entries \['\.env', '\.git', 'old_shards/\.secret'\].*move "
+                                               r"them out"):
         export(make_model("gqa"), folder, overwrite=overwrite)  # a folder of dot-files is not "empty"
     assert tree_digest(folder) == before
 
