@@ -198,7 +198,7 @@ def _recover(folder: Path):
     """
     for staging in _scratch(folder, "new"):
         _remove(staging)
-    for aside in reversed(_scratch(folder, "old")):
+    for aside in sorted(_scratch(folder, "old"), key=lambda p: p.lstat().st_mtime, reverse=True):  # newest first
         if not folder.exists() and not folder.is_symlink():
             os.replace(aside, folder)
         else:
