@@ -716,6 +716,56 @@ def _check_n_loops(n_loops, config: MythosConfig) -> int:
     return int(n_loops)
 
 
+def _cache_layer(cache: Cache):
+    """The cache's first slot (prelude, coda or loop: every forward writes it), or None for a cache without slots."""
+    layers = getattr(cache, "layers", None)
+    return layers[0] if layers else None
+
+
+def _check_cache_fits(cache: Cache, batch: int, past_length, seq: int):
+    """The cache must hold rows for this batch, and a static one room for the new tokens."""
+    layer = _cache_layer(cache)
+    keys = getattr(layer, "keys", None)
+    if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[0] != batch:
+        raise ValueError(
+            f"The cache (`cache` / `past_key_values`) holds batch size {keys.shape[0]}, but the input has batch size "
+            f"{batch}. Pass a cache filled with the same batch, or none (cache=None) to start a new one.")
+    capacity = getattr(layer, "max_cache_len", None)
+    if capacity is not None and not getattr(layer, "is_sliding", False) and past_length + seq > capacity:
+        raise ValueError(
+            f"This {type(cache).__name__} holds at most max_cache_len={capacity} tokens, but this call needs "
+            f"{int(past_length)} cached + {seq} new = {int(past_length) + seq}. Create it with a larger max_cache_len "
+            f"(e.g. StaticCache(config=model.config, max_cache_len={int(past_length) + seq})), or use a DynamicCache.")
+
+
+def _check_attention_mask(attention_mask: torch.Tensor, batch: int, total: int):
+    """A 2-D mask is [batch, past + new tokens] of 1 (attend) / 0 (padding); a 4-D mask is taken as prepared."""
+    if attention_mask.dim() == 4:
+        return
+    if attention_mask.dim() != 2:
+        raise ValueError(f"`attention_mask` must be 2-D [batch, past + new tokens] (or a prepared 4-D mask), "
+                         f"got shape {tuple(attention_mask.shape)}")
+    if tuple(attention_mask.shape) != (batch, total):
+        raise ValueError(f"`attention_mask` must have shape [batch, past + new tokens] = {(batch, total)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool and not is_torchdynamo_compiling():
+        # anything else (an additive 0/-inf mask, say) would be read as "attend" wherever it is non-zero
+        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+        if bad.numel() > 0:
+            raise ValueError(f"A 2-D `attention_mask` must hold only 0 (padding) and 1 (token), or bools; got "
+                             f"{bad.numel()} other values: {sorted(set(bad.unique().tolist()))[:5]}")
+
+
+def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int):
+    if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq or (
+            position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
+        given = position_ids.shape[0] if position_ids.dim() == 2 else None
+        raise ValueError(
+            f"`position_ids` must have shape [1, {seq}] or [{batch}, {seq}] (batch size 1 or the input's batch size "
+            f"{batch}, {seq} positions per row), got shape {tuple(position_ids.shape)}"
+            + (f" (batch size {given})" if given is not None else ""))
+
+
 class MythosModel(MythosPreTrainedModel):
     """Embeddings, prelude, the looped recurrent block and the coda, returning the final normalised state."""
 
@@ -758,7 +808,7 @@ class MythosModel(MythosPreTrainedModel):
             return float(injection.get_A().max())
 
     # ---------------------------------------------------------------------------------------------------- checks
-    def _validate_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
+    def _validate_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, past_length):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`")
         if input_ids is not None:
@@ -784,16 +834,12 @@ class MythosModel(MythosPreTrainedModel):
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), "
                                  f"got values from {int(low)} to {int(high)}")
-        if attention_mask is not None and attention_mask.dim() == 2:
-            if tuple(attention_mask.shape) != (batch, past_length + seq):
-                raise ValueError(
-                    f"`attention_mask` must have shape [batch, past + new tokens] = {(batch, past_length + seq)}, "
-                    f"got {tuple(attention_mask.shape)}")
-        elif attention_mask is not None and attention_mask.dim() != 4:
-            raise ValueError(f"`attention_mask` must be 2-D [batch, past + new tokens] (or a prepared 4-D mask), "
-                             f"got shape {tuple(attention_mask.shape)}")
-        if position_ids is not None and position_ids.shape[-1] != seq:
-            raise ValueError(f"`position_ids` must have {seq} positions per row, got shape {tuple(position_ids.shape)}")
+        if cache is not None:
+            _check_cache_fits(cache, batch, past_length, seq)
+        if attention_mask is not None:
+            _check_attention_mask(attention_mask, batch, past_length + seq)
+        if position_ids is not None:
+            _check_position_ids(position_ids, batch, seq)
 
     def _prepare_cache(self, cache: Cache, n_loops: int):
         """Bind the cache to ``n_loops`` and make sure it has a slot for every loop iteration."""
@@ -851,7 +897,7 @@ class MythosModel(MythosPreTrainedModel):
         if not use_cache:
             cache = None
         past_length = cache.get_seq_length() if cache is not None else 0
-        self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
+        self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, past_length)
         if cache is not None:
             self._prepare_cache(cache, n_loops)
 
@@ -864,6 +910,8 @@ class MythosModel(MythosPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + inputs_embeds.shape[1],
                                         device=inputs_embeds.device).unsqueeze(0)
+        elif position_ids.dim() == 1:  # [seq]: the same positions for every row
+            position_ids = position_ids.unsqueeze(0)
         # positional: the cache argument's name changed in transformers 5.24
         mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
@@ -940,6 +988,24 @@ class MythosModel(MythosPreTrainedModel):
         )
 
 
+def _check_labels(labels, input_ids, inputs_embeds, vocab_size: int, ignore_index: int):
+    """Labels are integer token ids of the input's shape [batch, seq] (shifted inside), or the ignore index."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`labels` must be a tensor of token ids, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"`labels` must hold integer token ids, got dtype {labels.dtype}")
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and tuple(labels.shape) != tuple(inputs.shape[:2]):
+        raise ValueError(f"`labels` must have the input's shape [batch, seq_len] = {tuple(inputs.shape[:2])}, "
+                         f"got {tuple(labels.shape)}")
+    if not is_torchdynamo_compiling():
+        bad = labels[((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)]
+        if bad.numel() > 0:
+            low, high = torch.aminmax(bad)
+            raise ValueError(f"`labels` must lie in [0, vocab_size={vocab_size}) or equal the ignore index "
+                             f"{ignore_index}; got {bad.numel()} values outside, from {int(low)} to {int(high)}")
+
+
 class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -963,8 +1029,34 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def spectral_radius(self) -> float:
-        """rho(A) of the recurrent injection (always strictly below 1)."""
+        """rho(A) of the recurrent injection (always strictly below 1; NaN parameters raise a ValueError)."""
         return self.model.spectral_radius()
+
+    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
+        """``GenerationMixin.generate``, but a request for more tokens than ``max_seq_len`` holds is refused before
+        the first step, instead of by the forward that reaches the limit (after decoding everything up to it)."""
+        self._check_generation_length(inputs, generation_config, kwargs)
+        return super().generate(inputs, generation_config, *args, **kwargs)
+
+    def _check_generation_length(self, inputs, generation_config, kwargs):
+        """Prompt + ``max_new_tokens`` (from the call, else the generation config in effect), or an explicit
+        ``max_length``, must fit in ``max_seq_len``. A default ``max_length`` needs no check: generate caps it."""
+        prompt = kwargs.get("inputs_embeds", kwargs.get("input_ids", inputs))
+        prompt_len = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else 0
+        limit = self.config.max_seq_len
+        new_tokens = kwargs.get("max_new_tokens")
+        if new_tokens is None:
+            new_tokens = (generation_config or self.generation_config).max_new_tokens
+        if new_tokens is not None and prompt_len + new_tokens > limit:
+            raise ValueError(
+                f"`max_new_tokens`={new_tokens} with a prompt of {prompt_len} tokens asks for "
+                f"{prompt_len + new_tokens} positions, but the model holds at most max_seq_len={limit}: pass max_new_tokens <= "
+                f"{max(limit - prompt_len, 0)}" + (" (a shorter prompt first)" if prompt_len >= limit else ""))
+        max_length = kwargs.get("max_length")
+        if new_tokens is None and max_length is not None and "inputs_embeds" not in kwargs and max_length > limit:
+            raise ValueError(
+                f"`max_length`={max_length} (prompt of {prompt_len} tokens included) exceeds max_seq_len={limit}: "
+                f"pass max_length <= {limit}, or max_new_tokens <= {max(limit - prompt_len, 0)}")
 
     def forward(
         self,
@@ -991,6 +1083,9 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor`, *optional*): Token ids for the next-token loss (shifted inside; -100 ignored).
         """
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        if labels is not None:
+            ignore_index = loss_kwargs.get("ignore_index", -100)
+            _check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size, ignore_index)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,

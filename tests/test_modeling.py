@@ -75,7 +75,7 @@ def test_injection_a_stays_inside_its_bounds_for_non_finite_parameters(input_ids
     injection = model.model.recurrent.injection
     with torch.no_grad():
         getattr(injection, name)[0] = value
-    A = injection.get_A()
+        A = injection.get_A()
     assert A_MIN <= float(A.min()) and float(A.max()) <= A_MAX
     expected = {"nan": A_MIN + (A_MAX - A_MIN) * float(torch.exp(torch.tensor(-1.0))), "inf": A_MIN, "-inf": A_MAX}
     assert float(A[0]) == pytest.approx(expected[str(value)], rel=1e-6)
