@@ -13,10 +13,11 @@ import json
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
 import openmythos
 from openmythos import MythosForCausalLM, MythosTokenizer, mythos_tiny
+from openmythos.checkpoints import AtomicCheckpointTrainer
 from openmythos.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
 from openmythos.peft_support import expert_lora_config
 
@@ -64,7 +65,7 @@ def main(argv=None):
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, logging_steps=5, save_steps=max(args.max_steps, 1), report_to="none", seed=args.seed,
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=causal_lm_collator)
+    trainer = AtomicCheckpointTrainer(model=model, args=training_args, train_dataset=data, data_collator=causal_lm_collator)
     trainer.train()
     model.save_pretrained(args.output_dir)  # the adapter only
     tokenizer.save_pretrained(args.output_dir)

@@ -9,18 +9,21 @@ A toy run that needs no download and finishes in about a minute on a laptop CPU 
 tokenizer, the small corpus shipped with the package):
 
     python examples/pretrain.py --toy --output-dir runs/toy
+
+Checkpoints are written atomically (openmythos.checkpoints), so a run killed at any moment, even mid-save, continues
+with the same command plus --resume: it picks the newest complete checkpoint and says which broken ones it skipped.
 """
 
 import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 import openmythos
 from openmythos import MythosForCausalLM, MythosTokenizer
+from openmythos.checkpoints import AtomicCheckpointTrainer, has_checkpoints, latest_complete_checkpoint
 from openmythos.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
 from openmythos.optim import MuonAdamW
 from openmythos.training import MythosTrainingCallback
@@ -58,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="runs/mythos")
     p.add_argument("--save-steps", type=int, default=1000)
     p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="resume from the newest complete checkpoint in --output-dir (start fresh when there is none)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.toy:
@@ -92,8 +96,21 @@ def build_model(args, tokenizer) -> MythosForCausalLM:
     return MythosForCausalLM(config)
 
 
+def resume_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint --resume continues from: the newest complete one (broken newer ones are skipped, with the
+    reason logged). None when the folder has no checkpoint yet; an error when it has some but none is complete,
+    rather than silently training from scratch over them."""
+    checkpoint = latest_complete_checkpoint(output_dir)
+    if checkpoint is None and has_checkpoints(output_dir):
+        raise SystemExit(f"--resume: no complete checkpoint-N folder in {output_dir} (see the reasons above)")
+    if checkpoint is not None:
+        print(f"Resuming from {checkpoint}", flush=True)
+    return checkpoint
+
+
 def main(argv=None):
     args = parse_args(argv)
+    resume = resume_checkpoint(args.output_dir) if args.resume else None  # before any work: it may refuse
     set_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
     model = build_model(args, tokenizer)
@@ -116,10 +133,11 @@ def main(argv=None):
     if args.optimizer == "muon":
         optimizers = (MuonAdamW.from_model(model, lr=args.lr, muon_lr=args.muon_lr,
                                            weight_decay=args.weight_decay), None)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_data, data_collator=causal_lm_collator,
-                      callbacks=[MythosTrainingCallback()], optimizers=optimizers)
-    resume = args.resume and any(Path(args.output_dir).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    # Checkpoints are written atomically, so a kill or a full disk mid-save never leaves a folder that blocks --resume.
+    trainer = AtomicCheckpointTrainer(model=model, args=training_args, train_dataset=train_data,
+                                      data_collator=causal_lm_collator, callbacks=[MythosTrainingCallback()],
+                                      optimizers=optimizers)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

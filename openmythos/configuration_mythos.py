@@ -9,6 +9,8 @@ This module imports only ``transformers``, so it can be copied next to a checkpo
 """
 
 import functools
+import math
+import numbers
 
 from transformers import PreTrainedConfig
 
@@ -66,15 +68,21 @@ class MythosConfig(PreTrainedConfig):
         loop_sampling (`str`, defaults to ``"fixed"``): How training picks ``n_loops`` when none is passed:
             ``"fixed"`` uses ``max_loop_iters``; ``"poisson_lognormal"`` draws a count per forward (Huginn/Parcae:
             1 + Poisson with a log-normal rate, mean ``mean_train_loops``). Never used in eval mode.
-        mean_train_loops (`float`, *optional*): Mean of the training draw. Defaults to ``max_loop_iters``.
+        mean_train_loops (`float`, *optional*): Mean of the training draw, in [1, ``loop_limit``]. Defaults to
+            ``max_loop_iters``.
         loop_sampling_sigma (`float`, defaults to 0.5): Std of the log-normal rate.
-        max_train_loops (`int`, *optional*): Largest training draw. Defaults to ``2 * ceil(mean_train_loops)``.
-        loop_sampling_seed (`int`, defaults to 0): Seed of the draws (the draw also depends on the step index).
+        max_train_loops (`int`, *optional*): Largest training draw, in [1, ``loop_limit``]. Defaults to
+            ``2 * ceil(mean_train_loops)``, and the draw is capped at ``loop_limit`` in any case.
+        loop_sampling_seed (`int`, defaults to 0): Seed of the draws, in [0, 2**32) (the draw also depends on the
+            step index).
         max_inference_loops (`int`, *optional*): Upper bound on ``n_loops`` for any call, and on training draws.
             Defaults to ``8 * max_loop_iters`` (read it as ``config.loop_limit``). A larger request is refused with an
-            error that names this field, instead of running for hours.
-        backprop_loops (`int`, *optional*): In training, only the last ``backprop_loops`` iterations build a graph;
-            earlier ones run without grad (truncated backprop through depth). ``None`` backpropagates through all.
+            error that names this field, instead of running for hours. It must be at least ``max_loop_iters`` (the
+            loop count used when none is given), and ``mean_train_loops`` / ``max_train_loops`` may not exceed it:
+            raise it to train or run deeper.
+        backprop_loops (`int`, *optional*): In training, only the last ``backprop_loops`` (>= 1) iterations build a
+            graph; earlier ones run without grad (truncated backprop through depth). ``None`` backpropagates through
+            all.
         router_bias_update_rate (`float`, defaults to 1e-3): Step of the aux-loss-free router-bias update
             (bias += rate * sign(mean load - load)), applied by ``openmythos.training.update_router_bias``.
         router_aux_loss_coef (`float`, defaults to 0.0): Weight of the optional sequence-level balance loss.
@@ -82,7 +90,15 @@ class MythosConfig(PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): Std of the normal weight init.
         tie_word_embeddings (`bool`, defaults to `True`): Share ``lm_head`` with ``embed_tokens``.
         use_cache (`bool`, defaults to `True`): Return a KV cache from forward by default.
-        pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): Special token ids.
+        pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): Special token ids, in [0, ``vocab_size``);
+            ``eos_token_id`` may also be a non-empty list of them.
+
+    Every field is checked when the config is built, loaded (``from_dict``, ``from_pretrained``, a hand-edited
+    config.json) or overridden at load time. A value of the wrong type raises ``TypeError`` (integers are real
+    integers, numpy's included, never bools, floats or strings; switches are ``True``/``False``, never ``"no"`` or
+    ``0``; numbers may be ints but not bools or strings), a value out of range raises ``ValueError`` (every float
+    must be finite: inf and NaN give NaN or all-zero logits). Both messages name the field, show the value and say
+    what is accepted. numpy scalars are stored as Python numbers so that the config stays JSON-serialisable.
 
     ``num_hidden_layers`` is derived, not set: ``prelude_layers + coda_layers + max_loop_iters``, one KV-cache slot
     per prelude layer, per coda layer and per loop iteration (the loop slots come last so that a dynamic cache can
@@ -148,18 +164,20 @@ class MythosConfig(PreTrainedConfig):
         # `num_hidden_layers` is derived; a value saved by another tool is accepted only if it agrees.
         saved_layers = kwargs.pop("num_hidden_layers", None)
         super().__post_init__(**kwargs)
-        if self.dense_ffn_dim is None:  # `dim` arrived through the `hidden_size` alias
+        # A newer format may use fields differently: say "upgrade" before judging any field by today's rules.
+        version = _check_int("mythos_format_version", self.mythos_format_version, 1)
+        if version > MYTHOS_FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses OpenMythos format version {version}, but the installed code "
+                f"reads up to version {MYTHOS_FORMAT_VERSION}. Upgrade with `pip install -U openmythos`."
+            )
+        if self.dense_ffn_dim is None and _is_int(self.dim):  # `dim` may have arrived through `hidden_size`
             self.dense_ffn_dim = self.dim * 4 // 3
         self._validate()
         if saved_layers is not None and saved_layers != self.num_hidden_layers:
             raise ValueError(
                 f"`num_hidden_layers` is derived (prelude_layers + coda_layers + max_loop_iters = "
                 f"{self.num_hidden_layers}) but the config says {saved_layers}"
-            )
-        if self.mythos_format_version > MYTHOS_FORMAT_VERSION:
-            raise ValueError(
-                f"This checkpoint uses OpenMythos format version {self.mythos_format_version}, but the installed code "
-                f"reads up to version {MYTHOS_FORMAT_VERSION}. Upgrade with `pip install -U openmythos`."
             )
 
     @property
@@ -192,20 +210,38 @@ class MythosConfig(PreTrainedConfig):
         """Number of channels per head that RoPE rotates."""
         return self.qk_rope_head_dim if self.attn_type == "mla" else self.head_dim
 
-    def _validate(self):
-        def check_int(name, minimum):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                accepted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-                raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """``PreTrainedConfig.from_dict``, then validation again: it sets load-time overrides after ``__init__``."""
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        config._validate()
+        return result
 
-        for name in ("vocab_size", "dim", "n_heads", "n_kv_heads", "max_seq_len", "max_loop_iters", "n_experts",
-                     "n_experts_per_tok", "expert_dim", "dense_ffn_dim"):
-            check_int(name, 1)
-        for name in ("prelude_layers", "coda_layers", "n_shared_experts", "lora_rank", "q_lora_rank"):
-            check_int(name, 0)
-        if self.attn_type not in ATTN_TYPES:
-            raise ValueError(f"`attn_type` must be one of {ATTN_TYPES}, got {self.attn_type!r}")
+    def _validate(self):
+        """Refuse a config the model cannot run: each field's type (TypeError) and range (ValueError), then the
+        rules that tie fields together."""
+        for name, accepted in _CHOICES.items():
+            _check_choice(name, getattr(self, name), accepted)
+        for name, minimum in _INT_MINIMUMS.items():
+            if self.attn_type != "mla" and name in _MLA_ONLY_FIELDS:
+                minimum = 0  # unused by GQA: any integer will do
+            self._set_plain(name, _check_int(name, getattr(self, name), minimum, optional=name in _OPTIONAL))
+        for name, (accepted, in_range) in _FLOAT_RANGES.items():
+            self._set_plain(name, _check_float(name, getattr(self, name), accepted, in_range,
+                                               optional=name in _OPTIONAL))
+        for name in _BOOL_FIELDS:
+            _check_bool(name, getattr(self, name), optional=name in _OPTIONAL)
+        self._validate_shapes()
+        self._validate_loop_bounds()
+        self._validate_token_ids()
+
+    def _set_plain(self, name, value):
+        # numpy scalars are accepted but stored as Python numbers, so that the config stays JSON-serialisable.
+        if value is not None and type(value) is not type(getattr(self, name)):
+            setattr(self, name, value)
+
+    def _validate_shapes(self):
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"`n_kv_heads` ({self.n_kv_heads}) must divide `n_heads` ({self.n_heads})")
         if self.attn_type == "gqa":
@@ -213,38 +249,137 @@ class MythosConfig(PreTrainedConfig):
                 raise ValueError(f"`dim` ({self.dim}) must be divisible by `n_heads` ({self.n_heads})")
             if (self.dim // self.n_heads) % 2 != 0:
                 raise ValueError(f"GQA head size dim // n_heads ({self.dim // self.n_heads}) must be even for RoPE")
-        else:
-            for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
-                check_int(name, 1)
-            check_int("qk_nope_head_dim", 0)
-            if self.qk_rope_head_dim % 2 != 0:
-                raise ValueError(f"`qk_rope_head_dim` must be even for RoPE, got {self.qk_rope_head_dim}")
+        elif self.qk_rope_head_dim % 2 != 0:
+            raise ValueError(f"`qk_rope_head_dim` must be even for RoPE, got {self.qk_rope_head_dim}")
         if self.n_experts_per_tok > self.n_experts:
             raise ValueError(
                 f"`n_experts_per_tok` ({self.n_experts_per_tok}) cannot exceed `n_experts` ({self.n_experts})"
             )
-        if not 0.0 < float(self.act_threshold) <= 1.0:
-            raise ValueError(f"`act_threshold` must lie in (0, 1], got {self.act_threshold}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"`dropout` must lie in [0, 1), got {self.dropout}")
-        for name in ("rope_theta", "rms_norm_eps"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
-        if self.loop_sampling not in LOOP_SAMPLINGS:
-            raise ValueError(f"`loop_sampling` must be one of {LOOP_SAMPLINGS}, got {self.loop_sampling!r}")
-        for name in ("max_train_loops", "backprop_loops", "max_inference_loops"):
-            if getattr(self, name) is not None:
-                check_int(name, 1)
-        if self.mean_train_loops is not None and not float(self.mean_train_loops) >= 1:
-            raise ValueError(f"`mean_train_loops` must be >= 1, got {self.mean_train_loops}")
-        for name in ("loop_signal_scale", "act_ponder_weight", "initializer_range", "routed_scaling_factor",
-                     "loop_sampling_sigma", "router_bias_update_rate", "router_aux_loss_coef"):
-            if not float(getattr(self, name)) >= 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+
+    def _validate_loop_bounds(self):
+        # Every loop count the config can produce (the default, a training draw) must stay within `loop_limit`.
+        if self.max_inference_loops is not None and self.max_inference_loops < self.max_loop_iters:
+            raise ValueError(
+                f"`max_inference_loops` must be an integer >= `max_loop_iters` ({self.max_loop_iters}, the default "
+                f"loop count), or None for 8 * max_loop_iters; got {self.max_inference_loops!r}"
+            )
+        bound = f"<= {self.loop_limit} (`max_inference_loops`, default 8 * max_loop_iters; raise it to allow more)"
+        if self.mean_train_loops is not None and not 1 <= self.mean_train_loops <= self.loop_limit:
+            raise ValueError(f"`mean_train_loops` must be a number >= 1 and {bound}, got {self.mean_train_loops!r}")
+        if self.max_train_loops is not None and self.max_train_loops > self.loop_limit:
+            raise ValueError(f"`max_train_loops` must be an integer >= 1 and {bound}, got {self.max_train_loops!r}")
+        if self.loop_sampling_seed >= 2**32:
+            raise ValueError(f"`loop_sampling_seed` must be an integer in [0, 2**32), got {self.loop_sampling_seed!r}")
+
+    def _validate_token_ids(self):
         for name in ("pad_token_id", "bos_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"`{name}` must lie in [0, vocab_size={self.vocab_size}), got {value}")
+            setattr(self, name, _check_token_id(name, getattr(self, name), self.vocab_size))
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            if not eos:
+                raise ValueError("`eos_token_id` must be None, a token id or a non-empty list of token ids, got []")
+            # Checked as a whole so that the message shows the list, not one element of it.
+            ids = [_check_token_id("eos_token_id", token, self.vocab_size, in_list=list(eos)) for token in eos]
+            self.eos_token_id = ids
+        else:
+            self.eos_token_id = _check_token_id("eos_token_id", eos, self.vocab_size)
+
+
+# Validation tables. `_OPTIONAL` fields also accept None (meaning "derive the default").
+_CHOICES = {"attn_type": ATTN_TYPES, "loop_sampling": LOOP_SAMPLINGS}
+# Smallest accepted value of each integer field; `dim` comes before `dense_ffn_dim`, which is derived from it.
+_INT_MINIMUMS = {
+    "vocab_size": 1, "dim": 1, "n_heads": 1, "n_kv_heads": 1, "max_seq_len": 1, "max_loop_iters": 1,
+    "prelude_layers": 0, "coda_layers": 0, "kv_lora_rank": 1, "q_lora_rank": 0, "qk_rope_head_dim": 1,
+    "qk_nope_head_dim": 0, "v_head_dim": 1, "n_experts": 1, "n_shared_experts": 0, "n_experts_per_tok": 1,
+    "expert_dim": 1, "lora_rank": 0, "dense_ffn_dim": 1, "max_train_loops": 1, "loop_sampling_seed": 0,
+    "max_inference_loops": 1, "backprop_loops": 1, "mythos_format_version": 1, "chunk_size_feed_forward": 0,
+}
+_MLA_ONLY_FIELDS = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+# name: (accepted values in words, test). NaN fails every comparison, so it is refused with the rest.
+_FLOAT_RANGES = {
+    "act_threshold": ("in (0, 1]", lambda x: 0 < x <= 1),
+    "rope_theta": ("> 0", lambda x: x > 0),
+    "dropout": ("in [0, 1)", lambda x: 0 <= x < 1),
+    "act_ponder_weight": (">= 0", lambda x: x >= 0),
+    "loop_signal_scale": (">= 0", lambda x: x >= 0),
+    "routed_scaling_factor": (">= 0", lambda x: x >= 0),
+    "mean_train_loops": (">= 1", lambda x: x >= 1),
+    "loop_sampling_sigma": (">= 0", lambda x: x >= 0),
+    "router_bias_update_rate": (">= 0", lambda x: x >= 0),
+    "router_aux_loss_coef": (">= 0", lambda x: x >= 0),
+    "rms_norm_eps": ("> 0", lambda x: x > 0),
+    "initializer_range": (">= 0", lambda x: x >= 0),
+}
+# Our switches, and the base config's output switches (a truthy string such as "no" would turn them on).
+_BOOL_FIELDS = ("mla_absorb", "use_act", "tie_word_embeddings", "use_cache", "is_encoder_decoder",
+                "output_attentions", "output_hidden_states", "return_dict")
+_OPTIONAL = {"dense_ffn_dim", "max_train_loops", "max_inference_loops", "backprop_loops", "mean_train_loops",
+             "output_hidden_states", "return_dict"}
+
+
+def _type_error(name, value, accepted):
+    return TypeError(f"`{name}` must be {accepted}, got {value!r} of type {type(value).__name__}")
+
+
+def _is_int(value) -> bool:
+    # numbers.Integral admits numpy integers; bool is an int subclass but never means a count.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name, value, minimum, optional=False):
+    """Return ``value`` as a Python int (or None when optional); refuse other types and values below ``minimum``."""
+    accepted = f"an integer >= {minimum}" + (" or None" if optional else "")
+    if value is None and optional:
+        return None
+    if not _is_int(value):
+        raise _type_error(name, value, accepted)
+    if value < minimum:
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name, value, accepted, in_range, optional=False):
+    """Return ``value`` as a Python number (int stays int); refuse non-numbers, inf, NaN and out-of-range values."""
+    accepted = f"a finite number {accepted}" + (" or None" if optional else "")
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _type_error(name, value, accepted)
+    if not (math.isfinite(value) and in_range(value)):
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
+    return value if type(value) in (int, float) else float(value)
+
+
+def _check_bool(name, value, optional=False):
+    if value is None and optional:
+        return
+    if not isinstance(value, bool):
+        raise _type_error(name, value, "True or False" + (" or None" if optional else ""))
+
+
+def _check_choice(name, value, accepted):
+    if not isinstance(value, str):
+        raise _type_error(name, value, f"a str, one of {accepted}")
+    if value not in accepted:
+        raise ValueError(f"`{name}` must be one of {accepted}, got {value!r}")
+
+
+def _check_token_id(name, value, vocab_size, in_list=None):
+    """Return a token id as a Python int in [0, vocab_size), or None. ``in_list``: the eos list ``value`` is from."""
+    if value is None and in_list is None:
+        return None
+    shown = value if in_list is None else in_list
+    accepted = f"None or a token id in [0, {vocab_size}) (vocab_size)"
+    if name == "eos_token_id":
+        accepted = f"None, or a token id or non-empty list of token ids in [0, {vocab_size}) (vocab_size)"
+    if not _is_int(value) and in_list is not None:
+        raise TypeError(f"`{name}` must be {accepted}, got {shown!r} (element {value!r} is a {type(value).__name__})")
+    if not _is_int(value):
+        raise _type_error(name, value, accepted)
+    if not 0 <= value < vocab_size:
+        raise ValueError(f"`{name}` must be {accepted}, got {shown!r}")
+    return int(value)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ pointer chasing (``openmythos.tasks``) with k <= K:
 It then scores every model on every question with 1..2K hops (the looped one at n_loops 1..2K+2), prints the
 accuracy table, writes it as ``results.json`` / ``accuracy.md`` and plots ``accuracy.png``, saves the looped model
 with ``save_pretrained``, reloads it through ``AutoModelForCausalLM`` and answers sample questions with
-``generate(n_loops=...)``. Every setting is a flag; a seed fixes the results.
+``generate(n_loops=...)``. Every setting is a flag. A seed fixes the results on one machine: the same seed, torch
+version, thread count and CPU kernels (or GPU) give the same table, and ``results.json`` records them. Another CPU
+can round differently (AVX-512 and AVX2 kernels sum in another order), so its table can differ by a few points.
 
 ``--task context`` swaps the hidden graph for one written in the prompt, a new graph per example
 (``InContextPointerChasingTask``): training prompts query every node of graphs of varied size, the first
@@ -20,12 +22,17 @@ defaults are the recipe that makes the looped model learn it (docs/demo.md).
 
 import argparse
 import json
+import os
+import platform
+import shutil
 import time
 from pathlib import Path
 
 import datasets
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, ProgressCallback, Trainer, TrainingArguments, set_seed
+from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.utils import logging as hf_logging
 
 from .configuration_mythos import MythosConfig
@@ -70,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                         "1-hop only (default 300)")
     p.add_argument("--eval-examples", type=int, default=500, help="context: scored prompts per hop count")
     p.add_argument("--samples", type=int, default=4, help="sample questions answered after reloading")
-    p.add_argument("--seed", type=int, default=0, help="seed of the graph, the data and the models")
+    p.add_argument("--seed", type=int, default=0, help="seed of the graph, the data and the models (same "
+                                                         "seed, machine, torch version and --threads: same results)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these models are too small to gain "
                                                            "from more)")
     p.add_argument("--output-dir", default="demo_output")
@@ -217,11 +225,46 @@ class InOrderLoopsPerHopTrainer(InOrderTrainer, LoopsPerHopTrainer):
     """The looped model's trainer for a curriculum: batches in dataset order, each hop group with n_loops = hops."""
 
 
-def train(name: str, model, dataset, tokenizer, args) -> float:
+class BarOnlyProgressCallback(ProgressCallback):
+    """The Trainer's tqdm progress bar without the raw log dict it prints at every logging step.
+
+    The logs still reach ``trainer.state.log_history``; ``train`` prints one readable summary line from them.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def training_record(steps: int, seconds: float, log_history: list[dict]) -> dict:
+    """Steps, time, first and last logged loss and, for the looped model, the expert load balance at the end."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    record = {"steps": steps, "seconds": seconds, "first_loss": losses[0] if losses else None,
+              "last_loss": losses[-1] if losses else None}
+    balance = [entry for entry in log_history if "moe/load_cv" in entry]
+    if balance:
+        # load_cv is finite even when an expert got no token (where load_max_min_ratio is inf)
+        record["expert_load_cv"] = balance[-1]["moe/load_cv"]
+        record["idle_expert"] = balance[-1].get("moe/load_max_min_ratio") == float("inf")
+    return record
+
+
+def describe_training(name: str, record: dict) -> str:
+    """One console line per trained model, e.g. ``looped: 1500 steps in 95 s, loss 3.10 -> 0.02, ...``."""
+    line = f"  {name}: {record['steps']} steps in {record['seconds']:.0f} s"
+    if record["first_loss"] is not None:
+        line += f", loss {record['first_loss']:.3f} -> {record['last_loss']:.3f}"
+    if "expert_load_cv" in record:
+        idle = "; an expert got no token" if record["idle_expert"] else ""
+        line += (f", expert load CV {record['expert_load_cv']:.2f} at the last step (std/mean of tokens per expert, "
+                 f"0 = even{idle})")
+    return line
+
+
+def train(name: str, model, dataset, tokenizer, args) -> dict:
     looped = name == LOOPED
     steps = args.steps if looped else args.baseline_steps
     if steps == 0:
-        return 0.0
+        return training_record(0, 0.0, [])
     schedule = {"lr_scheduler_type": "cosine"} if args.task == "hidden" else {  # context: decay to 0.1x, not to 0
         "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
     training_args = TrainingArguments(
@@ -241,13 +284,14 @@ def train(name: str, model, dataset, tokenizer, args) -> float:
         data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped),
         callbacks=[MythosTrainingCallback()] if looped else None,
     )
+    trainer.remove_callback(DEFAULT_PROGRESS_CALLBACK)  # it prints every log dict, moe/... keys included
+    trainer.add_callback(BarOnlyProgressCallback())
     print(f"\nTraining {describe(name, model, args)}", flush=True)
     start = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - start
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    print(f"  {steps} steps in {seconds:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-    return seconds
+    record = training_record(steps, time.perf_counter() - start, trainer.state.log_history)
+    print(describe_training(name, record), flush=True)
+    return record
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -372,7 +416,7 @@ def plot(table: dict, args, path: Path) -> None:
     fig.suptitle(f"k-hop pointer chasing over a hidden {args.num_nodes}-node cycle" if args.task == "hidden" else
                  f"in-context k-hop pointer chasing, a new {args.num_nodes}-node cycle in every prompt")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -402,6 +446,86 @@ def answer_samples(folder: Path, task, args) -> list[dict]:
     return samples
 
 
+# ------------------------------------------------------------------------------------------------------------- files
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one rename: a crash
+    leaves the old file whole (and at most a stale temporary, overwritten next time), never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot leave an empty file
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def _swap_names(folder: Path) -> tuple[Path, Path]:
+    return folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+
+
+def _files_under(folder: Path) -> set[str]:
+    return {str(f.relative_to(folder)) for f in folder.rglob("*") if not f.is_dir()}
+
+
+def _retire(old: Path, folder: Path) -> Path | None:
+    """Delete the replaced folder if every file in it is one the new save wrote again; otherwise keep it, renamed
+    to a free ``<name>.previous[-i]``, since the extra files are not the demo's to delete. Returns that name."""
+    if _files_under(old) <= _files_under(folder):
+        shutil.rmtree(old)
+        return None
+    kept, i = folder.with_name(f"{folder.name}.previous"), 1
+    while kept.exists():
+        kept, i = folder.with_name(f"{folder.name}.previous-{i}"), i + 1
+    os.replace(old, kept)
+    return kept
+
+
+def recover_folder(folder: Path) -> Path | None:
+    """Finish a swap that a crash interrupted (see ``save_folder_atomically``): put the old folder back if the new
+    one never arrived, otherwise retire it. Returns where a folder with foreign files was kept, if anywhere."""
+    tmp, old = _swap_names(folder)
+    if tmp.exists():  # a save that never finished: the demo's own partial output
+        shutil.rmtree(tmp)
+    if not old.exists():
+        return None
+    if not folder.exists():
+        os.replace(old, folder)
+        return None
+    return _retire(old, folder)
+
+
+def save_folder_atomically(folder: Path, save) -> Path | None:
+    """``save(tmp)`` fills a fresh folder beside ``folder``, which then replaces it: rename the current one aside,
+    rename the new one in, retire the old one. A crash at any point leaves a whole folder (old or new) that
+    ``recover_folder`` (run first here, and by the next run) puts back in place. Returns where an old folder holding
+    files the demo did not write was kept, if anywhere."""
+    kept = recover_folder(folder)
+    tmp, old = _swap_names(folder)
+    try:
+        save(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only our half-written copy; the current folder is untouched
+        raise
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    return _retire(old, folder) if old.exists() else kept
+
+
+def environment() -> dict:
+    """What besides the seed the numbers depend on: same values here, same table."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "device": device, "platform": platform.platform(), "machine": platform.machine(),
+            "python": platform.python_version()}
+
+
 # -------------------------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
@@ -420,21 +544,31 @@ def run(args: argparse.Namespace) -> dict:
               f"asks for the node 2 links after '{example['question'][-1]}' ({example['answer']!r}). Training on "
               f"1..{args.train_hops} hops ({args.curriculum_steps} 1-hop batches first), testing on "
               f"1..{args.eval_hops} over {args.num_nodes}-node graphs.")
+    env = environment()
+    print(f"Seed {args.seed}; torch {env['torch']}, {env['torch_threads']} CPU thread(s), {env['cpu_capability']} "
+          f"kernels, {env['device']}, {env['platform']}. The same seed gives the same table on this machine with "
+          f"this torch version and thread count; other CPUs can round differently.")
     dataset = training_set(task, tokenizer, args)
     models = build_models(args, tokenizer)
-    seconds = {name: train(name, model, dataset, tokenizer, args) for name, model in models.items()}
+    training = {name: train(name, model, dataset, tokenizer, args) for name, model in models.items()}
 
     table = evaluate(models, task, tokenizer, args)
     text = format_table(table, args)
     scored = "every start node" if args.task == "hidden" else f"{args.eval_examples} prompts per hop count"
     print(f"\nAccuracy ({scored}, exact):\n" + text)
-    (out / "accuracy.md").write_text(text + "\n")
+    write_text_atomically(out / "accuracy.md", text + "\n")
     if not args.no_plot:
         plot(table, args, out / "accuracy.png")
 
     folder = out / "looped-model"
-    models[LOOPED].save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+
+    def save(tmp):
+        models[LOOPED].save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    kept = save_folder_atomically(folder, save)
+    if kept is not None:
+        print(f"\nThe previous {folder} held files the demo did not write; it is kept as {kept}.")
     samples = answer_samples(folder, task, args)
     print(f"\nSample questions, answered by the reloaded model ({folder}) with generate(n_loops=hops):")
     for s in samples:
@@ -445,14 +579,16 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {k: v for k, v in vars(args).items()},
         "models": {name: describe(name, m, args) for name, m in models.items()},
         "parameters": {name: m.num_parameters() for name, m in models.items()},
-        "train_seconds": seconds,
+        "train_seconds": {name: record["seconds"] for name, record in training.items()},
+        "training": training,
+        "environment": env,
         "hops": list(range(1, args.eval_hops + 1)),
         "accuracy": table,
         "summary": summary(table, args),
         "samples": samples,
         "total_seconds": time.perf_counter() - started,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomically(out / "results.json", json.dumps(results, indent=2) + "\n")
     s = results["summary"]
     print(f"\nLooped model: {s['looped_in_distribution']:.0%} on 1..{args.train_hops} hops; at {args.eval_hops} hops "
           f"{s['looped_at_eval_hops_with_n_loops_eq_hops']:.0%} with n_loops={args.eval_hops} vs "

@@ -33,11 +33,14 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mythos import MythosConfig
+
+logger = logging.get_logger(__name__)
 
 # A = exp(-exp(x)) is squeezed into [A_MIN, A_MAX]. Both bounds are exactly representable in fp16, bf16 and fp32 and
 # lie strictly inside (0, 1), so rounding A to any of those dtypes can never produce 0 or 1.
@@ -363,11 +366,44 @@ class MythosTopkRouter(nn.Module):
         return router_logits, top_k_weights * self.routed_scaling_factor, top_k_index
 
 
+def grouped_mm_fits(experts: nn.Module) -> bool:
+    """Whether torch's ``grouped_mm`` can multiply by these experts' matrices.
+
+    The kernel reads every matrix with a row stride that must be a multiple of 16 bytes: ``dim`` and ``expert_dim``
+    must be multiples of 4 numbers in fp32, 8 in bf16/fp16 (the input is cast to the weights' dtype first). Other
+    sizes are valid configs, so they fall back to the plain path instead of failing.
+    """
+    per_16_bytes = max(1, 16 // experts.gate_up_proj.element_size())
+    return experts.hidden_dim % per_16_bytes == 0 and experts.intermediate_dim % per_16_bytes == 0
+
+
+def _grouped_mm_falls_back_when_misaligned(experts_class):
+    """Wrap the dispatching ``forward`` made by ``use_experts_implementation``: a ``grouped_mm`` call whose sizes the
+    kernel cannot take (``grouped_mm_fits``) runs the plain path, with one warning."""
+    dispatch = experts_class.forward
+
+    @functools.wraps(dispatch)
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        # CODEPATH: grouped_mm is the default kernel; sizes it cannot take (e.g. dim=30) run the plain path
+        if self.config._experts_implementation == "grouped_mm" and not grouped_mm_fits(self):
+            logger.warning_once(
+                f"grouped_mm needs dim ({self.hidden_dim}) and expert_dim ({self.intermediate_dim}) to be multiples "
+                f"of {16 // self.gate_up_proj.element_size()} in {self.gate_up_proj.dtype}; the experts run the plain "
+                f"(eager) path instead. Pick such sizes, or set_experts_implementation('eager') to silence this.")
+            return self.plain_forward(hidden_states, top_k_index, top_k_weights)
+        return dispatch(self, hidden_states, top_k_index, top_k_weights)
+
+    experts_class.forward = forward
+    return experts_class
+
+
+@_grouped_mm_falls_back_when_misaligned
 @use_experts_implementation
 class MythosExperts(nn.Module):
     """Routed experts stored as 3-D tensors, so transformers' ``grouped_mm`` / ``batched_mm`` kernels apply.
 
-    The ``forward`` below is the plain ("eager") path that the fast kernels are tested against.
+    ``plain_forward`` is the plain ("eager") path that the fast kernels are tested against, and the one that
+    ``grouped_mm`` falls back to for sizes its kernel cannot take.
     """
 
     def __init__(self, config: MythosConfig):
@@ -379,7 +415,7 @@ class MythosExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(config.n_experts, config.dim, config.expert_dim))
         self.act_fn = F.silu
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
+    def plain_forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
         for expert in range(self.num_experts):
             token_idx, slot = torch.where(top_k_index == expert)
@@ -389,6 +425,8 @@ class MythosExperts(nn.Module):
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
             out.index_add_(0, token_idx, (expert_out * top_k_weights[token_idx, slot, None]).to(out.dtype))
         return out
+
+    forward = plain_forward  # what "eager" runs; use_experts_implementation wraps it into the kernel dispatch
 
 
 class MythosMoE(nn.Module):
@@ -467,7 +505,9 @@ class MythosInjection(nn.Module):
     """Stable diagonal input injection (Parcae): A = exp(dt * A_c), A_c = -exp(log_A), dt = exp(log_dt).
 
     A is computed in fp32 and squeezed into [A_MIN, A_MAX] (both strictly inside (0, 1) in fp16/bf16/fp32), so the
-    spectral radius is below 1 whatever values the parameters take. B is a learned diagonal.
+    spectral radius is below 1 whatever values the parameters take, NaN and +-inf included: +-inf give the limits
+    (A_MIN, A_MAX), and a NaN exponent (a NaN parameter, or inf - inf) counts as 0, i.e. A = exp(-1) squeezed.
+    B is a learned diagonal.
     """
 
     def __init__(self, dim: int):
@@ -477,7 +517,9 @@ class MythosInjection(nn.Module):
         self.B = nn.Parameter(torch.full((dim,), 0.1))
 
     def get_A(self) -> torch.Tensor:
-        rate = torch.exp((self.log_dt.float() + self.log_A.float()).clamp(-30.0, 30.0))
+        # clamp passes NaN through, so replace it first (+-inf are clamped like any large value)
+        exponent = torch.nan_to_num(self.log_dt.float() + self.log_A.float(), nan=0.0)
+        rate = torch.exp(exponent.clamp(-30.0, 30.0))
         decay = torch.exp(-rate)
         return (A_MIN + (A_MAX - A_MIN) * decay).clamp(A_MIN, A_MAX)
 
@@ -774,14 +816,75 @@ def sequence_balance_loss(router_logits: torch.Tensor, chosen: torch.Tensor, bat
     return (fraction * probs).sum(-1).mean()
 
 
-def _check_n_loops(n_loops) -> int:
-    """Any integer (Python, numpy, or a 0-d integer tensor) >= 1; bools are refused."""
+def _check_n_loops(n_loops, config: MythosConfig) -> int:
+    """Any integer (Python, numpy, or a 0-d integer tensor) in [1, config.loop_limit]; bools are refused.
+
+    The upper bound keeps a typo (n_loops=10**6) from running for hours: every loop is a full block over every token.
+    """
     if isinstance(n_loops, torch.Tensor) and n_loops.dim() == 0 and not (
             n_loops.is_floating_point() or n_loops.is_complex() or n_loops.dtype == torch.bool):
         n_loops = n_loops.item()
     if isinstance(n_loops, bool) or not isinstance(n_loops, numbers.Integral) or n_loops < 1:
         raise ValueError(f"`n_loops` must be a positive integer (1, 2, ...), got {n_loops!r}")
+    if n_loops > config.loop_limit:
+        # CODEPATH: max_inference_loops unset (every preset) or set by the user
+        bound = (f"max_inference_loops={config.max_inference_loops}" if config.max_inference_loops is not None
+                 else f"max_inference_loops (unset: 8 * max_loop_iters = {config.loop_limit})")
+        raise ValueError(
+            f"`n_loops`={n_loops} exceeds the config's bound {bound}; accepted values are 1 to {config.loop_limit}. "
+            f"To run more loops, raise the bound: `model.config.max_inference_loops = {n_loops}`.")
     return int(n_loops)
+
+
+def _cache_layer(cache: Cache):
+    """The cache's first slot (prelude, coda or loop: every forward writes it), or None for a cache without slots."""
+    layers = getattr(cache, "layers", None)
+    return layers[0] if layers else None
+
+
+def _check_cache_fits(cache: Cache, batch: int, past_length, seq: int):
+    """The cache must hold rows for this batch, and a static one room for the new tokens."""
+    layer = _cache_layer(cache)
+    keys = getattr(layer, "keys", None)
+    if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[0] != batch:
+        raise ValueError(
+            f"The cache (`cache` / `past_key_values`) holds batch size {keys.shape[0]}, but the input has batch size "
+            f"{batch}. Pass a cache filled with the same batch, or none (cache=None) to start a new one.")
+    capacity = getattr(layer, "max_cache_len", None)
+    if capacity is not None and not getattr(layer, "is_sliding", False) and past_length + seq > capacity:
+        raise ValueError(
+            f"This {type(cache).__name__} holds at most max_cache_len={capacity} tokens, but this call needs "
+            f"{int(past_length)} cached + {seq} new = {int(past_length) + seq}. Create it with a larger max_cache_len "
+            f"(e.g. StaticCache(config=model.config, max_cache_len={int(past_length) + seq})), or use a DynamicCache.")
+
+
+def _check_attention_mask(attention_mask: torch.Tensor, batch: int, total: int):
+    """A 2-D mask is [batch, past + new tokens] of 1 (attend) / 0 (padding); a 4-D mask is taken as prepared."""
+    if attention_mask.dim() == 4:
+        return
+    if attention_mask.dim() != 2:
+        raise ValueError(f"`attention_mask` must be 2-D [batch, past + new tokens] (or a prepared 4-D mask), "
+                         f"got shape {tuple(attention_mask.shape)}")
+    if tuple(attention_mask.shape) != (batch, total):
+        raise ValueError(f"`attention_mask` must have shape [batch, past + new tokens] = {(batch, total)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool and not is_torchdynamo_compiling():
+        # anything else (an additive 0/-inf mask, say) would be read as "attend" wherever it is non-zero
+        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+        if bad.numel() > 0:
+            raise ValueError(f"A 2-D `attention_mask` must hold only 0 (padding) and 1 (token), or bools; got "
+                             f"{bad.numel()} other values: {sorted(set(bad.unique().tolist()))[:5]}")
+
+
+def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int):
+    if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq or (
+            position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
+        given = position_ids.shape[0] if position_ids.dim() == 2 else None
+        raise ValueError(
+            f"`position_ids` must have shape [1, {seq}] or [{batch}, {seq}] (batch size 1 or the input's batch size "
+            f"{batch}, {seq} positions per row), got shape {tuple(position_ids.shape)}"
+            + (f" (batch size {given})" if given is not None else ""))
+
 
 
 @auto_docstring
@@ -801,12 +904,24 @@ class MythosModel(MythosPreTrainedModel):
         self.post_init()
 
     def spectral_radius(self) -> float:
-        """rho(A) of the recurrent injection: the largest diagonal entry of A (always strictly below 1)."""
+        """rho(A) of the recurrent injection: the largest diagonal entry of A, always strictly below 1.
+
+        NaN parameters raise a ValueError naming them instead: the loop still multiplies by an A inside (0, 1)
+        (see ``MythosInjection``), but a NaN weight means the run diverged, and a tidy number would hide that.
+        """
+        injection = self.recurrent.injection
+        for name in ("log_A", "log_dt"):
+            values = getattr(injection, name)
+            if torch.isnan(values).any():
+                raise ValueError(
+                    f"`recurrent.injection.{name}` has {int(torch.isnan(values).sum())} NaN entries of "
+                    f"{values.numel()}, so rho(A) is undefined; the parameters must be finite or +-inf (training "
+                    f"probably diverged: reload a checkpoint from before the NaN)")
         with torch.no_grad():
-            return float(self.recurrent.injection.get_A().max())
+            return float(injection.get_A().max())
 
     # ---------------------------------------------------------------------------------------------------- checks
-    def _validate_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
+    def _validate_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, past_length):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`")
         if input_ids is not None:
@@ -832,16 +947,12 @@ class MythosModel(MythosPreTrainedModel):
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), "
                                  f"got values from {int(low)} to {int(high)}")
-        if attention_mask is not None and attention_mask.dim() == 2:
-            if tuple(attention_mask.shape) != (batch, past_length + seq):
-                raise ValueError(
-                    f"`attention_mask` must have shape [batch, past + new tokens] = {(batch, past_length + seq)}, "
-                    f"got {tuple(attention_mask.shape)}")
-        elif attention_mask is not None and attention_mask.dim() != 4:
-            raise ValueError(f"`attention_mask` must be 2-D [batch, past + new tokens] (or a prepared 4-D mask), "
-                             f"got shape {tuple(attention_mask.shape)}")
-        if position_ids is not None and position_ids.shape[-1] != seq:
-            raise ValueError(f"`position_ids` must have {seq} positions per row, got shape {tuple(position_ids.shape)}")
+        if cache is not None:
+            _check_cache_fits(cache, batch, past_length, seq)
+        if attention_mask is not None:
+            _check_attention_mask(attention_mask, batch, past_length + seq)
+        if position_ids is not None:
+            _check_position_ids(position_ids, batch, seq)
 
     @deprecate_kwarg("past_key_values", "5.23.0", new_name="cache", raise_if_both_names=True)
     @capture_outputs(tie_last_hidden_states=False)
@@ -862,7 +973,7 @@ class MythosModel(MythosPreTrainedModel):
             Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``. A cache filled with one
             value refuses another.
         """
-        n_loops = _check_n_loops(self.config.max_loop_iters if n_loops is None else n_loops)
+        n_loops = _check_n_loops(self.config.max_loop_iters if n_loops is None else n_loops, self.config)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         use_cache = use_cache and not (self.gradient_checkpointing and self.training)
@@ -870,7 +981,7 @@ class MythosModel(MythosPreTrainedModel):
             cache = DynamicCache(config=self.config)
         cache = cache if use_cache else None
         past_length = cache.get_seq_length() if cache is not None else 0
-        self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
+        self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, past_length)
         if cache is not None:
             self.recurrent.bind_cache(cache, n_loops)
         if inputs_embeds is None:
@@ -880,6 +991,8 @@ class MythosModel(MythosPreTrainedModel):
         token_mask = attention_mask[:, -seq:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device).unsqueeze(0)
+        elif position_ids.dim() == 1:  # [seq]: the same positions for every row
+            position_ids = position_ids.unsqueeze(0)
         # positional: the cache argument's name changed in transformers 5.24
         mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         shared = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids), attention_mask=mask,
@@ -896,6 +1009,24 @@ class MythosModel(MythosPreTrainedModel):
                                  ponder_cost=loop.ponder_cost, aux_loss=loop.aux_loss)
 
 
+def _check_labels(labels, input_ids, inputs_embeds, vocab_size: int, ignore_index: int):
+    """Labels are integer token ids of the input's shape [batch, seq] (shifted inside), or the ignore index."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`labels` must be a tensor of token ids, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"`labels` must hold integer token ids, got dtype {labels.dtype}")
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and tuple(labels.shape) != tuple(inputs.shape[:2]):
+        raise ValueError(f"`labels` must have the input's shape [batch, seq_len] = {tuple(inputs.shape[:2])}, "
+                         f"got {tuple(labels.shape)}")
+    if not is_torchdynamo_compiling():
+        bad = labels[((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)]
+        if bad.numel() > 0:
+            low, high = torch.aminmax(bad)
+            raise ValueError(f"`labels` must lie in [0, vocab_size={vocab_size}) or equal the ignore index "
+                             f"{ignore_index}; got {bad.numel()} values outside, from {int(low)} to {int(high)}")
+
+
 @auto_docstring
 class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -908,8 +1039,34 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def spectral_radius(self) -> float:
-        """rho(A) of the recurrent injection (always strictly below 1)."""
+        """rho(A) of the recurrent injection (always strictly below 1; NaN parameters raise a ValueError)."""
         return self.model.spectral_radius()
+
+    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
+        """``GenerationMixin.generate``, but a request for more tokens than ``max_seq_len`` holds is refused before
+        the first step, instead of by the forward that reaches the limit (after decoding everything up to it)."""
+        self._check_generation_length(inputs, generation_config, kwargs)
+        return super().generate(inputs, generation_config, *args, **kwargs)
+
+    def _check_generation_length(self, inputs, generation_config, kwargs):
+        """Prompt + ``max_new_tokens`` (from the call, else the generation config in effect), or an explicit
+        ``max_length``, must fit in ``max_seq_len``. A default ``max_length`` needs no check: generate caps it."""
+        prompt = kwargs.get("inputs_embeds", kwargs.get("input_ids", inputs))
+        prompt_len = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else 0
+        limit = self.config.max_seq_len
+        new_tokens = kwargs.get("max_new_tokens")
+        if new_tokens is None:
+            new_tokens = (generation_config or self.generation_config).max_new_tokens
+        if new_tokens is not None and prompt_len + new_tokens > limit:
+            raise ValueError(
+                f"`max_new_tokens`={new_tokens} with a prompt of {prompt_len} tokens asks for "
+                f"{prompt_len + new_tokens} positions, but the model holds at most max_seq_len={limit}: pass max_new_tokens <= "
+                f"{max(limit - prompt_len, 0)}" + (" (a shorter prompt first)" if prompt_len >= limit else ""))
+        max_length = kwargs.get("max_length")
+        if new_tokens is None and max_length is not None and "inputs_embeds" not in kwargs and max_length > limit:
+            raise ValueError(
+                f"`max_length`={max_length} (prompt of {prompt_len} tokens included) exceeds max_seq_len={limit}: "
+                f"pass max_length <= {limit}, or max_new_tokens <= {max(limit - prompt_len, 0)}")
 
     @deprecate_kwarg("past_key_values", "5.23.0", new_name="cache", raise_if_both_names=True)
     @can_return_tuple
@@ -934,6 +1091,8 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids for the next-token loss (shifted inside; -100 is ignored).
         """
+        if labels is not None:
+            _check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size, kwargs.get("ignore_index", -100))
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, n_loops=n_loops, **kwargs)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))

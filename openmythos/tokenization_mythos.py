@@ -10,7 +10,9 @@ Every UTF-8 byte is one token, so any string round-trips exactly and the vocabul
 
 vocab_size and len(tokenizer) are 260 until tokens are added with ``add_tokens``.
 
-Encoding adds no special tokens by default: ``tok(text)["input_ids"]`` is the text's bytes. Pretraining packs
+Encoding adds no special tokens by default: ``tok(text)["input_ids"]`` is the text's bytes, even where the text spells
+a special token: ``tok("a<eos>b")`` is seven bytes, never a document boundary (``split_special_tokens=True`` is the
+default; pass ``split_special_tokens=False`` to parse ``<eos>`` written in the text as the token). Pretraining packs
 documents with one ``<eos>`` after each (``openmythos.data.pack_documents``), GPT-2 style, so a prompt needs no BOS.
 ``append_eos=True`` makes ``tok(text)`` end with ``<eos>``; ``prepend_bos=True`` starts it with ``<bos>``. Both
 are saved by ``save_pretrained``.
@@ -24,7 +26,7 @@ weights as remote code.
 
 import os
 
-from transformers.tokenization_python import AddedToken, PreTrainedTokenizer
+from transformers.tokenization_python import AddedToken, PreTrainedTokenizer, Trie
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -55,8 +57,14 @@ class MythosTokenizer(PreTrainedTokenizer):
     Decoding joins the bytes and decodes them as UTF-8 with ``errors="replace"``: an invalid or cut-off sequence
     (e.g. a generation stopped inside a multi-byte character) becomes U+FFFD instead of raising.
 
-    Special-token text written inside the input (the literal string ``"<eos>"``) is encoded as that special token, as
-    in every Hugging Face tokenizer; pass ``split_special_tokens=True`` to encode it as plain bytes instead.
+        split_special_tokens (`bool`, defaults to `True`): Encode text that spells a special token (the literal
+            string ``"<eos>"``) as its bytes, so text from the web can never insert a document boundary and
+            ``decode(..., skip_special_tokens=True)`` keeps it. ``False`` parses it as the special token, as most
+            Hugging Face tokenizers do; ``tok(text, split_special_tokens=False)`` does that for one call. Tokens added
+            with ``add_tokens`` (not special) are matched either way. Saved by ``save_pretrained``.
+
+    A chat template writes its special tokens on purpose, so ``apply_chat_template`` parses them in the rendered chat;
+    pass ``sanitize_control_tokens=True`` to keep special-token text inside the messages as text.
     """
 
     model_input_names = ["input_ids", "attention_mask"]
@@ -71,6 +79,7 @@ class MythosTokenizer(PreTrainedTokenizer):
         unk_token="<unk>",
         prepend_bos: bool = False,
         append_eos: bool = False,
+        split_special_tokens: bool = True,
         **kwargs,
     ):
         specials = [pad_token, bos_token, eos_token, unk_token]
@@ -89,6 +98,7 @@ class MythosTokenizer(PreTrainedTokenizer):
             unk_token=specials[3],
             prepend_bos=self.prepend_bos,
             append_eos=self.append_eos,
+            split_special_tokens=bool(split_special_tokens),
             **kwargs,
         )
 
@@ -111,6 +121,67 @@ class MythosTokenizer(PreTrainedTokenizer):
         vocab = {self.convert_ids_to_tokens(i): i for i in range(self.vocab_size)}
         vocab.update(self.added_tokens_encoder)
         return vocab
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        if not kwargs.pop("split_special_tokens", self.split_special_tokens):
+            return super().tokenize(text, split_special_tokens=False, **kwargs)
+        # The base class would skip every added token here; only the special ones must stay text, while tokens the
+        # user added to the vocabulary (`add_tokens`) are still matched, as fast tokenizers do.
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        specials = set(self.all_special_tokens)
+        plain = {t.content: t for t in self._added_tokens_decoder.values()
+                 if not t.special and t.content not in specials}
+        if not plain:
+            return self._tokenize(text)
+        pieces = self._plain_tokens_trie(tuple(plain)).split(text)
+        tokens = []
+        for piece, matched in zip(pieces, self._added_token_matches(pieces, plain)):
+            tokens.extend([piece] if matched else self._tokenize(piece))
+        return tokens
+
+    def _plain_tokens_trie(self, contents: tuple[str, ...]) -> Trie:
+        # Cached on the token set: add_tokens after a call changes the key, so the trie is rebuilt.
+        cached = getattr(self, "_plain_trie_cache", None)
+        if cached is None or cached[0] != contents:
+            trie = Trie()
+            for content in contents:
+                trie.add(content)
+            self._plain_trie_cache = cached = (contents, trie)
+        return cached[1]
+
+    @staticmethod
+    def _added_token_matches(pieces: list[str], added: dict[str, AddedToken]) -> list[bool]:
+        """Which pieces are added tokens; strips the whitespace that lstrip/rstrip tokens swallow (edits ``pieces``).
+
+        Same rules as the non-split path: a ``single_word`` token counts only between spaces or text boundaries.
+        """
+        matches = [piece in added for piece in pieces]
+        for i, piece in enumerate(pieces):
+            token = added.get(piece) if matches[i] else None
+            if token is None:
+                continue
+            left, right = (pieces[i - 1] if i > 0 else ""), (pieces[i + 1] if i + 1 < len(pieces) else "")
+            if token.single_word and ((left and left[-1] != " ") or (right and right[0] != " ")):
+                matches[i] = False  # part of a longer word: plain text
+                continue
+            if token.lstrip and left and not matches[i - 1]:
+                pieces[i - 1] = left.rstrip()
+            if token.rstrip and right and not matches[i + 1]:
+                pieces[i + 1] = right.lstrip()
+        return matches
+
+    def _encode_without_added_tokens(self, text: str) -> list[int]:
+        # `apply_chat_template(..., sanitize_control_tokens=True)` encodes marked user text with this: plain bytes.
+        return self.convert_tokens_to_ids(self._tokenize(text))
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        # The rendered chat is the template's markup: its `<eos>` must become the token. Messages are protected by
+        # `sanitize_control_tokens=True`, which transformers implements on top of this parsing.
+        previous, self.split_special_tokens = self.split_special_tokens, False
+        try:
+            return super().apply_chat_template(conversation, *args, **kwargs)
+        finally:
+            self.split_special_tokens = previous
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return [_BYTE_TOKENS[b] for b in _utf8(text)]

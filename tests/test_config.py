@@ -85,12 +85,18 @@ def test_newer_format_version_is_refused_with_upgrade_hint():
         (dict(act_threshold=0.0), "act_threshold"),
         (dict(act_threshold=1.5), "act_threshold"),
         (dict(dropout=1.0), "dropout"),
-        (dict(max_loop_iters=2.5), "max_loop_iters"),
-        (dict(n_experts=True), "n_experts"),
     ],
 )
 def test_impossible_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
+        mythos_tiny(**overrides)
+
+
+@pytest.mark.parametrize("overrides, field", [(dict(max_loop_iters=2.5), "max_loop_iters"),
+                                              (dict(n_experts=True), "n_experts")])
+def test_wrong_type_is_a_type_error_naming_the_field(overrides, field):
+    # Full battery (every field, every class of bad input) in test_bad_config.py.
+    with pytest.raises(TypeError, match=f"`{field}` must be an integer"):
         mythos_tiny(**overrides)
 
 

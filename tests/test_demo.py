@@ -1,12 +1,16 @@
 """The reasoning demo: its task generator, and the whole pipeline end to end at toy size."""
 
 import json
+import platform
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from openmythos import MythosTokenizer
+from openmythos import MythosTokenizer, demo
 from openmythos.tasks import HOP_MARK, InContextPointerChasingTask, PointerChasingTask
 
 
@@ -76,14 +80,28 @@ def test_demo_rejects_eval_depths_that_wrap_around_the_cycle():
     assert result.returncode != 0 and "--eval-hops" in result.stderr
 
 
-def test_demo_runs_end_to_end_at_toy_size(tmp_path):
-    out = tmp_path / "demo"
-    result = subprocess.run(
-        [sys.executable, "-m", "openmythos.demo", "--train-hops", "2", "--num-nodes", "8", "--dim", "32",
-         "--heads", "2", "--steps", "12", "--baseline-steps", "6", "--batch-size", "16", "--train-examples", "200",
-         "--samples", "2", "--output-dir", str(out)],
-        capture_output=True, text=True, timeout=600)
+TOY_DEMO = ["--train-hops", "2", "--num-nodes", "8", "--dim", "32", "--heads", "2", "--steps", "12",
+            "--baseline-steps", "6", "--batch-size", "16", "--train-examples", "200", "--samples", "2"]
+
+
+def _run_demo(out, *extra):
+    result = subprocess.run([sys.executable, "-m", "openmythos.demo", *TOY_DEMO, "--output-dir", str(out), *extra],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def toy_demo(tmp_path_factory):
+    """One toy run of the hidden-graph demo, into an output folder that already holds a file of the user's."""
+    out = tmp_path_factory.mktemp("toy") / "demo"
+    out.mkdir()
+    (out / "my-notes.txt").write_text("mine")
+    return out, _run_demo(out)
+
+
+def test_demo_runs_end_to_end_at_toy_size(toy_demo):
+    out, result = toy_demo
     results = json.loads((out / "results.json").read_text())
     assert results["hops"] == [1, 2, 3, 4]
     table = results["accuracy"]
@@ -106,6 +124,127 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     assert "Sample questions, answered by the reloaded model" in result.stdout
     params = results["parameters"]
     assert abs(params["dense_same_params"] - params["looped"]) / params["looped"] < 0.35
+
+
+def test_demo_console_shows_one_summary_line_per_model_and_no_raw_log_dicts(toy_demo):
+    out, result = toy_demo
+    assert "{'" not in result.stdout and "'loss'" not in result.stdout and "train_runtime" not in result.stdout
+    assert not re.search(r"\binf\b", result.stdout)  # the raw logs held moe/load_max_min_ratio: inf
+    number = r"\d+\.\d{3}"
+    assert re.search(rf"^  looped: 12 steps in \d+ s, loss {number} -> {number}, expert load CV \d+\.\d\d at the "
+                     r"last step \(std/mean of tokens per expert, 0 = even(; an expert got no token)?\)$",
+                     result.stdout, re.M)
+    for name in ("dense_same_params", "dense_same_compute"):
+        assert re.search(rf"^  {name}: 6 steps in \d+ s, loss {number} -> {number}$", result.stdout, re.M)
+    assert "it/s]" in result.stderr  # the progress bars stay
+    training = json.loads((out / "results.json").read_text())["training"]
+    assert [training[name]["steps"] for name in ("looped", "dense_same_params", "dense_same_compute")] == [12, 6, 6]
+    assert 0.0 <= training["looped"]["expert_load_cv"] < 2.0 and "expert_load_cv" not in training["dense_same_params"]
+    assert all(record["first_loss"] > 0 and record["last_loss"] > 0 for record in training.values())
+
+
+def test_demo_records_and_prints_what_its_numbers_depend_on(toy_demo):
+    out, result = toy_demo
+    env = json.loads((out / "results.json").read_text())["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == 1  # --threads defaults to 1
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["platform"] == platform.platform() and env["device"] == "cpu"
+    assert f"Seed 0; torch {torch.__version__}, 1 CPU thread(s), {env['cpu_capability']} kernels" in result.stdout
+
+
+def test_demo_leaves_the_users_files_and_no_temporaries_in_its_output_folder(toy_demo):
+    out, _ = toy_demo
+    assert (out / "my-notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.md", "accuracy.png", "looped-model", "my-notes.txt",
+                                                     "results.json", "trainer"]
+
+
+def test_rerun_with_the_same_seed_on_the_same_machine_gives_the_same_numbers(toy_demo, tmp_path):
+    first_out, _ = toy_demo
+    out = tmp_path / "demo"
+    shutil.copytree(first_out, out)  # rerun over a finished run: the model folder is replaced, not merged
+    first = json.loads((first_out / "results.json").read_text())
+    _run_demo(out)
+    again = json.loads((out / "results.json").read_text())
+    assert again["accuracy"] == first["accuracy"] and again["samples"] == first["samples"]
+    for name, record in first["training"].items():
+        assert (again["training"][name]["first_loss"], again["training"][name]["last_loss"]) == (
+            record["first_loss"], record["last_loss"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first_out.iterdir())
+    assert (out / "looped-model" / "model.safetensors").read_bytes() == (
+        first_out / "looped-model" / "model.safetensors").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ the demo's writes
+def _tree(folder):
+    return {str(f.relative_to(folder)): f.read_text() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_crash_while_writing_a_result_file_keeps_the_old_file(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+
+    def crash(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        demo.write_atomically(path, crash)
+    assert _tree(tmp_path) == {"results.json": "old"}
+    demo.write_text_atomically(path, "new")
+    assert _tree(tmp_path) == {"results.json": "new"}
+
+
+def test_a_crash_while_saving_the_model_keeps_the_old_folder(tmp_path):
+    folder = tmp_path / "looped-model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("old weights")
+
+    def crash(tmp):
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        demo.save_folder_atomically(folder, crash)
+    assert _tree(tmp_path) == {"looped-model/model.safetensors": "old weights"}
+
+
+def _save(files):
+    def save(tmp):
+        tmp.mkdir()
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+    return save
+
+
+def test_a_swap_cut_between_its_renames_is_finished_by_the_next_save(tmp_path):
+    folder = tmp_path / "looped-model"
+    # the crash came after the old folder was moved aside and before the new one was moved in
+    (tmp_path / ".looped-model.old").mkdir()
+    (tmp_path / ".looped-model.old" / "model.safetensors").write_text("old weights")
+    (tmp_path / ".looped-model.tmp").mkdir()
+    (tmp_path / ".looped-model.tmp" / "model.safetensors").write_text("maybe half")
+    assert demo.recover_folder(folder) is None
+    assert _tree(tmp_path) == {"looped-model/model.safetensors": "old weights"}
+    # the crash came after the new folder was moved in and before the old one was deleted
+    (tmp_path / ".looped-model.old").mkdir()
+    (tmp_path / ".looped-model.old" / "model.safetensors").write_text("older weights")
+    assert demo.save_folder_atomically(folder, _save({"model.safetensors": "new weights"})) is None
+    assert _tree(tmp_path) == {"looped-model/model.safetensors": "new weights"}
+
+
+def test_saving_over_a_model_folder_with_the_users_files_keeps_them(tmp_path):
+    folder = tmp_path / "looped-model"
+    _save({"model.safetensors": "old weights", "my-notes.txt": "mine"})(folder)
+    kept = demo.save_folder_atomically(folder, _save({"model.safetensors": "new weights"}))
+    assert kept == tmp_path / "looped-model.previous"
+    assert _tree(tmp_path) == {"looped-model/model.safetensors": "new weights",
+                               "looped-model.previous/model.safetensors": "old weights",
+                               "looped-model.previous/my-notes.txt": "mine"}
+    assert demo.save_folder_atomically(folder, _save({"model.safetensors": "newer"})) is None  # only demo files
+    assert demo.save_folder_atomically(folder, _save({"model.safetensors": "newest"})) is None
+    assert _tree(tmp_path)["looped-model/model.safetensors"] == "newest" and len(_tree(tmp_path)) == 3
 
 
 # ------------------------------------------------------------------------------------------- in-context pointer chasing

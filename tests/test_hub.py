@@ -1,5 +1,6 @@
 """Hub export: loads with trust_remote_code where openmythos is absent; the card renders fully."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from conftest import make_model
 from huggingface_hub import ModelCard
 
-from openmythos import mythos_tiny
+from openmythos import MythosForCausalLM, mythos_tiny
 from openmythos.configuration_mythos import MYTHOS_FORMAT_VERSION
 from openmythos.hub import export, push, render_card
 from openmythos.tokenization_mythos import MythosTokenizer
@@ -161,9 +162,13 @@ def test_export_refuses_a_non_empty_folder_and_overwrite_leaves_no_stale_file(tm
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export(model, folder)
     assert (folder / "notes.txt").read_text() == "stale"  # refused before touching anything
+    # hidden entries (a git clone of the Hub repo, a .env) are never deleted nor published: refused, even overwriting
+    with pytest.raises(FileExistsError, match=r"hidden entries \['\.git'\]"):
+        export(model, folder, overwrite=True)
+    assert (folder / ".git").is_dir() and (folder / "notes.txt").read_text() == "stale"
+    (folder / ".git").rename(tmp_path / "moved-git")  # what the message tells the user to do
     files = export(model, folder, overwrite=True)
     assert not (folder / "notes.txt").exists() and not (folder / "old_shards").exists()
-    assert (folder / ".git").is_dir()  # hidden entries (a git clone of the Hub repo) are kept
     assert sorted(p.name for p in files) == ["README.md", "config.json", "configuration_mythos.py",
                                              "generation_config.json", "model.safetensors", "modeling_mythos.py"]
     assert [n for n in push(folder, "someone/x", dry_run=True) if not n.startswith(".")] == [p.name for p in files]
@@ -195,3 +200,178 @@ def test_export_and_push_commands(tmp_path):
     result = run("push", "me/tiny", "--folder", str(tmp_path / "out"), "--dry-run")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "would upload" in result.stdout and "model.safetensors" in result.stdout
+
+
+# ------------------------------------------------------------------------------------- export loses and leaks nothing
+
+def tree_digest(root: Path) -> dict:
+    """Every file and folder under ``root`` (hidden ones included) with the sha256 of each file's bytes."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def make_run_folder(root: Path) -> Path:
+    """A training run: two checkpoints, each with optimizer state, like Trainer's output_dir."""
+    for step in (10, 20):
+        checkpoint = root / f"checkpoint-{step}"
+        make_model("gqa").save_pretrained(checkpoint)
+        (checkpoint / "optimizer.pt").write_bytes(b"optimizer state %d" % step)
+    return root
+
+
+def test_export_refuses_a_folder_that_is_contains_or_lies_inside_the_source(tmp_path):
+    run = make_run_folder(tmp_path / "run")
+    (tmp_path / "link-to-run").symlink_to(run, target_is_directory=True)
+    before = tree_digest(run)
+    model = make_model("gqa")
+    source = run / "checkpoint-20"
+    for folder, relation in [(run, "contains"), (tmp_path / "link-to-run", "contains"), (source, "is"),
+                             (source / "hub", "lies inside")]:
+        with pytest.raises(ValueError, match=rf"{relation} the source checkpoint .*checkpoint-20.*source="):
+            export(model, folder, source=source, overwrite=True)
+    assert tree_digest(run) == before  # nothing deleted: not the checkpoint, its sibling nor the optimizer state
+
+
+def test_export_refuses_the_folder_the_model_was_loaded_from_without_being_told(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = make_run_folder(tmp_path / "run")
+    before = tree_digest(run)
+    model = AutoModelForCausalLM.from_pretrained(run / "checkpoint-20")
+    with pytest.raises(ValueError, match="contains the source checkpoint"):
+        export(model, run, overwrite=True)
+    assert tree_digest(run) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_refuses_hidden_entries_and_names_them(tmp_path, overwrite):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / ".env").write_text("HF_TOKEN=hf_secret")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("[core]")
+    (folder / "old_shards").mkdir()
+    (folder / "old_shards" / ".secret").write_text("nested")  # overwrite would delete old_shards with it
+    before = tree_digest(folder)
+    with pytest.raises(FileExistsError, match=r"hidden entries \['\.env', '\.git', 'old_shards/\.secret'\].*move "
+                                               r"them out"):
+        export(make_model("gqa"), folder, overwrite=overwrite)  # a folder of dot-files is not "empty"
+    assert tree_digest(folder) == before
+
+
+def test_failed_export_leaves_the_previous_folder_byte_identical(tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    export(make_model("gqa"), folder, MythosTokenizer(), repo_id="me/first")
+    (folder / "notes.txt").write_text("the user's notes")  # overwrite may replace them, but only on success
+    before = tree_digest(folder)
+
+    def disk_full(self, save_directory, **kwargs):
+        (Path(save_directory) / "model.safetensors").write_bytes(b"half a weight file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MythosForCausalLM, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export(make_model("gqa", seed=1), folder, MythosTokenizer(), repo_id="me/second", overwrite=True)
+    assert tree_digest(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no scratch folder left behind
+
+
+def test_export_recovers_from_the_scratch_folders_of_a_crashed_export(tmp_path):
+    folder = tmp_path / "out"
+    export(make_model("gqa"), folder, repo_id="me/first")
+    before = tree_digest(folder)
+    # a crash between the two renames of a swap: the old export moved aside, the new one half-built
+    folder.rename(tmp_path / ".out.mythos-export-old-0badc0de")
+    (tmp_path / ".out.mythos-export-new-12345678").mkdir()
+    (tmp_path / ".out.mythos-export-new-12345678" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".out.keep").write_text("not ours")
+    with pytest.raises(FileExistsError, match="not empty"):  # the previous export is back, so it needs overwrite
+        export(make_model("gqa"), folder, repo_id="me/second")
+    assert tree_digest(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.keep", "out"]
+    export(make_model("gqa"), folder, repo_id="me/second", overwrite=True)
+    assert "me/second" in (folder / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.keep", "out"]
+
+
+# ------------------------------------------------------------------------------------ push uploads the manifest only
+
+@pytest.fixture
+def export_with_extras(tmp_path):
+    """An export folder that also holds files export did not write: a secret, a git clone, notes."""
+    folder = tmp_path / "out"
+    files = export(make_model("gqa"), folder, MythosTokenizer(), repo_id="me/tiny")
+    (folder / ".env").write_text("HF_TOKEN=hf_secret")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("[core]")
+    (folder / "notes.txt").write_text("private notes")
+    return folder, sorted(p.name for p in files)
+
+
+def test_push_uploads_exactly_the_files_export_wrote(export_with_extras, monkeypatch):
+    import huggingface_hub
+
+    folder, written = export_with_extras
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.append(("repo", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit",
+                        lambda self, repo_id, operations, **kw: calls.append(("commit", repo_id, operations)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda *a, **kw: pytest.fail("uploads everything"))
+    with pytest.warns(UserWarning, match=r"not uploaded .*\['\.env', '\.git/', 'notes\.txt'\]"):
+        names = push(folder, "me/tiny", private=True)
+    assert names == written and "export_manifest.json" not in names
+    assert calls[0] == ("repo", "me/tiny", {"private": True, "exist_ok": True})
+    (kind, repo_id, operations), = calls[1:]
+    assert kind == "commit" and repo_id == "me/tiny"
+    assert [op.path_in_repo for op in operations] == written
+    assert [Path(op.path_or_fileobj) for op in operations] == [folder / name for name in written]
+    with pytest.warns(UserWarning, match=r"\.env"):
+        assert push(folder, "me/tiny", dry_run=True) == names  # the dry run lists exactly what goes up
+
+
+def test_push_refuses_a_folder_without_manifest_or_with_a_changed_file(export_with_extras, tmp_path):
+    folder, _ = export_with_extras
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "README.md", "model.safetensors"):
+        (copy / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="no export_manifest.json.*export"):
+        push(copy, "me/tiny", dry_run=True)
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\nedited after export\n")
+    with pytest.raises(ValueError, match="README.md changed since export"):
+        push(folder, "me/tiny", dry_run=True)
+    (folder / "README.md").unlink()
+    (folder / "README.md").symlink_to(folder / ".env")
+    with pytest.raises(ValueError, match="README.md .*not a regular file"):
+        push(folder, "me/tiny", dry_run=True)
+
+
+# ----------------------------------------------------------------------------------------------------- Hub inputs
+
+@pytest.mark.parametrize("repo_id", ["me/x\nlicense: evil", "me/x\n", "not a repo", "a/b/c", "me/x--y", ""])
+def test_repo_id_is_validated_by_export_push_and_the_dry_run(exported, tmp_path, repo_id):
+    folder, _ = exported
+    with pytest.raises(ValueError, match=r"repo_id=.* is not a valid Hub repo id: use 'name' or 'namespace/name'"):
+        push(folder, repo_id, dry_run=True)
+    with pytest.raises(ValueError, match=r"repo_id=.* is not a valid Hub repo id"):
+        export(make_model("gqa"), tmp_path / "out", repo_id=repo_id)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_card_front_matter_cannot_be_injected():
+    import yaml
+
+    datasets = ["HuggingFaceFW/fineweb-edu", "a\nlicense: apache-2.0", "x: y", "---", "- z", 'q"\\ \'', "naïve 🙂"]
+    text = render_card(mythos_tiny(), repo_id="me/tiny", datasets=datasets)
+    assert text.startswith("---\n")
+    front, body = text[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    assert set(meta) == {"library_name", "license", "pipeline_tag", "tags", "datasets"}
+    assert meta["license"] == "mit" and meta["datasets"] == datasets
+    assert body.startswith("\n# tiny\n")
+    assert ModelCard(text).data.datasets == datasets
+    with pytest.raises(ValueError, match="model_name=.*single line"):
+        render_card(mythos_tiny(), model_name="tiny\n---\nlicense: evil")
+    with pytest.raises(ValueError, match="repo_id="):
+        render_card(mythos_tiny(), repo_id="me/tiny\nlicense: evil")

@@ -67,6 +67,21 @@ def test_injection_a_strictly_inside_unit_interval_for_adversarial_parameters(va
     assert A_MIN <= float(A.detach().min()) and float(A.detach().max()) <= A_MAX
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["log_A", "log_dt"])
+def test_injection_a_stays_inside_its_bounds_for_non_finite_parameters(input_ids, name, value):
+    """NaN and +-inf in either parameter still give A in [A_MIN, A_MAX], so the loop never multiplies by NaN."""
+    model = make_model("gqa")
+    injection = model.model.recurrent.injection
+    with torch.no_grad():
+        getattr(injection, name)[0] = value
+        A = injection.get_A()
+    assert A_MIN <= float(A.min()) and float(A.max()) <= A_MAX
+    expected = {"nan": A_MIN + (A_MAX - A_MIN) * float(torch.exp(torch.tensor(-1.0))), "inf": A_MIN, "-inf": A_MAX}
+    assert float(A[0]) == pytest.approx(expected[str(value)], rel=1e-6)
+    assert torch.isfinite(model(input_ids, n_loops=3).logits).all()
+
+
 def test_spectral_radius_is_the_largest_entry_of_a(model):
     with torch.no_grad():
         model.model.recurrent.injection.log_A.copy_(torch.linspace(-3, 3, model.config.dim))
@@ -199,6 +214,39 @@ def test_grouped_mm_experts_match_the_plain_path(attn_type, input_ids):
     plain.set_experts_implementation("eager")
     torch.testing.assert_close(fast(input_ids, n_loops=3).logits, plain(input_ids, n_loops=3).logits,
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim, expert_dim", [(30, 32), (64, 34), (36, 36)])
+def test_grouped_mm_with_misaligned_sizes_falls_back_to_the_plain_path(dtype, dim, expert_dim):
+    """torch's grouped_mm needs row strides of a multiple of 16 bytes (4 fp32 or 8 bf16 numbers); sizes that are not
+    (36 is fine in fp32 but not in bf16) run the plain experts loop instead of crashing, with equal outputs and
+    gradients."""
+    overrides = dict(dim=dim, expert_dim=expert_dim)  # MLA: any dim
+    fast, plain = make_model(**overrides).train().to(dtype), make_model(**overrides).train().to(dtype)
+    fast.set_experts_implementation("grouped_mm")
+    plain.set_experts_implementation("eager")
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for m in (fast, plain):
+        loss = m(ids, labels=ids, n_loops=2).loss
+        loss.backward()
+        losses.append(loss)
+    assert fast.config._experts_implementation == "grouped_mm"
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_grouped_mm_alignment_rule():
+    from openmythos.modeling_mythos import grouped_mm_fits
+
+    for dtype, good, bad in ((torch.float32, (32, 36), (34, 30)), (torch.bfloat16, (32, 64), (36, 34))):
+        experts = make_model(dim=good[0], expert_dim=good[1]).to(dtype).model.recurrent.layer.mlp.experts
+        assert grouped_mm_fits(experts)
+        for dim, expert_dim in ((bad[0], good[1]), (good[0], bad[1])):
+            experts = make_model(dim=dim, expert_dim=expert_dim)
+            assert not grouped_mm_fits(experts.to(dtype).model.recurrent.layer.mlp.experts), (dtype, dim, expert_dim)
 
 
 def test_router_bias_changes_selection_but_not_gate_weights(model):
@@ -359,14 +407,6 @@ class TestBadInput:
         with pytest.raises(ValueError, match="n_loops"):
             model(input_ids, n_loops=n_loops)
 
-
-def test_n_loops_accepts_any_integer_type(model, input_ids):
-    expected = model(input_ids, n_loops=2).logits
-    for n_loops in (np.int64(2), np.int32(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32)):
-        assert torch.equal(model(input_ids, n_loops=n_loops).logits, expected), repr(n_loops)
-    assert torch.equal(model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=np.int64(2)),
-                       model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=2))
-
     def test_input_longer_than_max_seq_len(self, model):
         with pytest.raises(ValueError, match="max_seq_len=128"):
             model(torch.ones(1, 129, dtype=torch.long))
@@ -392,6 +432,14 @@ def test_n_loops_accepts_any_integer_type(model, input_ids):
             model(torch.ones(1, 4))
         with pytest.raises(ValueError, match="exactly one"):
             model()
+
+
+def test_n_loops_accepts_any_integer_type(model, input_ids):
+    expected = model(input_ids, n_loops=2).logits
+    for n_loops in (np.int64(2), np.int32(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32)):
+        assert torch.equal(model(input_ids, n_loops=n_loops).logits, expected), repr(n_loops)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=np.int64(2)),
+                       model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=2))
 
 
 @pytest.mark.skipif(not __import__("transformers").utils.is_flash_attn_2_available(),

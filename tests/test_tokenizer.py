@@ -112,10 +112,117 @@ def test_lone_surrogate_encodes_as_one_replacement_character(tok):
     assert tok.decode(ids) == "a\ufffdb"
 
 
-def test_special_token_text_in_input_is_the_special_token_unless_split(tok):
-    assert tok("a<eos>b")["input_ids"] == [OFFSET + 97, EOS, OFFSET + 98]
-    assert tok("a<eos>b", split_special_tokens=True)["input_ids"] == byte_ids("a<eos>b")
-    assert tok.decode(tok("a<eos>b")["input_ids"]) == "a<eos>b"
+LITERAL = "see <eos>, <pad> and <bos> in the HTML"
+
+
+def test_special_token_text_in_input_stays_text_by_default(tok):
+    # Web text that mentions `<eos>` must not insert a document boundary.
+    assert tok("a<eos>b")["input_ids"] == byte_ids("a<eos>b")
+    assert tok("a<eos>b", add_special_tokens=False)["input_ids"] == byte_ids("a<eos>b")
+    assert tok(LITERAL)["input_ids"] == byte_ids(LITERAL)
+    assert tok.tokenize("<unk>") == ["<0x3C>", "<0x75>", "<0x6E>", "<0x6B>", "<0x3E>"]
+    assert tok.encode("<eos>") == byte_ids("<eos>")
+
+
+def test_special_token_text_is_parsed_when_the_caller_asks():
+    assert MythosTokenizer()("a<eos>b", split_special_tokens=False)["input_ids"] == [OFFSET + 97, EOS, OFFSET + 98]
+    parsing = MythosTokenizer(split_special_tokens=False)
+    assert parsing("a<eos>b<pad>")["input_ids"] == [OFFSET + 97, EOS, OFFSET + 98, PAD]
+    assert parsing("a<eos>b", split_special_tokens=True)["input_ids"] == byte_ids("a<eos>b")
+    assert parsing.decode([OFFSET + 97, EOS, OFFSET + 98]) == "a<eos>b"
+
+
+def test_skip_special_tokens_keeps_literal_text_and_drops_real_special_ids():
+    tok = MythosTokenizer(prepend_bos=True, append_eos=True)
+    ids = tok(LITERAL)["input_ids"]
+    assert ids == [BOS] + byte_ids(LITERAL) + [EOS]  # add_special_tokens=True still adds the real ids
+    assert tok.decode(ids, skip_special_tokens=True) == LITERAL
+    assert tok.decode(ids) == "<bos>" + LITERAL + "<eos>"
+    assert tok.batch_decode([ids, [PAD] + ids], skip_special_tokens=True) == [LITERAL, LITERAL]
+
+
+def test_added_special_tokens_stay_text_but_added_plain_tokens_still_match(tok):
+    tok.add_special_tokens({"extra_special_tokens": ["<|end|>"]})
+    tok.add_tokens(["<|user|>"])
+    end, user = tok.convert_tokens_to_ids(["<|end|>", "<|user|>"])
+    text = "<|user|>hi<|end|>"
+    assert tok(text)["input_ids"] == [user] + byte_ids("hi<|end|>")
+    assert tok(text, split_special_tokens=False)["input_ids"] == [user] + byte_ids("hi") + [end]
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_added_token_strip_and_single_word_rules_match_the_parsing_path(tok):
+    from transformers import AddedToken
+
+    tok.add_tokens([AddedToken("<r>", lstrip=True, rstrip=True), AddedToken("cat", single_word=True)])
+    for text in ["a <r>  b", "a cat b", "concatenate", "cat <r> cat"]:
+        assert tok(text)["input_ids"] == tok(text, split_special_tokens=False)["input_ids"]
+    assert tok.tokenize("a <r>  b") == ["<0x61>", "<r>", "<0x62>"]
+    assert tok("a cat b")["input_ids"] == byte_ids("a ") + [tok.convert_tokens_to_ids("cat")] + byte_ids(" b")
+    assert tok("concatenate")["input_ids"] == byte_ids("concatenate")
+
+
+def test_split_special_tokens_survives_save_and_load(tmp_path):
+    for value in (True, False, None):  # None: the default, which is True
+        folder = tmp_path / str(value)
+        (MythosTokenizer() if value is None else MythosTokenizer(split_special_tokens=value)).save_pretrained(folder)
+        value = True if value is None else value
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        assert config["split_special_tokens"] is value
+        expected = byte_ids("a<eos>") if value else byte_ids("a") + [EOS]
+        for loaded in (MythosTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)):
+            assert type(loaded) is MythosTokenizer and loaded.split_special_tokens is value
+            assert loaded("a<eos>")["input_ids"] == expected
+
+
+def test_split_special_tokens_set_after_construction_is_saved(tmp_path):
+    tok = MythosTokenizer()
+    tok.split_special_tokens = False
+    tok.save_pretrained(tmp_path)
+    assert MythosTokenizer.from_pretrained(tmp_path)("<eos>")["input_ids"] == [EOS]
+
+
+def test_remote_code_tokenizer_keeps_literal_special_text(tmp_path):
+    # The Hub-export path: tokenization_mythos.py loaded as remote code where openmythos is not installed.
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import openmythos.tokenization_mythos as module
+
+    folder = tmp_path / "tok"
+    MythosTokenizer().save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_mythos.MythosTokenizer", None]}
+    config_path.write_text(json.dumps(config))
+    shutil.copy(module.__file__, folder / "tokenization_mythos.py")
+    root = str(Path(module.__file__).resolve().parents[1])
+    code = f"""
+import sys
+sys.modules["openmythos"] = None
+sys.path = [p for p in sys.path if p not in ("", {root!r})]
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+assert type(tok).__module__.startswith("transformers_modules"), type(tok).__module__
+print(tok("a<eos>b")["input_ids"], tok("a<eos>b", split_special_tokens=False)["input_ids"])
+"""
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[-2] == f"{byte_ids('a<eos>b')} {[OFFSET + 97, EOS, OFFSET + 98]}"
+
+
+def test_chat_template_markup_is_parsed_and_sanitized_messages_stay_text(tok):
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}<eos>{% endfor %}"
+    chat = [{"role": "user", "content": "a<eos>"}]
+    assert tok.apply_chat_template(chat)["input_ids"] == [OFFSET + 97, EOS, EOS]
+    assert tok.apply_chat_template(chat, sanitize_control_tokens=True)["input_ids"] == byte_ids("a<eos>") + [EOS]
+    assert tok.split_special_tokens is True  # restored after the template is applied
+    assert tok("<eos>")["input_ids"] == byte_ids("<eos>")
 
 
 @pytest.mark.parametrize("where", ["call", "init"])

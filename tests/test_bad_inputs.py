@@ -1,0 +1,185 @@
+"""Bad input gets a named error before any work is done: one class of bad input per test.
+
+Each test asserts the error type, that the message names the argument (and the accepted bound), and, where it
+matters, that no layer ran before the error.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import make_model
+from transformers import DynamicCache, StaticCache
+
+from openmythos import mythos_tiny
+from openmythos.training import sample_n_loops
+
+
+def count_layer_calls(model):
+    """Forward pre-hook on the first prelude layer; returns the list that records each call."""
+    calls = []
+    model.model.prelude[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+class TestLoopCountBound:
+    def test_n_loops_past_the_default_bound_is_refused_before_any_layer_runs(self, model, input_ids):
+        limit = 8 * model.config.max_loop_iters
+        assert model.config.loop_limit == limit
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match="n_loops") as error:
+            model(input_ids, n_loops=limit + 1)
+        assert "max_inference_loops" in str(error.value) and str(limit) in str(error.value)
+        assert calls == []
+        with pytest.raises(ValueError, match="max_inference_loops"):
+            model(input_ids, n_loops=10**6)
+        assert model(input_ids[:, :2], n_loops=limit, use_cache=False).logits.shape == (2, 2, 512)
+
+    def test_max_inference_loops_sets_the_bound(self, input_ids):
+        model = make_model("gqa", max_inference_loops=5)
+        model(input_ids, n_loops=5)
+        with pytest.raises(ValueError, match="max_inference_loops=5"):
+            model(input_ids, n_loops=6)
+        with pytest.raises(ValueError, match="max_inference_loops"):
+            model.generate(input_ids, max_new_tokens=2, do_sample=False, n_loops=6)
+
+    def test_training_draws_are_capped_at_the_loop_limit(self):
+        # The config refuses such values when it is built; the draw is capped anyway, for a config edited afterwards.
+        config = mythos_tiny(loop_sampling="poisson_lognormal", max_inference_loops=12)
+        config.mean_train_loops = 1e12
+        draws = [sample_n_loops(config, step) for step in range(200)]
+        assert max(draws) == 12 and min(draws) >= 1
+        # the cap applies to an explicit max_train_loops too
+        config = mythos_tiny(loop_sampling="poisson_lognormal", mean_train_loops=30)
+        config.max_train_loops = 1000
+        draws = [sample_n_loops(config, step) for step in range(200)]
+        assert max(draws) == config.loop_limit == 32
+
+
+class TestSpectralRadius:
+    @pytest.mark.parametrize("name", ["log_A", "log_dt"])
+    def test_nan_parameter_is_refused_by_name(self, model, name):
+        with torch.no_grad():
+            getattr(model.model.recurrent.injection, name)[0] = math.nan
+        with pytest.raises(ValueError, match=name) as error:
+            model.spectral_radius()
+        assert "NaN" in str(error.value)
+
+    @pytest.mark.parametrize("log_A, log_dt", [(math.inf, 0.0), (-math.inf, 0.0), (0.0, math.inf),
+                                               (0.0, -math.inf), (math.inf, -math.inf), (-math.inf, math.inf)])
+    def test_infinite_parameters_keep_rho_below_one(self, model, log_A, log_dt):
+        injection = model.model.recurrent.injection
+        with torch.no_grad():
+            injection.log_A.fill_(log_A)
+            injection.log_dt.fill_(log_dt)
+        assert 0 < model.spectral_radius() < 1
+
+
+class TestCache:
+    def test_dynamic_cache_from_another_batch_size(self, model, input_ids):
+        cache = model(input_ids, n_loops=2).past_key_values  # batch 2
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match="cache") as error:
+            model(input_ids[:1, :1], past_key_values=cache, n_loops=2)
+        assert "batch size 2" in str(error.value) and "batch size 1" in str(error.value)
+        assert calls == []
+
+    def test_static_cache_from_another_batch_size(self, model, input_ids):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        model(input_ids, past_key_values=cache, n_loops=2)
+        with pytest.raises(ValueError, match="cache") as error:
+            model(torch.cat([input_ids, input_ids])[:, :1], past_key_values=cache, n_loops=2)
+        assert "batch size 2" in str(error.value) and "batch size 4" in str(error.value)
+
+    def test_static_cache_overflow(self, model, input_ids):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        model(input_ids, past_key_values=cache, n_loops=2)  # 12 of 16 tokens
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match="max_cache_len=16") as error:
+            model(input_ids[:, :5], past_key_values=cache, n_loops=2)
+        assert "12 cached + 5 new" in str(error.value) and "StaticCache" in str(error.value)
+        assert calls == []
+        model(input_ids[:, :4], past_key_values=cache, n_loops=2)  # exactly full is fine
+
+
+class TestLabels:
+    def test_labels_of_the_wrong_shape(self, model, input_ids):
+        for labels in (input_ids[:, :-1], input_ids[:1], input_ids.flatten()):
+            with pytest.raises(ValueError, match="labels") as error:
+                model(input_ids, labels=labels, n_loops=1)
+            assert str(tuple(input_ids.shape)) in str(error.value)
+
+    @pytest.mark.parametrize("bad", [512, -1, -101])
+    def test_labels_out_of_range(self, model, input_ids, bad):
+        labels = input_ids.clone()
+        labels[1, 3] = bad
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match="labels") as error:
+            model(input_ids, labels=labels, n_loops=1)
+        assert "vocab_size=512" in str(error.value) and str(bad) in str(error.value)
+        assert calls == []
+
+    def test_ignore_index_and_integer_dtype(self, model, input_ids):
+        labels = input_ids.clone()
+        labels[:, :4] = -100  # the ignore index is fine
+        assert torch.isfinite(model(input_ids, labels=labels, n_loops=1).loss)
+        with pytest.raises(ValueError, match="labels"):
+            model(input_ids, labels=input_ids.float(), n_loops=1)
+        with pytest.raises(TypeError, match="labels"):
+            model(input_ids, labels=input_ids.tolist(), n_loops=1)
+
+
+class TestAttentionMaskValues:
+    @pytest.mark.parametrize("bad", [2, -1, 0.5])
+    def test_values_other_than_zero_and_one(self, model, input_ids, bad):
+        mask = torch.ones_like(input_ids, dtype=torch.float if isinstance(bad, float) else torch.long)
+        mask[0, 0] = bad
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match="attention_mask") as error:
+            model(input_ids, attention_mask=mask, n_loops=1)
+        assert str(bad) in str(error.value)
+        assert calls == []
+
+    def test_zero_one_masks_of_any_dtype_are_accepted(self, model, input_ids):
+        mask = torch.ones_like(input_ids)
+        mask[0, :3] = 0
+        expected = model(input_ids, attention_mask=mask, n_loops=1).logits
+        for dtype in (torch.bool, torch.float32, torch.int32):
+            torch.testing.assert_close(model(input_ids, attention_mask=mask.to(dtype), n_loops=1).logits, expected)
+
+
+class TestPositionIds:
+    def test_position_ids_batch_must_be_one_or_the_input_batch(self, model):
+        ids = torch.randint(0, 512, (3, 5))
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match="position_ids") as error:
+            model(ids, position_ids=torch.arange(5).repeat(2, 1), n_loops=1)
+        assert "batch size 2" in str(error.value) and "3" in str(error.value)
+        assert calls == []
+        expected = model(ids, n_loops=1).logits
+        torch.testing.assert_close(model(ids, position_ids=torch.arange(5)[None], n_loops=1).logits, expected)
+        torch.testing.assert_close(model(ids, position_ids=torch.arange(5).repeat(3, 1), n_loops=1).logits, expected)
+
+
+class TestGenerationLength:
+    @pytest.mark.parametrize("kwargs", [dict(max_new_tokens=20), dict(max_length=140)])
+    def test_too_many_new_tokens_is_refused_before_the_first_step(self, model, kwargs):
+        calls = count_layer_calls(model)
+        prompt = torch.ones(1, 120, dtype=torch.long)
+        name = next(iter(kwargs))
+        with pytest.raises(ValueError, match=name) as error:
+            model.generate(prompt, do_sample=False, n_loops=1, **kwargs)
+        message = str(error.value)
+        assert "120" in message and "max_seq_len=128" in message
+        assert calls == []
+
+    def test_generation_config_max_new_tokens_counts_too(self, model):
+        model.generation_config.max_new_tokens = 30
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            model.generate(torch.ones(1, 100, dtype=torch.long), do_sample=False, n_loops=1)
+        assert calls == []
+
+    def test_generation_up_to_max_seq_len_is_fine(self, model):
+        out = model.generate(torch.ones(1, 120, dtype=torch.long), max_new_tokens=8, do_sample=False, n_loops=1)
+        assert out.shape == (1, 128)
