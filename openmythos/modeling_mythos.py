@@ -877,6 +877,7 @@ def _check_attention_mask(attention_mask: torch.Tensor, batch: int, total: int):
 
 
 def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int):
+    """[batch, seq], [1, seq] (shared by every row) or [seq]: another batch size would broadcast wrongly or crash."""
     if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq or (
             position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
         given = position_ids.shape[0] if position_ids.dim() == 2 else None
@@ -1057,13 +1058,15 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         new_tokens = kwargs.get("max_new_tokens")
         if new_tokens is None:
             new_tokens = (generation_config or self.generation_config).max_new_tokens
-        if new_tokens is not None and prompt_len + new_tokens > limit:
+        if isinstance(new_tokens, numbers.Integral) and prompt_len + new_tokens > limit:  # bad types: generate says
             raise ValueError(
                 f"`max_new_tokens`={new_tokens} with a prompt of {prompt_len} tokens asks for "
-                f"{prompt_len + new_tokens} positions, but the model holds at most max_seq_len={limit}: pass max_new_tokens <= "
-                f"{max(limit - prompt_len, 0)}" + (" (a shorter prompt first)" if prompt_len >= limit else ""))
+                f"{prompt_len + new_tokens} positions, but the model holds at most max_seq_len={limit}: pass "
+                f"max_new_tokens <= {max(limit - prompt_len, 0)}"
+                + (" (a shorter prompt first)" if prompt_len >= limit else ""))
         max_length = kwargs.get("max_length")
-        if new_tokens is None and max_length is not None and "inputs_embeds" not in kwargs and max_length > limit:
+        if (new_tokens is None and isinstance(max_length, numbers.Integral) and "inputs_embeds" not in kwargs
+                and max_length > limit):
             raise ValueError(
                 f"`max_length`={max_length} (prompt of {prompt_len} tokens included) exceeds max_seq_len={limit}: "
                 f"pass max_length <= {limit}, or max_new_tokens <= {max(limit - prompt_len, 0)}")

@@ -160,6 +160,13 @@ class TestPositionIds:
         torch.testing.assert_close(model(ids, position_ids=torch.arange(5)[None], n_loops=1).logits, expected)
         torch.testing.assert_close(model(ids, position_ids=torch.arange(5).repeat(3, 1), n_loops=1).logits, expected)
 
+    def test_one_dimensional_position_ids_are_one_row_for_every_sequence(self, model):
+        ids = torch.randint(0, 512, (3, 5))
+        expected = model(ids, position_ids=torch.arange(2, 7)[None], n_loops=1).logits
+        torch.testing.assert_close(model(ids, position_ids=torch.arange(2, 7), n_loops=1).logits, expected)
+        with pytest.raises(ValueError, match="position_ids"):
+            model(ids, position_ids=torch.arange(5)[None, None], n_loops=1)
+
 
 class TestGenerationLength:
     @pytest.mark.parametrize("kwargs", [dict(max_new_tokens=20), dict(max_length=140)])
