@@ -11,8 +11,13 @@ This module imports only ``transformers``, so it can be copied next to a checkpo
 import functools
 import math
 import numbers
+from dataclasses import field, fields
 
+# huggingface_hub is a dependency of transformers, whose own configs are `@strict` dataclasses the same way
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
+from transformers.utils import auto_docstring
 
 # Bumped whenever a checkpoint written by this code can no longer be read by older code.
 MYTHOS_FORMAT_VERSION = 1
@@ -21,80 +26,222 @@ ATTN_TYPES = ("mla", "gqa")
 LOOP_SAMPLINGS = ("fixed", "poisson_lognormal")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Field checks. Each returns a validator for one field (`@strict` runs it on every assignment); its message leaves
+# the field's name out, and `MythosConfig.__setattr__` puts it in front: "`dim` must be an integer >= 1, got 'x'".
+# Bad type -> TypeError, bad value -> ValueError.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    # numbers.Integral admits numpy integers; bool is an int subclass but never means a count.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _wrong_type(value, accepted) -> TypeError:
+    return TypeError(f"must be {accepted}, got {value!r} of type {type(value).__name__}")
+
+
+def integer(minimum: int, optional: bool = False, below: int | None = None):
+    accepted = f"an integer >= {minimum}" + (f" and < {below}" if below is not None else "")
+    accepted += " or None" if optional else ""
+
+    def check(value):
+        if value is None and optional:
+            return
+        if not _is_int(value):
+            raise _wrong_type(value, accepted)
+        if value < minimum or (below is not None and value >= below):
+            raise ValueError(f"must be {accepted}, got {value!r}")
+
+    return check
+
+
+def real(accepted: str, in_range, optional: bool = False):
+    """A finite number (ints welcome, bools and strings not) for which ``in_range`` holds; NaN fails every test."""
+    accepted = f"a finite number {accepted}" + (" or None" if optional else "")
+
+    def check(value):
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _wrong_type(value, accepted)
+        if not (math.isfinite(value) and in_range(value)):
+            raise ValueError(f"must be {accepted}, got {value!r}")
+
+    return check
+
+
+def boolean(optional: bool = False):
+    accepted = "True or False" + (" or None" if optional else "")
+
+    def check(value):
+        # a truthy string such as "no" would otherwise switch the feature on
+        if not (isinstance(value, bool) or (value is None and optional)):
+            raise _wrong_type(value, accepted)
+
+    return check
+
+
+def choice(accepted: tuple[str, ...]):
+    def check(value):
+        if not isinstance(value, str):
+            raise _wrong_type(value, f"a str, one of {accepted}")
+        if value not in accepted:
+            raise ValueError(f"must be one of {accepted}, got {value!r}")
+
+    return check
+
+
+def token_ids(value):
+    """The type of a special-token field (its range is checked against vocab_size by ``validate_token_ids``)."""
+    accepted = "None, or a token id or non-empty list of token ids (integers)"
+    if isinstance(value, list):
+        for token in value:
+            if not _is_int(token):
+                raise TypeError(f"must be {accepted}, got {value!r} (element {token!r} is a {type(token).__name__})")
+    elif value is not None and not _is_int(value):
+        raise _wrong_type(value, accepted)
+
+
+def _checked(check, default):
+    """A dataclass field whose value ``check`` validates on every assignment."""
+    return field(default=default, metadata={"validator": check})
+
+
+def _plain(value):
+    """numpy scalars as Python numbers (and tuples of ids as lists), so that the config stays JSON-serialisable."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if _is_int(value) and type(value) is not int:
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
+
+
+
+@auto_docstring
+@strict
 class MythosConfig(PreTrainedConfig):
     r"""
     Configuration of an OpenMythos Recurrent-Depth Transformer: ``prelude_layers`` standard blocks run once, one
     shared recurrent block looped ``n_loops`` times with stable input injection, then ``coda_layers`` standard blocks.
 
-    Args:
-        vocab_size (`int`, defaults to 32000): Number of token ids.
-        dim (`int`, defaults to 2048): Hidden size (alias ``hidden_size``).
-        n_heads (`int`, defaults to 16): Attention heads (alias ``num_attention_heads``).
-        n_kv_heads (`int`, defaults to 4): Key/value heads for GQA (alias ``num_key_value_heads``). MLA shares one
-            compressed latent across all heads and does not use it.
-        max_seq_len (`int`, defaults to 4096): Longest sequence, cache included (alias ``max_position_embeddings``).
-        max_loop_iters (`int`, defaults to 16): Loop iterations used when ``n_loops`` is not given, and the number of
-            loop-indexed parameters (depth-wise LoRA scales). ``n_loops`` may exceed it at inference: loop indices past
-            the last one reuse the last depth-wise LoRA scale (the loop-index signal is defined for every index).
-        prelude_layers (`int`, defaults to 2): Dense blocks run once before the loop.
-        coda_layers (`int`, defaults to 2): Dense blocks run once after the loop.
-        attn_type (`str`, defaults to ``"mla"``): ``"mla"`` (multi-head latent attention) or ``"gqa"``.
-        kv_lora_rank (`int`, defaults to 512): MLA compressed key/value latent size (this is what the cache stores).
-        q_lora_rank (`int`, defaults to 1536): MLA query compression rank; 0 projects queries directly.
-        qk_rope_head_dim (`int`, defaults to 64): MLA rotary part of each query/key head (one shared rope key per token).
-        qk_nope_head_dim (`int`, defaults to 128): MLA non-rotary part of each query/key head.
-        v_head_dim (`int`, defaults to 128): MLA value head size.
-        n_experts (`int`, defaults to 64): Routed experts in the recurrent block's MoE.
-        n_shared_experts (`int`, defaults to 2): Always-on shared experts, each ``expert_dim * n_experts_per_tok`` wide.
-        n_experts_per_tok (`int`, defaults to 4): Routed experts chosen per token (top-k).
-        expert_dim (`int`, defaults to 512): Hidden width of each routed expert.
-        act_threshold (`float`, defaults to 0.99): ACT halting threshold in (0, 1]; used when ``use_act`` is on.
-        rope_theta (`float`, defaults to 5e5): RoPE base.
-        lora_rank (`int`, defaults to 16): Rank of the depth-wise (per-loop) LoRA adapter; 0 disables it.
-        dropout (`float`, defaults to 0.0): Dropout on attention probabilities and residual branches in training.
-        dense_ffn_dim (`int`, *optional*): Width of the prelude/coda SwiGLU. Defaults to ``dim * 4 // 3`` (reference).
-        mla_absorb (`bool`, defaults to `True`): When decoding against a cache, fold ``kv_b_proj`` into the query and
-            output (DeepSeek-V2 weight absorption) so cached latents are never re-expanded. Exact; eager/sdpa only.
-            It saves FLOPs at every size (re-expanding costs ``cache_len * kv_lora_rank * n_heads * (qk_nope + v)``
-            multiply-adds a step, absorbing ``n_heads * kv_lora_rank * (qk_nope + v)`` plus a wider attention), and
-            on CPU it measured as fast as re-expanding on a 1.5M-parameter model (per-op overhead dominates) and
-            faster on a 14M one (benchmarks/README.md), so it is on by default; ``False`` always re-expands.
-        use_act (`bool`, defaults to `False`): Adaptive Computation Time halting. The output is the ACT-weighted mix
-            of the loop states; every loop still runs so that the KV cache stays complete.
-        act_ponder_weight (`float`, defaults to 0.01): Weight of the ponder cost added to the loss when ``use_act``.
-        loop_signal_scale (`float`, defaults to 0.1): RMS of the sinusoidal loop-index signal relative to the RMS of
-            the state it is added to. Relative scaling means it can never swamp the hidden state.
-        routed_scaling_factor (`float`, defaults to 1.0): Multiplier on the normalised top-k routing weights.
-        loop_sampling (`str`, defaults to ``"fixed"``): How training picks ``n_loops`` when none is passed:
-            ``"fixed"`` uses ``max_loop_iters``; ``"poisson_lognormal"`` draws a count per forward (Huginn/Parcae:
-            1 + Poisson with a log-normal rate, mean ``mean_train_loops``). Never used in eval mode.
-        mean_train_loops (`float`, *optional*): Mean of the training draw, in [1, ``loop_limit``]. Defaults to
-            ``max_loop_iters``.
-        loop_sampling_sigma (`float`, defaults to 0.5): Std of the log-normal rate.
-        max_train_loops (`int`, *optional*): Largest training draw, in [1, ``loop_limit``]. Defaults to
-            ``2 * ceil(mean_train_loops)``, and the draw is capped at ``loop_limit`` in any case.
-        loop_sampling_seed (`int`, defaults to 0): Seed of the draws, in [0, 2**32) (the draw also depends on the
-            step index).
-        max_inference_loops (`int`, *optional*): Upper bound on ``n_loops`` for any call, and on training draws.
-            Defaults to ``8 * max_loop_iters`` (read it as ``config.loop_limit``). A larger request is refused with an
-            error that names this field, instead of running for hours. It must be at least ``max_loop_iters`` (the
-            loop count used when none is given), and ``mean_train_loops`` / ``max_train_loops`` may not exceed it:
-            raise it to train or run deeper.
-        backprop_loops (`int`, *optional*): In training, only the last ``backprop_loops`` (>= 1) iterations build a
-            graph; earlier ones run without grad (truncated backprop through depth). ``None`` backpropagates through
-            all.
-        router_bias_update_rate (`float`, defaults to 1e-3): Step of the aux-loss-free router-bias update
-            (bias += rate * sign(mean load - load)), applied by ``openmythos.training.update_router_bias``.
-        router_aux_loss_coef (`float`, defaults to 0.0): Weight of the optional sequence-level balance loss.
-        rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
-        initializer_range (`float`, defaults to 0.02): Std of the normal weight init.
-        tie_word_embeddings (`bool`, defaults to `True`): Share ``lm_head`` with ``embed_tokens``.
-        use_cache (`bool`, defaults to `True`): Return a KV cache from forward by default.
-        pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): Special token ids, in [0, ``vocab_size``);
-            ``eos_token_id`` may also be a non-empty list of them.
+    vocab_size (`int`, defaults to 32000):
+        Number of token ids.
+    dim (`int`, defaults to 2048):
+        Hidden size (alias ``hidden_size``).
+    n_heads (`int`, defaults to 16):
+        Attention heads (alias ``num_attention_heads``).
+    n_kv_heads (`int`, defaults to 4):
+        Key/value heads for GQA (alias ``num_key_value_heads``). MLA shares one
+        compressed latent across all heads and does not use it.
+    max_seq_len (`int`, defaults to 4096):
+        Longest sequence, cache included (alias ``max_position_embeddings``).
+    max_loop_iters (`int`, defaults to 16):
+        Loop iterations used when ``n_loops`` is not given, and the number of
+        loop-indexed parameters (depth-wise LoRA scales). ``n_loops`` may exceed it at inference: loop indices past
+        the last one reuse the last depth-wise LoRA scale (the loop-index signal is defined for every index).
+    prelude_layers (`int`, defaults to 2):
+        Dense blocks run once before the loop.
+    coda_layers (`int`, defaults to 2):
+        Dense blocks run once after the loop.
+    attn_type (`str`, defaults to ``"mla"``):
+        ``"mla"`` (multi-head latent attention) or ``"gqa"``.
+    kv_lora_rank (`int`, defaults to 512):
+        MLA compressed key/value latent size (this is what the cache stores).
+    q_lora_rank (`int`, defaults to 1536):
+        MLA query compression rank; 0 projects queries directly.
+    qk_rope_head_dim (`int`, defaults to 64):
+        MLA rotary part of each query/key head (one shared rope key per token).
+    qk_nope_head_dim (`int`, defaults to 128):
+        MLA non-rotary part of each query/key head.
+    v_head_dim (`int`, defaults to 128):
+        MLA value head size.
+    n_experts (`int`, defaults to 64):
+        Routed experts in the recurrent block's MoE.
+    n_shared_experts (`int`, defaults to 2):
+        Always-on shared experts, each ``expert_dim * n_experts_per_tok`` wide.
+    n_experts_per_tok (`int`, defaults to 4):
+        Routed experts chosen per token (top-k).
+    expert_dim (`int`, defaults to 512):
+        Hidden width of each routed expert.
+    act_threshold (`float`, defaults to 0.99):
+        ACT halting threshold in (0, 1]; used when ``use_act`` is on.
+    rope_theta (`float`, defaults to 5e5):
+        RoPE base.
+    lora_rank (`int`, defaults to 16):
+        Rank of the depth-wise (per-loop) LoRA adapter; 0 disables it.
+    dropout (`float`, defaults to 0.0):
+        Dropout on attention probabilities and residual branches in training.
+    dense_ffn_dim (`int`, *optional*):
+        Width of the prelude/coda SwiGLU. Defaults to ``dim * 4 // 3`` (reference).
+    mla_absorb (`bool`, defaults to `True`):
+        When decoding against a cache, fold ``kv_b_proj`` into the query and
+        output (DeepSeek-V2 weight absorption) so cached latents are never re-expanded. Exact; eager/sdpa only.
+        It saves FLOPs at every size (re-expanding costs ``cache_len * kv_lora_rank * n_heads * (qk_nope + v)``
+        multiply-adds a step, absorbing ``n_heads * kv_lora_rank * (qk_nope + v)`` plus a wider attention), so it
+        is on by default (measurements: benchmarks/README.md); ``False`` always re-expands.
+    use_act (`bool`, defaults to `False`):
+        Adaptive Computation Time halting. The output is the ACT-weighted mix
+        of the loop states; every loop still runs so that the KV cache stays complete.
+    act_ponder_weight (`float`, defaults to 0.01):
+        Weight of the ponder cost added to the loss when ``use_act``.
+    loop_signal_scale (`float`, defaults to 0.1):
+        RMS of the sinusoidal loop-index signal relative to the RMS of
+        the state it is added to. Relative scaling means it can never swamp the hidden state.
+    routed_scaling_factor (`float`, defaults to 1.0):
+        Multiplier on the normalised top-k routing weights.
+    loop_sampling (`str`, defaults to ``"fixed"``):
+        How training picks ``n_loops`` when none is passed:
+        ``"fixed"`` uses ``max_loop_iters``; ``"poisson_lognormal"`` draws a count per training forward
+        (Huginn/Parcae: 1 + Poisson with a log-normal rate, mean ``mean_train_loops``). The draw is made on the
+        training side (``openmythos.training.MythosTrainingCallback``); the model's forward itself always runs
+        the ``n_loops`` it is given, or ``max_loop_iters``.
+    mean_train_loops (`float`, *optional*):
+        Mean of the training draw, in [1, ``loop_limit``]. Defaults to
+        ``max_loop_iters``.
+    loop_sampling_sigma (`float`, defaults to 0.5):
+        Std of the log-normal rate.
+    max_train_loops (`int`, *optional*):
+        Largest training draw, in [1, ``loop_limit``]. Defaults to
+        ``2 * ceil(mean_train_loops)``, and the draw is capped at ``loop_limit`` in any case.
+    loop_sampling_seed (`int`, defaults to 0):
+        Seed of the draws, in [0, 2**32) (the draw also depends on the
+        step index).
+    max_inference_loops (`int`, *optional*):
+        Upper bound on ``n_loops`` for any call, and on training draws.
+        Defaults to ``8 * max_loop_iters`` (read it as ``config.loop_limit``). A larger request is refused with an
+        error that names this field, instead of running for hours. It must be at least ``max_loop_iters`` (the
+        loop count used when none is given), and ``mean_train_loops`` / ``max_train_loops`` may not exceed it:
+        raise it to train or run deeper.
+    backprop_loops (`int`, *optional*):
+        In training, only the last ``backprop_loops`` (>= 1) iterations build a
+        graph; earlier ones run without grad (truncated backprop through depth). ``None`` backpropagates through
+        all.
+    router_bias_update_rate (`float`, defaults to 1e-3):
+        Step of the aux-loss-free router-bias update
+        (bias += rate * sign(mean load - load)), applied by ``openmythos.training.update_router_bias``.
+    router_aux_loss_coef (`float`, defaults to 0.0):
+        Weight of the optional sequence-level balance loss.
+    rms_norm_eps (`float`, defaults to 1e-6):
+        RMSNorm epsilon.
+    initializer_range (`float`, defaults to 0.02):
+        Std of the normal weight init.
+    tie_word_embeddings (`bool`, defaults to `True`):
+        Share ``lm_head`` with ``embed_tokens``.
+    use_cache (`bool`, defaults to `True`):
+        Whether forward returns a KV cache by default.
+    mythos_format_version (`int`, defaults to 1):
+        Checkpoint format. Code older than a checkpoint's format refuses it and says to upgrade.
+    pad_token_id, bos_token_id, eos_token_id (`int`, *optional*):
+        Special token ids, in [0, ``vocab_size``); ``eos_token_id`` may also be a non-empty list of them.
 
     Every field is checked when the config is built, loaded (``from_dict``, ``from_pretrained``, a hand-edited
-    config.json) or overridden at load time. A value of the wrong type raises ``TypeError`` (integers are real
+    config.json), overridden at load time, or assigned later (``@strict``: each field's check runs on every
+    assignment; ``validate_architecture``, ``validate_loop_bounds`` and ``validate_token_ids`` hold the rules that tie
+    fields together). A value of the wrong type raises ``TypeError`` (integers are real
     integers, numpy's included, never bools, floats or strings; switches are ``True``/``False``, never ``"no"`` or
     ``0``; numbers may be ints but not bools or strings), a value out of range raises ``ValueError`` (every float
     must be finite: inf and NaN give NaN or all-zero logits). Both messages name the field, show the value and say
@@ -114,66 +261,63 @@ class MythosConfig(PreTrainedConfig):
         "max_position_embeddings": "max_seq_len",
     }
 
-    vocab_size: int = 32000
-    dim: int = 2048
-    n_heads: int = 16
-    n_kv_heads: int = 4
-    max_seq_len: int = 4096
-    max_loop_iters: int = 16
-    prelude_layers: int = 2
-    coda_layers: int = 2
-    attn_type: str = "mla"
-    kv_lora_rank: int = 512
-    q_lora_rank: int = 1536
-    qk_rope_head_dim: int = 64
-    qk_nope_head_dim: int = 128
-    v_head_dim: int = 128
-    n_experts: int = 64
-    n_shared_experts: int = 2
-    n_experts_per_tok: int = 4
-    expert_dim: int = 512
-    act_threshold: float = 0.99
-    rope_theta: float = 500000.0
-    lora_rank: int = 16
-    dropout: float = 0.0
-    dense_ffn_dim: int | None = None
-    mla_absorb: bool = True
-    use_act: bool = False
-    act_ponder_weight: float = 0.01
-    loop_signal_scale: float = 0.1
-    routed_scaling_factor: float = 1.0
-    loop_sampling: str = "fixed"
-    mean_train_loops: float | None = None
-    loop_sampling_sigma: float = 0.5
-    max_train_loops: int | None = None
-    loop_sampling_seed: int = 0
-    max_inference_loops: int | None = None
-    backprop_loops: int | None = None
-    router_bias_update_rate: float = 1e-3
-    router_aux_loss_coef: float = 0.0
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = True
-    use_cache: bool = True
+    # Each field's own check runs on every assignment (`@strict`): at construction, at loading and afterwards.
+    vocab_size: int = _checked(integer(1), 32000)
+    dim: int = _checked(integer(1), 2048)
+    n_heads: int = _checked(integer(1), 16)
+    n_kv_heads: int = _checked(integer(1), 4)
+    max_seq_len: int = _checked(integer(1), 4096)
+    max_loop_iters: int = _checked(integer(1), 16)
+    prelude_layers: int = _checked(integer(0), 2)
+    coda_layers: int = _checked(integer(0), 2)
+    attn_type: str = _checked(choice(ATTN_TYPES), "mla")
+    kv_lora_rank: int = _checked(integer(0), 512)
+    q_lora_rank: int = _checked(integer(0), 1536)
+    qk_rope_head_dim: int = _checked(integer(0), 64)
+    qk_nope_head_dim: int = _checked(integer(0), 128)
+    v_head_dim: int = _checked(integer(0), 128)
+    n_experts: int = _checked(integer(1), 64)
+    n_shared_experts: int = _checked(integer(0), 2)
+    n_experts_per_tok: int = _checked(integer(1), 4)
+    expert_dim: int = _checked(integer(1), 512)
+    act_threshold: int | float = _checked(real("in (0, 1]", lambda x: 0 < x <= 1), 0.99)
+    rope_theta: int | float = _checked(real("> 0", lambda x: x > 0), 500000.0)
+    lora_rank: int = _checked(integer(0), 16)
+    dropout: int | float = _checked(real("in [0, 1)", lambda x: 0 <= x < 1), 0.0)
+    dense_ffn_dim: int | None = _checked(integer(1, optional=True), None)
+    mla_absorb: bool = _checked(boolean(), True)
+    use_act: bool = _checked(boolean(), False)
+    act_ponder_weight: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.01)
+    loop_signal_scale: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.1)
+    routed_scaling_factor: int | float = _checked(real(">= 0", lambda x: x >= 0), 1.0)
+    loop_sampling: str = _checked(choice(LOOP_SAMPLINGS), "fixed")
+    mean_train_loops: int | float | None = _checked(real(">= 1", lambda x: x >= 1, optional=True), None)
+    loop_sampling_sigma: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.5)
+    max_train_loops: int | None = _checked(integer(1, optional=True), None)
+    loop_sampling_seed: int = _checked(integer(0, below=2**32), 0)
+    max_inference_loops: int | None = _checked(integer(1, optional=True), None)
+    backprop_loops: int | None = _checked(integer(1, optional=True), None)
+    router_bias_update_rate: int | float = _checked(real(">= 0", lambda x: x >= 0), 1e-3)
+    router_aux_loss_coef: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.0)
+    rms_norm_eps: int | float = _checked(real("> 0", lambda x: x > 0), 1e-6)
+    initializer_range: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.02)
+    tie_word_embeddings: bool = _checked(boolean(), True)
+    use_cache: bool = _checked(boolean(), True)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    mythos_format_version: int = MYTHOS_FORMAT_VERSION
+    mythos_format_version: int = _checked(integer(1), MYTHOS_FORMAT_VERSION)
 
     def __post_init__(self, **kwargs):
         # `num_hidden_layers` is derived; a value saved by another tool is accepted only if it agrees.
         saved_layers = kwargs.pop("num_hidden_layers", None)
         super().__post_init__(**kwargs)
-        # A newer format may use fields differently: say "upgrade" before judging any field by today's rules.
-        version = _check_int("mythos_format_version", self.mythos_format_version, 1)
-        if version > MYTHOS_FORMAT_VERSION:
-            raise ValueError(
-                f"This checkpoint uses OpenMythos format version {version}, but the installed code "
-                f"reads up to version {MYTHOS_FORMAT_VERSION}. Upgrade with `pip install -U openmythos`."
-            )
-        if self.dense_ffn_dim is None and _is_int(self.dim):  # `dim` may have arrived through `hidden_size`
+        if self.dense_ffn_dim is None:  # `dim` may have arrived through `hidden_size`
             self.dense_ffn_dim = self.dim * 4 // 3
-        self._validate()
+        # the rules that tie fields together (`@strict` class validators; `save_pretrained` runs them again)
+        self.validate_architecture()
+        self.validate_loop_bounds()
+        self.validate_token_ids()
         if saved_layers is not None and saved_layers != self.num_hidden_layers:
             raise ValueError(
                 f"`num_hidden_layers` is derived (prelude_layers + coda_layers + max_loop_iters = "
@@ -212,36 +356,21 @@ class MythosConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        """``PreTrainedConfig.from_dict``, then validation again: it sets load-time overrides after ``__init__``."""
+        """``PreTrainedConfig.from_dict``, then the cross-field rules again: load-time overrides are assigned after
+        ``__init__`` (each one is still checked on its own when assigned)."""
         result = super().from_dict(config_dict, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
-        config._validate()
+        config.validate_architecture()
+        config.validate_loop_bounds()
+        config.validate_token_ids()
         return result
 
-    def _validate(self):
-        """Refuse a config the model cannot run: each field's type (TypeError) and range (ValueError), then the
-        rules that tie fields together."""
-        for name, accepted in _CHOICES.items():
-            _check_choice(name, getattr(self, name), accepted)
-        for name, minimum in _INT_MINIMUMS.items():
-            if self.attn_type != "mla" and name in _MLA_ONLY_FIELDS:
-                minimum = 0  # unused by GQA: any integer will do
-            self._set_plain(name, _check_int(name, getattr(self, name), minimum, optional=name in _OPTIONAL))
-        for name, (accepted, in_range) in _FLOAT_RANGES.items():
-            self._set_plain(name, _check_float(name, getattr(self, name), accepted, in_range,
-                                               optional=name in _OPTIONAL))
-        for name in _BOOL_FIELDS:
-            _check_bool(name, getattr(self, name), optional=name in _OPTIONAL)
-        self._validate_shapes()
-        self._validate_loop_bounds()
-        self._validate_token_ids()
-
-    def _set_plain(self, name, value):
-        # numpy scalars are accepted but stored as Python numbers, so that the config stays JSON-serialisable.
-        if value is not None and type(value) is not type(getattr(self, name)):
-            setattr(self, name, value)
-
-    def _validate_shapes(self):
+    def validate_architecture(self):
+        """Shapes the model can be built with."""
+        if self.attn_type == "mla":
+            for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):  # GQA ignores them: any integer will do
+                if getattr(self, name) < 1:
+                    raise ValueError(f"`{name}` must be an integer >= 1 for attn_type='mla', got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"`n_kv_heads` ({self.n_kv_heads}) must divide `n_heads` ({self.n_heads})")
         if self.attn_type == "gqa":
@@ -256,8 +385,8 @@ class MythosConfig(PreTrainedConfig):
                 f"`n_experts_per_tok` ({self.n_experts_per_tok}) cannot exceed `n_experts` ({self.n_experts})"
             )
 
-    def _validate_loop_bounds(self):
-        # Every loop count the config can produce (the default, a training draw) must stay within `loop_limit`.
+    def validate_loop_bounds(self):
+        """Every loop count the config can produce (the default, a training draw) stays within ``loop_limit``."""
         if self.max_inference_loops is not None and self.max_inference_loops < self.max_loop_iters:
             raise ValueError(
                 f"`max_inference_loops` must be an integer >= `max_loop_iters` ({self.max_loop_iters}, the default "
@@ -268,10 +397,9 @@ class MythosConfig(PreTrainedConfig):
             raise ValueError(f"`mean_train_loops` must be a number >= 1 and {bound}, got {self.mean_train_loops!r}")
         if self.max_train_loops is not None and self.max_train_loops > self.loop_limit:
             raise ValueError(f"`max_train_loops` must be an integer >= 1 and {bound}, got {self.max_train_loops!r}")
-        if self.loop_sampling_seed >= 2**32:
-            raise ValueError(f"`loop_sampling_seed` must be an integer in [0, 2**32), got {self.loop_sampling_seed!r}")
 
-    def _validate_token_ids(self):
+    def validate_token_ids(self):
+        """Special token ids lie in [0, vocab_size)."""
         for name in ("pad_token_id", "bos_token_id"):
             setattr(self, name, _check_token_id(name, getattr(self, name), self.vocab_size))
         eos = self.eos_token_id
@@ -285,86 +413,6 @@ class MythosConfig(PreTrainedConfig):
             self.eos_token_id = _check_token_id("eos_token_id", eos, self.vocab_size)
 
 
-# Validation tables. `_OPTIONAL` fields also accept None (meaning "derive the default").
-_CHOICES = {"attn_type": ATTN_TYPES, "loop_sampling": LOOP_SAMPLINGS}
-# Smallest accepted value of each integer field; `dim` comes before `dense_ffn_dim`, which is derived from it.
-_INT_MINIMUMS = {
-    "vocab_size": 1, "dim": 1, "n_heads": 1, "n_kv_heads": 1, "max_seq_len": 1, "max_loop_iters": 1,
-    "prelude_layers": 0, "coda_layers": 0, "kv_lora_rank": 1, "q_lora_rank": 0, "qk_rope_head_dim": 1,
-    "qk_nope_head_dim": 0, "v_head_dim": 1, "n_experts": 1, "n_shared_experts": 0, "n_experts_per_tok": 1,
-    "expert_dim": 1, "lora_rank": 0, "dense_ffn_dim": 1, "max_train_loops": 1, "loop_sampling_seed": 0,
-    "max_inference_loops": 1, "backprop_loops": 1, "mythos_format_version": 1, "chunk_size_feed_forward": 0,
-}
-_MLA_ONLY_FIELDS = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
-# name: (accepted values in words, test). NaN fails every comparison, so it is refused with the rest.
-_FLOAT_RANGES = {
-    "act_threshold": ("in (0, 1]", lambda x: 0 < x <= 1),
-    "rope_theta": ("> 0", lambda x: x > 0),
-    "dropout": ("in [0, 1)", lambda x: 0 <= x < 1),
-    "act_ponder_weight": (">= 0", lambda x: x >= 0),
-    "loop_signal_scale": (">= 0", lambda x: x >= 0),
-    "routed_scaling_factor": (">= 0", lambda x: x >= 0),
-    "mean_train_loops": (">= 1", lambda x: x >= 1),
-    "loop_sampling_sigma": (">= 0", lambda x: x >= 0),
-    "router_bias_update_rate": (">= 0", lambda x: x >= 0),
-    "router_aux_loss_coef": (">= 0", lambda x: x >= 0),
-    "rms_norm_eps": ("> 0", lambda x: x > 0),
-    "initializer_range": (">= 0", lambda x: x >= 0),
-}
-# Our switches, and the base config's output switches (a truthy string such as "no" would turn them on).
-_BOOL_FIELDS = ("mla_absorb", "use_act", "tie_word_embeddings", "use_cache", "is_encoder_decoder",
-                "output_attentions", "output_hidden_states", "return_dict")
-_OPTIONAL = {"dense_ffn_dim", "max_train_loops", "max_inference_loops", "backprop_loops", "mean_train_loops",
-             "output_hidden_states", "return_dict"}
-
-
-def _type_error(name, value, accepted):
-    return TypeError(f"`{name}` must be {accepted}, got {value!r} of type {type(value).__name__}")
-
-
-def _is_int(value) -> bool:
-    # numbers.Integral admits numpy integers; bool is an int subclass but never means a count.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_int(name, value, minimum, optional=False):
-    """Return ``value`` as a Python int (or None when optional); refuse other types and values below ``minimum``."""
-    accepted = f"an integer >= {minimum}" + (" or None" if optional else "")
-    if value is None and optional:
-        return None
-    if not _is_int(value):
-        raise _type_error(name, value, accepted)
-    if value < minimum:
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
-    return int(value)
-
-
-def _check_float(name, value, accepted, in_range, optional=False):
-    """Return ``value`` as a Python number (int stays int); refuse non-numbers, inf, NaN and out-of-range values."""
-    accepted = f"a finite number {accepted}" + (" or None" if optional else "")
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _type_error(name, value, accepted)
-    if not (math.isfinite(value) and in_range(value)):
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
-    return value if type(value) in (int, float) else float(value)
-
-
-def _check_bool(name, value, optional=False):
-    if value is None and optional:
-        return
-    if not isinstance(value, bool):
-        raise _type_error(name, value, "True or False" + (" or None" if optional else ""))
-
-
-def _check_choice(name, value, accepted):
-    if not isinstance(value, str):
-        raise _type_error(name, value, f"a str, one of {accepted}")
-    if value not in accepted:
-        raise ValueError(f"`{name}` must be one of {accepted}, got {value!r}")
-
-
 def _check_token_id(name, value, vocab_size, in_list=None):
     """Return a token id as a Python int in [0, vocab_size), or None. ``in_list``: the eos list ``value`` is from."""
     if value is None and in_list is None:
@@ -376,7 +424,7 @@ def _check_token_id(name, value, vocab_size, in_list=None):
     if not _is_int(value) and in_list is not None:
         raise TypeError(f"`{name}` must be {accepted}, got {shown!r} (element {value!r} is a {type(value).__name__})")
     if not _is_int(value):
-        raise _type_error(name, value, accepted)
+        raise TypeError(f"`{name}` {_wrong_type(value, accepted)}")
     if not 0 <= value < vocab_size:
         raise ValueError(f"`{name}` must be {accepted}, got {shown!r}")
     return int(value)
@@ -398,24 +446,68 @@ _PRESETS = {
     "500b": (100000, 12288, 96, 16, 1048576, 48, 4, 4, 1024, 3072, 64, 128, 128, 512, 8, 8, 23040, 1e6, 128),
     "1t": (100000, 16384, 128, 16, 1048576, 64, 6, 6, 1024, 4096, 64, 128, 128, 512, 8, 8, 34560, 2e6, 256),
 }
-def _refuse_alias_conflicts(init):
-    """Wrap the generated ``__init__``: an HF alias and its reference field given together must agree.
+# Our fields' checks, and checks for fields whose annotations strict cannot enforce: the base config's (string
+# annotations) and the special tokens (range against vocab_size in `validate_token_ids`).
+_EXTRA_CHECKS = dict(is_encoder_decoder=boolean(), output_attentions=boolean(), output_hidden_states=boolean(True),
+                     return_dict=boolean(True), chunk_size_feed_forward=integer(0), pad_token_id=token_ids,
+                     bos_token_id=token_ids, eos_token_id=token_ids)
+_FIELD_CHECKS = {f.name: f.metadata["validator"] for f in fields(MythosConfig) if callable(f.metadata.get("validator"))}
+_FIELD_CHECKS.update(_EXTRA_CHECKS)
 
-    This cannot live in ``__post_init__``: there a field given at its default value looks like one not given at all.
-    """
+
+def _named(name, error):
+    return type(error)(f"`{name}` {error}")
+
+
+def _errors_name_the_field(strict_setattr):
+    """Wrap ``@strict``'s ``__setattr__``: values arrive as plain Python numbers, an alias checks its field, and a
+    refused value raises our TypeError/ValueError naming the field (strict's own error class is neither)."""
+
+    @functools.wraps(strict_setattr)
+    def __setattr__(self, name, value):
+        name = MythosConfig.attribute_map.get(name, name)
+        value = _plain(value)
+        try:
+            if name in _EXTRA_CHECKS:
+                _EXTRA_CHECKS[name](value)
+            strict_setattr(self, name, value)
+        except (TypeError, ValueError) as error:
+            raise _named(name, error) from None
+        except StrictDataclassFieldValidationError as error:
+            cause = error.__cause__
+            if name in _FIELD_CHECKS:  # our check words it better, also where strict's type check refused first
+                try:
+                    _FIELD_CHECKS[name](value)
+                except (TypeError, ValueError) as ours:
+                    cause = ours
+            raise _named(name, cause) from None
+
+    return __setattr__
+
+
+def _check_aliases_and_format_first(init):
+    """Wrap the generated ``__init__``. An HF alias and its reference field given together must agree (in
+    ``__post_init__`` a field given at its default value would look like one not given). A checkpoint from a newer
+    format says "upgrade" before any field is judged by today's rules."""
 
     @functools.wraps(init)
     def __init__(self, **kwargs):
-        for alias, field in MythosConfig.attribute_map.items():
-            if alias in kwargs and field in kwargs and kwargs[alias] != kwargs[field]:
-                raise ValueError(f"`{alias}`={kwargs[alias]!r} contradicts `{field}`={kwargs[field]!r} (`{alias}` is "
-                                 f"another name for `{field}`); give only one of them")
+        for alias, field_name in MythosConfig.attribute_map.items():
+            if alias in kwargs and field_name in kwargs and kwargs[alias] != kwargs[field_name]:
+                raise ValueError(f"`{alias}`={kwargs[alias]!r} contradicts `{field_name}`={kwargs[field_name]!r} "
+                                 f"(`{alias}` is another name for `{field_name}`); give only one of them")
+        version = kwargs.get("mythos_format_version", MYTHOS_FORMAT_VERSION)
+        if _is_int(version) and version > MYTHOS_FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses OpenMythos format version {version}, but the installed code reads up to "
+                f"version {MYTHOS_FORMAT_VERSION}. Upgrade with `pip install -U openmythos`.")
         init(self, **kwargs)
 
     return __init__
 
 
-MythosConfig.__init__ = _refuse_alias_conflicts(MythosConfig.__init__)
+MythosConfig.__setattr__ = _errors_name_the_field(MythosConfig.__setattr__)
+MythosConfig.__init__ = _check_aliases_and_format_first(MythosConfig.__init__)
 
 _PRESET_FIELDS = ("vocab_size", "dim", "n_heads", "n_kv_heads", "max_seq_len", "max_loop_iters", "prelude_layers",
                   "coda_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
