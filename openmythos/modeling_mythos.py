@@ -476,9 +476,9 @@ class MythosDecoderLayer(_MythosBlock):
         super().__init__(config, layer_idx, MythosMLP(config.dim, config.dense_ffn_dim))
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        hidden_states = hidden_states + self._attention_delta(hidden_states, position_embeddings, attention_mask,
-                                                              cache, None, **kwargs)
-        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+        attn = self._attention_delta(hidden_states, position_embeddings, attention_mask, cache, None, **kwargs)
+        ffn = self.dropout(self.mlp(self.post_attention_layernorm(hidden_states + attn)))
+        return hidden_states + (attn + ffn)  # the block's whole delta, then the residual (as the looped layer adds it)
 
 
 class MythosLoopLayer(_MythosBlock):
