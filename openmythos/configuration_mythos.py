@@ -13,10 +13,11 @@ import math
 import numbers
 from dataclasses import field, fields
 
-# huggingface_hub is a dependency of transformers, whose own configs are `@strict` dataclasses the same way
-from huggingface_hub.dataclasses import strict
-from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
+
+# `strict` is huggingface_hub's, the decorator of transformers' own configs; taken from transformers (both 5.23 and
+# 5.24 import it there) so that this file, which ships with checkpoints, imports only transformers.
+from transformers.configuration_utils import strict
 from transformers.utils import auto_docstring
 
 # Bumped whenever a checkpoint written by this code can no longer be read by older code.
@@ -461,26 +462,18 @@ def _named(name, error):
 
 def _errors_name_the_field(strict_setattr):
     """Wrap ``@strict``'s ``__setattr__``: values arrive as plain Python numbers, an alias checks its field, and a
-    refused value raises our TypeError/ValueError naming the field (strict's own error class is neither)."""
+    refused value raises our TypeError/ValueError naming the field before strict's own checks run."""
 
     @functools.wraps(strict_setattr)
     def __setattr__(self, name, value):
         name = MythosConfig.attribute_map.get(name, name)
         value = _plain(value)
-        try:
-            if name in _EXTRA_CHECKS:
-                _EXTRA_CHECKS[name](value)
-            strict_setattr(self, name, value)
-        except (TypeError, ValueError) as error:
-            raise _named(name, error) from None
-        except StrictDataclassFieldValidationError as error:
-            cause = error.__cause__
-            if name in _FIELD_CHECKS:  # our check words it better, also where strict's type check refused first
-                try:
-                    _FIELD_CHECKS[name](value)
-                except (TypeError, ValueError) as ours:
-                    cause = ours
-            raise _named(name, cause) from None
+        if name in _FIELD_CHECKS:  # first, so that a refusal is ours (strict's own error class is neither)
+            try:
+                _FIELD_CHECKS[name](value)
+            except (TypeError, ValueError) as error:
+                raise _named(name, error) from None
+        strict_setattr(self, name, value)
 
     return __setattr__
 
