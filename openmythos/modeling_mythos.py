@@ -970,6 +970,9 @@ class MythosModel(MythosPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MythosModelOutput:
         r"""
+        cache (`Cache`, *optional*):
+            The KV cache, one slot per prelude layer, coda layer and loop iteration (``past_key_values``, its name
+            before transformers 5.24, is accepted too).
         n_loops (`int`, *optional*):
             Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``. A cache filled with one
             value refuses another.
@@ -1088,6 +1091,9 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MythosCausalLMOutput:
         r"""
+        cache (`Cache`, *optional*):
+            The KV cache, one slot per prelude layer, coda layer and loop iteration (``past_key_values``, its name
+            before transformers 5.24, is accepted too).
         n_loops (`int`, *optional*):
             Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``. A cache filled with one
             value refuses another.
