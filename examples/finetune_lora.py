@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 
 import openmythos
 from openmythos import MythosForCausalLM, MythosTokenizer, mythos_tiny
-from openmythos.checkpoints import AtomicCheckpointTrainer
-from openmythos.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
+from openmythos.training.checkpoints import AtomicCheckpointTrainer
+from openmythos.training.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
 from openmythos.peft_support import expert_lora_config
 
 

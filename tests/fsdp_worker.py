@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from openmythos import MythosForCausalLM, MythosModel, mythos_tiny
-from openmythos.distributed import apply_fsdp2
+from openmythos.training.distributed import apply_fsdp2
 from openmythos.training import update_router_bias
 
 ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate_fsdp.yaml"

@@ -16,7 +16,7 @@ import yaml
 
 import fsdp_worker
 from openmythos import modeling_mythos
-from openmythos.distributed import apply_fsdp2
+from openmythos.training.distributed import apply_fsdp2
 from openmythos.modeling_mythos import MythosPreTrainedModel
 
 ROOT = Path(__file__).resolve().parents[1]

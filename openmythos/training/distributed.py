@@ -14,7 +14,7 @@ counts over all ranks and applies the same update everywhere.
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from .modeling_mythos import MythosForCausalLM, MythosModel
+from ..modeling_mythos import MythosForCausalLM, MythosModel
 
 
 def apply_fsdp2(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:
