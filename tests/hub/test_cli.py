@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import make_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/<area>/this file
 
 # What the `mythos` console script does (setup.py: mythos=openmythos.cli:main), then which heavy modules got imported.
 CONSOLE_SCRIPT = """
