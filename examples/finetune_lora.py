@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 
 import openmythos
 from openmythos import MythosForCausalLM, MythosTokenizer, mythos_tiny
-from openmythos.checkpoints import AtomicCheckpointTrainer
-from openmythos.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
+from openmythos.training.checkpoints import AtomicCheckpointTrainer
+from openmythos.training.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
 from openmythos.peft_support import expert_lora_config
 
 
@@ -65,7 +65,8 @@ def main(argv=None):
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, logging_steps=5, save_steps=max(args.max_steps, 1), report_to="none", seed=args.seed,
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, dataloader_num_workers=0)
-    trainer = AtomicCheckpointTrainer(model=model, args=training_args, train_dataset=data, data_collator=causal_lm_collator)
+    trainer = AtomicCheckpointTrainer(model=model, args=training_args, train_dataset=data,
+                                      data_collator=causal_lm_collator)
     trainer.train()
     model.save_pretrained(args.output_dir)  # the adapter only
     tokenizer.save_pretrained(args.output_dir)

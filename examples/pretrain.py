@@ -10,8 +10,9 @@ tokenizer, the small corpus shipped with the package):
 
     python examples/pretrain.py --toy --output-dir runs/toy
 
-Checkpoints are written atomically (openmythos.checkpoints), so a run killed at any moment, even mid-save, continues
-with the same command plus --resume: it picks the newest complete checkpoint and says which broken ones it skipped.
+Checkpoints are written atomically (openmythos.training.checkpoints), so a run killed at any moment, even mid-save,
+continues with the same command plus --resume: it picks the newest complete checkpoint and says which broken ones it
+skipped.
 """
 
 import argparse
@@ -23,9 +24,9 @@ from transformers import TrainingArguments, set_seed
 
 import openmythos
 from openmythos import MythosForCausalLM, MythosTokenizer
-from openmythos.checkpoints import AtomicCheckpointTrainer, has_checkpoints, latest_complete_checkpoint
-from openmythos.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
-from openmythos.optim import MuonAdamW
+from openmythos.training.checkpoints import AtomicCheckpointTrainer, has_checkpoints, latest_complete_checkpoint
+from openmythos.training.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
+from openmythos.training.optim import MuonAdamW
 from openmythos.training import MythosTrainingCallback
 
 
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=2000)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
-                   help="muon: Muon for hidden matrices + AdamW for the rest (openmythos.optim.MuonAdamW)")
+                   help="muon: Muon for hidden matrices + AdamW for the rest (openmythos.training.optim.MuonAdamW)")
     p.add_argument("--muon-lr", type=float, default=0.02)
     p.add_argument("--mean-loops", type=float, default=None,
                    help="sample n_loops per step around this mean (Poisson, log-normal rate); default: preset depth")

@@ -39,10 +39,12 @@ def _quickstart(args):
 
 
 def _demo(args, demo_argv):
-    _load_stack()
-    from .demo import main as demo_main
+    from .demo import parse_args, run  # the standard library only: run imports the training pipeline
 
-    return demo_main(demo_argv)
+    demo_args = parse_args(demo_argv)  # --help and refused flags exit here, before torch is imported
+    _load_stack()
+    run(demo_args)
+    return 0
 
 
 def _check_export(args):

@@ -13,7 +13,7 @@ vocab_size and len(tokenizer) are 260 until tokens are added with ``add_tokens``
 Encoding adds no special tokens by default: ``tok(text)["input_ids"]`` is the text's bytes, even where the text spells
 a special token: ``tok("a<eos>b")`` is seven bytes, never a document boundary (``split_special_tokens=True`` is the
 default; pass ``split_special_tokens=False`` to parse ``<eos>`` written in the text as the token). Pretraining packs
-documents with one ``<eos>`` after each (``openmythos.data.pack_documents``), GPT-2 style, so a prompt needs no BOS.
+documents with one ``<eos>`` after each (``openmythos.training.pack_documents``), GPT-2 style, so a prompt needs no BOS.
 ``append_eos=True`` makes ``tok(text)`` end with ``<eos>``; ``prepend_bos=True`` starts it with ``<bos>``. Both
 are saved by ``save_pretrained``.
 

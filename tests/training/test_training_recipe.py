@@ -8,7 +8,7 @@ from conftest import make_model
 
 from openmythos import MythosForCausalLM, mythos_tiny
 from openmythos.modeling_mythos import sequence_balance_loss
-from openmythos.optim import MuonAdamW, split_parameters
+from openmythos.training.optim import MuonAdamW, split_parameters
 from openmythos.training import MythosTrainingCallback, expert_load_stats, sample_n_loops, update_router_bias
 
 

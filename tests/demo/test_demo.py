@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from openmythos import MythosTokenizer, demo
-from openmythos.tasks import HOP_MARK, InContextPointerChasingTask, PointerChasingTask
+from openmythos.demo.tasks import HOP_MARK, InContextPointerChasingTask, PointerChasingTask
 
 
 def test_hidden_links_form_one_cycle_through_every_node():

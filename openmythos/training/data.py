@@ -9,7 +9,8 @@ document per blank-line-separated paragraph block when ``paragraphs=True`` (else
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-SAMPLE_CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
+# The corpus ships in the package's data folder (setup.py package_data), one level above this module.
+SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
              ".csv": "csv"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import make_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/<area>/this file
 
 # What the `mythos` console script does (setup.py: mythos=openmythos.cli:main), then which heavy modules got imported.
 CONSOLE_SCRIPT = """
@@ -37,11 +37,20 @@ def run_folder(tmp_path):
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["push", "--help"], ["presets", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["push", "--help"], ["presets", "--help"],
+                                  ["demo", "--help"]])
 def test_help_imports_neither_torch_nor_transformers(argv):
     result = mythos(*argv)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage: mythos" in result.stdout
+    assert "heavy modules: []" in result.stdout
+
+
+def test_refused_demo_flags_import_neither_torch_nor_transformers():
+    # the demo parses its flags (openmythos.demo.parse_args) before the training pipeline is imported
+    result = mythos("demo", "--num-nodes", "6", "--eval-hops", "6")
+    assert result.returncode == 2 and "mythos demo: error: --eval-hops (6) must be below --num-nodes (6)" in (
+        result.stderr), result.stderr[-2000:]
     assert "heavy modules: []" in result.stdout
 
 

@@ -1,10 +1,10 @@
-"""Worker for tests/test_distributed.py (not a test module itself).
+"""Worker for tests/training/test_distributed.py (not a test module itself).
 
 Each rank builds the same seeded ``mythos_tiny`` model, shards it (with ``apply_fsdp2``, and as Accelerate does with
 examples/accelerate_fsdp.yaml) and trains it on its half of a fixed global batch; rank 0 saves what the test compares
 with a single-process run over the whole batch:
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py OUT.pt
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/training/fsdp_worker.py OUT.pt
 
 ``build_model``, ``global_batches`` and ``train`` are shared with that single-process reference, so both runs start
 from the same weights and see the same tokens.
@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from openmythos import MythosForCausalLM, MythosModel, mythos_tiny
-from openmythos.distributed import apply_fsdp2
 from openmythos.training import update_router_bias
+from openmythos.training.distributed import apply_fsdp2
 
-ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate_fsdp.yaml"
+ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "accelerate_fsdp.yaml"
 SEED = 0
 STEPS = 4
 N_LOOPS = 3  # fewer than max_loop_iters (4), so one depth row of every loop-indexed table stays unused

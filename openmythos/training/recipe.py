@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .configuration_mythos import MythosConfig
-from .modeling_mythos import MythosTopkRouter
+from ..configuration_mythos import MythosConfig
+from ..modeling_mythos import MythosTopkRouter
 
 
 def sample_n_loops(config: MythosConfig, step: int) -> int:

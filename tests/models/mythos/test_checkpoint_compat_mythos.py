@@ -1,7 +1,8 @@
 """Checkpoints written by earlier code keep loading with the same logits.
 
-``tests/fixtures/pre_structure_{mla,gqa}`` were saved by the code before the structure refactor (issue 10), together
-with the logits and greedy tokens they produced then (``expected.json``). MLA has halting on, GQA off.
+``fixtures/pre_structure_{mla,gqa}`` (beside this file) were saved by the code before the structure refactor
+(issue 10), together with the logits and greedy tokens they produced then (``expected.json``). MLA has halting on,
+GQA off.
 """
 
 import json

@@ -1,6 +1,6 @@
 import pytest
 
-from openmythos.data import SAMPLE_CORPUS, causal_lm_collator, pack_documents, pretraining_dataset
+from openmythos.training.data import SAMPLE_CORPUS, causal_lm_collator, pack_documents, pretraining_dataset
 from openmythos.tokenization_mythos import MythosTokenizer
 
 

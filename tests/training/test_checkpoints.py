@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from openmythos import MythosForCausalLM, mythos_tiny
-from openmythos.checkpoints import (
+from openmythos.training.checkpoints import (
     AtomicCheckpointTrainer,
     CheckpointSaveError,
     checkpoint_problem,
@@ -74,7 +74,7 @@ def test_broken_newest_checkpoint_is_skipped_with_its_name_and_reason(plain_chec
     damage, reason = CORRUPTIONS[corruption]
     damage(out / "checkpoint-2")
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")  # what the stock resume would pick
-    with caplog.at_level(logging.WARNING, logger="openmythos.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="openmythos.training.checkpoints"):
         assert latest_complete_checkpoint(out) == str(out / "checkpoint-1")
     skipped = [r.getMessage() for r in caplog.records]
     assert len(skipped) == 1
@@ -109,7 +109,7 @@ def test_resume_true_continues_from_the_newest_complete_checkpoint(plain_checkpo
     out = copy_run(plain_checkpoints, tmp_path)
     (out / "checkpoint-2" / "trainer_state.json").unlink()
     trainer = make_trainer(out, 3)
-    with caplog.at_level(logging.WARNING, logger="openmythos.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="openmythos.training.checkpoints"):
         trainer.train(resume_from_checkpoint=True)
     assert any("checkpoint-2" in r.getMessage() for r in caplog.records)
     steps = [e["step"] for e in trainer.state.log_history if "loss" in e]

@@ -17,7 +17,7 @@ from openmythos.configuration_mythos import MYTHOS_FORMAT_VERSION
 from openmythos.hub import export, push, render_card
 from openmythos.tokenization_mythos import MythosTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/<area>/this file
 
 # Runs in a fresh interpreter in which `import openmythos` fails, like a machine without the package.
 NO_PACKAGE = """

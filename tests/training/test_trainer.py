@@ -7,8 +7,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from openmythos import MythosForCausalLM, mythos_tiny
-from openmythos.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
-from openmythos.optim import MuonAdamW
+from openmythos.training.data import SAMPLE_CORPUS, causal_lm_collator, pretraining_dataset
+from openmythos.training.optim import MuonAdamW
 from openmythos.tokenization_mythos import MythosTokenizer
 from openmythos.training import MythosTrainingCallback
 

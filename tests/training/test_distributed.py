@@ -16,16 +16,16 @@ import yaml
 
 import fsdp_worker
 from openmythos import modeling_mythos
-from openmythos.distributed import apply_fsdp2
 from openmythos.modeling_mythos import MythosPreTrainedModel
+from openmythos.training.distributed import apply_fsdp2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/<area>/this file
 ACCELERATE_CONFIG = ROOT / "examples" / "accelerate_fsdp.yaml"
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
-    """Rank 0's results from tests/fsdp_worker.py on 2 processes, plus single-process reference runs over the
+    """Rank 0's results from tests/training/fsdp_worker.py on 2 processes, plus single-process reference runs over the
     whole global batch, computed while the workers run."""
     out = tmp_path_factory.mktemp("fsdp") / "result.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")

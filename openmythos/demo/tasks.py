@@ -11,12 +11,18 @@ depth has to spend layers per hop and runs out (``openmythos.demo`` measures bot
 
 ``InContextPointerChasingTask`` is the in-context variant: the links are written in the prompt, a new graph for every
 example, so the model has to learn the lookup procedure rather than the graph.
+
+Each task kind also carries what ``mythos demo --task <kind>`` needs to know about it: its flag defaults, sequence
+length, learning-rate schedule, training set, evaluation questions and console text (the methods taking ``args``, the
+demo's parsed flags). The demo itself is the same code for every kind. This module imports only the standard library
+(``datasets`` inside the functions that build datasets), so the demo's argument parsing stays free of torch.
 """
 
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 NODE_NAMES = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 HOP_MARK = "+"
@@ -33,6 +39,14 @@ class PointerChasingTask:
 
     num_nodes: int = 24
     seed: int = 0
+
+    # The demo's settings for this kind (``--task hidden``). ``flag_defaults`` fill the flags left at None.
+    flag: ClassVar[str] = "hidden"
+    flag_defaults: ClassVar[dict] = {"num_nodes": 24, "dim": 96, "steps": 1500, "lr": 2e-3, "train_examples": 20000,
+                                     "curriculum_steps": 0}
+    max_seq_len: ClassVar[int] = 64
+    # the Trainer shuffles the training set: its row order means nothing
+    in_order: ClassVar[bool] = False
 
     def __post_init__(self):
         if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) \
@@ -82,6 +96,47 @@ class PointerChasingTask:
             row["labels"] = [-100] * len(question) + answer
         return datasets.Dataset.from_list(rows)
 
+    # ------------------------------------------------------------------------------- the demo (``--task hidden``)
+    @classmethod
+    def from_args(cls, args) -> "PointerChasingTask":
+        return cls(num_nodes=args.num_nodes, seed=args.seed)
+
+    @staticmethod
+    def check_args(args) -> str | None:
+        """The demo's refusal of flags this kind cannot use together, or None (the hidden task has none)."""
+        return None
+
+    @staticmethod
+    def lr_schedule() -> dict:
+        """``TrainingArguments`` fields of the learning-rate schedule: cosine decay to 0."""
+        return {"lr_scheduler_type": "cosine"}
+
+    def training_set(self, tokenizer, args):
+        """``--train-examples`` questions with 1..K hops (shuffled by the Trainer)."""
+        return self.dataset(tokenizer, range(1, args.train_hops + 1), args.train_examples, seed=args.seed)
+
+    def eval_questions(self, hops: int, args) -> list[tuple[str, str]]:
+        """(question, answer) pairs scored at ``hops`` hops: every start node of the hidden graph."""
+        return [(self.question(start, hops), self.follow(start, hops)) for start in self.nodes]
+
+    def sample_question(self, i: int, hops: int, args) -> tuple[str, str]:
+        """The ``i``-th question the reloaded model answers after training, and its answer."""
+        start = self.nodes[(7 * i + 3) % self.num_nodes]
+        return self.question(start, hops), self.follow(start, hops)
+
+    def introduction(self, args) -> str:
+        return (f"Task: {self.num_nodes} nodes on one hidden random cycle; '{self.question('q', 3)}' asks for the "
+                f"node 3 links after 'q'. Training on 1..{args.train_hops} hops, testing on 1..{args.eval_hops}.")
+
+    @staticmethod
+    def scored(args) -> str:
+        """What each accuracy is measured over, for the table's heading."""
+        return "every start node"
+
+    @staticmethod
+    def plot_title(args) -> str:
+        return f"k-hop pointer chasing over a hidden {args.num_nodes}-node cycle"
+
 
 class InContextPointerChasingTask:
     """k-hop pointer chasing over a graph written in the prompt, a new random graph for every example.
@@ -98,6 +153,15 @@ class InContextPointerChasingTask:
         max_nodes (`int`, defaults to 9): Most nodes in a graph, 3 to 52; the names are drawn from its first letters.
         seed (`int`, defaults to 0): Default seed of ``examples``, ``dataset`` and ``eval_examples``.
     """
+
+    # The demo's settings for this kind (``--task context``): the recipe that makes the looped model learn it
+    # (docs/demo.md). ``train_examples`` None: one batch per optimizer step.
+    flag = "context"
+    flag_defaults = {"num_nodes": 9, "dim": 64, "steps": 1200, "lr": 3e-3, "train_examples": None,
+                     "curriculum_steps": 300}
+    max_seq_len = 128  # longer than the hidden task's 64: the prompt also holds the graph's links
+    # the Trainer reads the training set in row order: the curriculum (1-hop batches first) is that order
+    in_order = True
 
     def __init__(self, max_nodes: int = 9, seed: int = 0):
         if isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or not 3 <= max_nodes <= len(NODE_NAMES):
@@ -174,6 +238,62 @@ class InContextPointerChasingTask:
             row = self.example(rng, hops, self.max_nodes, num_queries=1)
             rows.append({"question": row["context"] + row["queries"], "answer": row["answers"], "hops": hops})
         return rows
+
+    # ------------------------------------------------------------------------------ the demo (``--task context``)
+    @classmethod
+    def from_args(cls, args) -> "InContextPointerChasingTask":
+        return cls(max_nodes=args.num_nodes, seed=args.seed)
+
+    @staticmethod
+    def check_args(args) -> str | None:
+        """The demo's refusal of flags this kind cannot use together, or None."""
+        if args.train_examples < args.curriculum_steps * args.batch_size:
+            return "--train-examples must cover the --curriculum-steps batches"
+        return None
+
+    @staticmethod
+    def lr_schedule() -> dict:
+        """``TrainingArguments`` fields of the learning-rate schedule: cosine decay to 0.1x, not to 0."""
+        return {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
+
+    def training_set(self, tokenizer, args):
+        """``--curriculum-steps`` batches of 1-hop prompts, then prompts with 1..K hops; each batch shares one hop
+        count and graph size (read in order, see ``in_order``)."""
+        import datasets
+
+        hops = range(1, args.train_hops + 1)
+        first = args.curriculum_steps * args.batch_size
+        parts = [self.dataset(tokenizer, [1], first, seed=args.seed, group_size=args.batch_size)] if first else []
+        if args.train_examples > first:
+            parts.append(self.dataset(tokenizer, hops, args.train_examples - first, seed=args.seed + 1,
+                                      group_size=args.batch_size))
+        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+    def eval_questions(self, hops: int, args) -> list[tuple[str, str]]:
+        """(question, answer) pairs scored at ``hops`` hops: ``--eval-examples`` seeded single-query prompts over
+        fresh ``--num-nodes``-node graphs."""
+        return [(row["question"], row["answer"]) for row in self.eval_examples(hops, args.eval_examples)]
+
+    def sample_question(self, i: int, hops: int, args) -> tuple[str, str]:
+        """The ``i``-th question the reloaded model answers after training, and its answer."""
+        row = self.eval_examples(hops, 1, seed=f"sample-{args.seed}-{i}")[0]
+        return row["question"], row["answer"]
+
+    def introduction(self, args) -> str:
+        example = self.eval_examples(2, 1, seed="intro")[0]
+        return (f"Task: a new random cycle of up to {args.num_nodes} nodes in every prompt; '{example['question']}' "
+                f"asks for the node 2 links after '{example['question'][-1]}' ({example['answer']!r}). Training on "
+                f"1..{args.train_hops} hops ({args.curriculum_steps} 1-hop batches first), testing on "
+                f"1..{args.eval_hops} over {args.num_nodes}-node graphs.")
+
+    @staticmethod
+    def scored(args) -> str:
+        """What each accuracy is measured over, for the table's heading."""
+        return f"{args.eval_examples} prompts per hop count"
+
+    @staticmethod
+    def plot_title(args) -> str:
+        return f"in-context k-hop pointer chasing, a new {args.num_nodes}-node cycle in every prompt"
 
 
 def random_cycle(nodes: Iterable[str], rng: random.Random) -> dict[str, str]:

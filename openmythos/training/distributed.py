@@ -3,8 +3,8 @@
 One FSDP unit per prelude layer and per coda layer, one for the shared looped block, and the root for the rest.
 The looped block is sharded once, not once per iteration: it is one set of weights that runs ``n_loops`` times per
 forward. FSDP2 all-gathers it before every call and accumulates the gradients of every call into the same sharded
-gradient, so the sharded run computes the same gradients as an unsharded one (tests/test_distributed.py checks
-this on 2 processes).
+gradient, so the sharded run computes the same gradients as an unsharded one (tests/training/test_distributed.py
+checks this on 2 processes).
 
 The router's buffers are not parameters, so FSDP leaves them whole on every rank: ``e_score_correction_bias`` stays
 replicated, and ``expert_load`` counts this rank's tokens until ``openmythos.training.update_router_bias`` sums the
@@ -14,7 +14,7 @@ counts over all ranks and applies the same update everywhere.
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from .modeling_mythos import MythosForCausalLM, MythosModel
+from ..modeling_mythos import MythosForCausalLM, MythosModel
 
 
 def apply_fsdp2(model: nn.Module, mesh=None, **fully_shard_kwargs) -> nn.Module:

@@ -8,7 +8,7 @@ One line with the Trainer::
 import torch
 from torch import nn
 
-from .modeling_mythos import MythosTopkRouter
+from ..modeling_mythos import MythosTopkRouter
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:

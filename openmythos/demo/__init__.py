@@ -1,0 +1,121 @@
+"""Does looping buy reasoning depth? Train on shallow multi-hop questions, test on deeper ones.
+
+``mythos demo`` (or ``python -m openmythos.demo``) trains three models with the Hugging Face Trainer on k-hop
+pointer chasing (``openmythos.demo.tasks``) with k <= K:
+
+- a small looped OpenMythos model, run with ``n_loops = k`` (one loop per hop);
+- a dense transformer (Llama) with about the same number of parameters;
+- a dense transformer with about the same compute per token as the looped model at depth K (one layer per pass).
+
+It then scores every model on every question with 1..2K hops (the looped one at n_loops 1..2K+2), prints the
+accuracy table, writes it as ``results.json`` / ``accuracy.md`` and plots ``accuracy.png``, saves the looped model
+with ``save_pretrained``, reloads it through ``AutoModelForCausalLM`` and answers sample questions with
+``generate(n_loops=...)``. Every setting is a flag. A seed fixes the results on one machine: the same seed, torch
+version, thread count and CPU kernels (or GPU) give the same table, and ``results.json`` records them. Another CPU
+can round differently (AVX-512 and AVX2 kernels sum in another order), so its table can differ by a few points.
+
+``--task context`` swaps the hidden graph for one written in the prompt, a new graph per example
+(``InContextPointerChasingTask``): training prompts query every node of graphs of varied size, the first
+``--curriculum-steps`` batches are 1-hop only, and all three models see the same batches in the same order. Its
+defaults are the recipe that makes the looped model learn it (docs/demo.md).
+"""
+
+# The docstring above is `mythos demo --help`'s description, so the layout is explained here instead: `mythos demo
+# --help` and a refused flag must not pay for importing torch. This module, the task kinds (tasks.py), the result files
+# (files.py) and the report (report.py) import only the standard library at the top; `run` imports the training
+# pipeline (pipeline.py: torch, transformers, datasets) when it is called.
+
+import argparse
+
+from .files import recover_folder, save_folder_atomically, write_atomically, write_text_atomically
+from .report import LOOPED, SAME_COMPUTE, SAME_PARAMS, format_table, summary
+from .tasks import InContextPointerChasingTask, PointerChasingTask
+
+# --task value -> task kind
+TASKS = {kind.flag: kind for kind in (PointerChasingTask, InContextPointerChasingTask)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mythos demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="hidden",
+                   help="hidden: one graph learned into the weights; context: a new graph written in every prompt")
+    p.add_argument("--train-hops", type=int, default=4, help="K: training questions have 1..K hops")
+    p.add_argument("--eval-hops", type=int, default=None, help="evaluate 1..this many hops (default 2K)")
+    p.add_argument("--max-loops", type=int, default=None, help="evaluate the looped model at n_loops 1..this "
+                                                                 "(default 2K + 2)")
+    p.add_argument("--num-nodes", type=int, default=None, help="nodes in the hidden graph (2 to 52; default 24), or "
+                                                                 "most nodes of an in-context graph (3 to 52; "
+                                                                 "default 9)")
+    p.add_argument("--dim", type=int, default=None, help="hidden size of every model (default 96; context: 64)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of every model")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps for the looped model (default 1500; "
+                                                              "context: 1200)")
+    p.add_argument("--baseline-steps", type=int, default=None, help="optimizer steps per dense model "
+                                                                      "(default: --steps)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3; context: 3e-3)")
+    p.add_argument("--train-examples", type=int, default=None, help="questions in the training set (default 20000; "
+                                                                      "context: one batch per step)")
+    p.add_argument("--curriculum-steps", type=int, default=None, help="context: the first this many batches are "
+                                                                        "1-hop only (default 300)")
+    p.add_argument("--eval-examples", type=int, default=500, help="context: scored prompts per hop count")
+    p.add_argument("--samples", type=int, default=4, help="sample questions answered after reloading")
+    p.add_argument("--seed", type=int, default=0, help="seed of the graph, the data and the models (same "
+                                                         "seed, machine, torch version and --threads: same results)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these models are too small to gain "
+                                                           "from more)")
+    p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--no-plot", action="store_true", help="skip accuracy.png (no matplotlib needed)")
+    args = p.parse_args(argv)
+    task_kind = kind_of(args)
+    for name, value in task_kind.flag_defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.eval_hops = args.eval_hops or 2 * args.train_hops
+    args.max_loops = args.max_loops or 2 * args.train_hops + 2
+    args.baseline_steps = args.baseline_steps if args.baseline_steps is not None else args.steps
+    if args.train_examples is None:
+        args.train_examples = max(args.steps, args.baseline_steps) * args.batch_size
+    for name in ("train_hops", "eval_hops", "max_loops", "dim", "heads", "steps", "batch_size", "train_examples",
+                 "eval_examples"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_hops >= args.num_nodes:
+        p.error(f"--eval-hops ({args.eval_hops}) must be below --num-nodes ({args.num_nodes}): past that, the "
+                f"cycle repeats and deeper questions share answers with shallower ones")
+    if args.curriculum_steps < 0:
+        p.error(f"--curriculum-steps must be >= 0, got {args.curriculum_steps}")
+    if (problem := task_kind.check_args(args)) is not None:
+        p.error(problem)
+    if args.dim % args.heads or (args.dim // args.heads) % 2:
+        p.error(f"--dim ({args.dim}) must be divisible by --heads ({args.heads}) into an even head size")
+    return args
+
+
+def kind_of(args: argparse.Namespace) -> type:
+    """The task kind ``--task`` names. The demo's only use of ``--task``: whatever differs between the kinds (flag
+    defaults, sequence length, training set, evaluation questions, console text) is an attribute of the kind."""
+    return TASKS[args.task]
+
+
+def task_of(args: argparse.Namespace):
+    """The task the demo trains and scores on, built from the parsed flags."""
+    return kind_of(args).from_args(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train the three models, score them, write the results and return them (``results.json``'s content)."""
+    from .pipeline import run as run_pipeline  # torch, transformers, datasets: only for a run
+
+    return run_pipeline(args)
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+__all__ = ["TASKS", "LOOPED", "SAME_PARAMS", "SAME_COMPUTE", "parse_args", "kind_of", "task_of", "run", "main",
+           "format_table", "summary", "write_atomically", "write_text_atomically", "save_folder_atomically",
+           "recover_folder", "PointerChasingTask", "InContextPointerChasingTask"]

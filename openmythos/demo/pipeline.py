@@ -1,0 +1,305 @@
+"""The demo's run: build the looped model and its dense baselines, train them with the Trainer, score them, save and
+reload the looped model, and write the results.
+
+Imported by ``openmythos.demo.run`` only, so parsing the flags never imports torch. The task kind (``args.task``,
+see ``openmythos.demo.tasks``) supplies everything that differs between tasks; nothing here branches on it.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, ProgressCallback, Trainer, TrainingArguments, set_seed
+from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+from transformers.utils import logging as hf_logging
+
+from ..configuration_mythos import MythosConfig
+from ..modeling_mythos import MythosForCausalLM
+from ..tokenization_mythos import MythosTokenizer
+from ..training import MythosTrainingCallback
+from . import task_of
+from .files import save_folder_atomically, write_text_atomically
+from .report import LOOPED, SAME_COMPUTE, SAME_PARAMS, describe_training, format_table, plot, summary, training_record
+
+
+# ------------------------------------------------------------------------------------------------------------ models
+def looped_config(args, tokenizer, max_seq_len: int) -> MythosConfig:
+    """A tiny looped model: one prelude block, one shared MoE block looped n_loops times, one coda block.
+
+    The loop-index signal and the depth-wise LoRA are off: both are indexed by the loop number, and questions deeper
+    than K would reach loop indices that training never used. Without them every iteration applies the same map,
+    which is what lets the model run more loops than it was trained with.
+    """
+    return MythosConfig(
+        vocab_size=len(tokenizer), dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, attn_type="gqa",
+        max_seq_len=max_seq_len, max_loop_iters=args.train_hops, prelude_layers=1, coda_layers=1,
+        n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=args.dim, lora_rank=0,
+        loop_signal_scale=0.0, rope_theta=10000.0, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def dense_config(args, tokenizer, layers: int, ffn_dim: int, max_seq_len: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.dim, intermediate_size=ffn_dim, num_hidden_layers=layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max_seq_len,
+        rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def build_models(args, tokenizer, task) -> dict[str, torch.nn.Module]:
+    """The looped model and its two dense baselines.
+
+    Same parameters: dense layers as wide as the looped model's prelude/coda, as many as bring the total closest to
+    the looped model's. Same compute: one dense layer per block pass of the looped model at depth K (prelude, K loops,
+    coda), each with the FFN width a token actually uses in the looped block (top-k routed plus shared experts).
+    Every model gets the task's sequence length.
+    """
+    set_seed(args.seed)
+    looped = MythosForCausalLM(looped_config(args, tokenizer, task.max_seq_len))
+    cfg = looped.config
+    target = looped.num_parameters()
+
+    def dense(layers, ffn_dim):
+        set_seed(args.seed)
+        return LlamaForCausalLM(dense_config(args, tokenizer, layers, ffn_dim, task.max_seq_len))
+
+    one_layer = dense(1, cfg.dense_ffn_dim).num_parameters()
+    per_layer = dense(2, cfg.dense_ffn_dim).num_parameters() - one_layer
+    same_params_layers = max(1, round((target - (one_layer - per_layer)) / per_layer))
+    active_ffn = (cfg.n_experts_per_tok + cfg.n_shared_experts * cfg.n_experts_per_tok) * cfg.expert_dim
+    passes = cfg.prelude_layers + args.train_hops + cfg.coda_layers
+    return {
+        LOOPED: looped,
+        SAME_PARAMS: dense(same_params_layers, cfg.dense_ffn_dim),
+        SAME_COMPUTE: dense(passes, active_ffn),
+    }
+
+
+def describe(name: str, model, args) -> str:
+    if name == LOOPED:
+        cfg = model.config
+        return (f"looped: {cfg.prelude_layers} prelude + 1 shared MoE block x n_loops + {cfg.coda_layers} coda, "
+                f"{model.num_parameters():,} parameters, {cfg.prelude_layers + args.train_hops + cfg.coda_layers} "
+                f"block passes per token at n_loops={args.train_hops}")
+    cfg = model.config
+    return (f"{name}: {cfg.num_hidden_layers} dense layers (FFN {cfg.intermediate_size}), "
+            f"{model.num_parameters():,} parameters, {cfg.num_hidden_layers} block passes per token")
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+def collate(features: list[dict], pad_token_id: int, with_hops: bool) -> dict:
+    """Right-pad questions of different lengths; padded labels are -100."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {
+        "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * (width - len(f["input_ids"])) for f in features]),
+        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"]))
+                                       for f in features]),
+        "labels": torch.tensor([f["labels"] + [-100] * (width - len(f["labels"])) for f in features]),
+    }
+    if with_hops:
+        batch["hops"] = torch.tensor([f["hops"] for f in features])
+    return batch
+
+
+class InOrderTrainer(Trainer):
+    """Trainer that reads the training set in order, not shuffled: the context task's curriculum is its row order."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+class LoopsPerHopTrainer(Trainer):
+    """Trainer for the looped model: each question runs ``n_loops = hops`` iterations.
+
+    ``n_loops`` is one number per forward, so a batch is split by hop count; every group's loss is a sum divided by
+    the batch's label count (``num_items_in_batch``), so the groups add up to the batch mean.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        hops = inputs.pop("hops")
+        labels = inputs["labels"]
+        if num_items_in_batch is None:
+            num_items_in_batch = (labels[:, 1:] != -100).sum()
+        loss = 0.0
+        for k in hops.unique().tolist():
+            rows = hops == k
+            out = model(input_ids=inputs["input_ids"][rows], attention_mask=inputs["attention_mask"][rows],
+                        labels=labels[rows], n_loops=int(k), num_items_in_batch=num_items_in_batch)
+            loss = loss + out.loss
+        return (loss, None) if return_outputs else loss
+
+
+class InOrderLoopsPerHopTrainer(InOrderTrainer, LoopsPerHopTrainer):
+    """The looped model's trainer for a curriculum: batches in dataset order, each hop group with n_loops = hops."""
+
+
+class BarOnlyProgressCallback(ProgressCallback):
+    """The Trainer's tqdm progress bar without the raw log dict it prints at every logging step.
+
+    The logs still reach ``trainer.state.log_history``; ``train`` prints one readable summary line from them.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+# which Trainer trains a model: (looped model?, training set read in order?) -> class
+TRAINERS = {(False, False): Trainer, (True, False): LoopsPerHopTrainer,
+            (False, True): InOrderTrainer, (True, True): InOrderLoopsPerHopTrainer}
+
+
+def train(name: str, model, dataset, tokenizer, task, args) -> dict:
+    looped = name == LOOPED
+    steps = args.steps if looped else args.baseline_steps
+    if steps == 0:
+        return training_record(0, 0.0, [])
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.output_dir) / "trainer" / name), max_steps=steps,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
+        warmup_steps=max(1, steps // 10), weight_decay=0.0, adam_beta2=0.98, max_grad_norm=1.0,
+        logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", seed=args.seed,
+        data_seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(), **task.lr_schedule(),
+    )
+    trainer = TRAINERS[looped, task.in_order](
+        model=model, args=training_args, train_dataset=dataset,
+        data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped),
+        callbacks=[MythosTrainingCallback()] if looped else None,
+    )
+    trainer.remove_callback(DEFAULT_PROGRESS_CALLBACK)  # it prints every log dict, moe/... keys included
+    trainer.add_callback(BarOnlyProgressCallback())
+    print(f"\nTraining {describe(name, model, args)}", flush=True)
+    start = time.perf_counter()
+    trainer.train()
+    record = training_record(steps, time.perf_counter() - start, trainer.state.log_history)
+    print(describe_training(name, record), flush=True)
+    return record
+
+
+# -------------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def accuracy(model, questions: list[tuple[str, str]], tokenizer, n_loops: int | None = None) -> float:
+    """Exact accuracy: the answer is the model's most likely next token after the question (questions of one
+    hop count have one length)."""
+    model.eval()
+    answers = [tokenizer.encode(a, add_special_tokens=False)[0] for _, a in questions]
+    input_ids = torch.tensor([tokenizer.encode(q, add_special_tokens=False) for q, _ in questions],
+                             device=model.device)
+    kwargs = {"n_loops": n_loops} if n_loops is not None else {}
+    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **kwargs).logits[:, -1]
+    return (logits.argmax(-1).cpu() == torch.tensor(answers)).float().mean().item()
+
+
+def evaluate(models, task, tokenizer, args) -> dict:
+    hop_range = range(1, args.eval_hops + 1)
+    questions = {k: task.eval_questions(k, args) for k in hop_range}
+    table = {f"{LOOPED}@{n}": [accuracy(models[LOOPED], questions[k], tokenizer, n) for k in hop_range]
+             for n in range(1, args.max_loops + 1)}
+    # n_loops = hops is the diagonal of the columns above; only depths past --max-loops need their own run
+    table[f"{LOOPED}@hops"] = [table[f"{LOOPED}@{k}"][k - 1] if k <= args.max_loops
+                               else accuracy(models[LOOPED], questions[k], tokenizer, k) for k in hop_range]
+    for name in (SAME_PARAMS, SAME_COMPUTE):
+        table[name] = [accuracy(models[name], questions[k], tokenizer) for k in hop_range]
+    return table
+
+
+def answer_samples(folder: Path, task, args) -> list[dict]:
+    """Reload the saved looped model through the Auto classes and answer questions with generate(n_loops=hops)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    depths = sorted({1, args.train_hops, min(args.train_hops + 2, args.eval_hops), args.eval_hops})
+    samples = []
+    for i in range(args.samples):
+        hops = depths[i % len(depths)]
+        prompt, expected = task.sample_question(i, hops, args)
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        # the answer is one node name: one new token
+        out = model.generate(ids, max_new_tokens=1, do_sample=False, n_loops=hops,
+                             pad_token_id=tokenizer.pad_token_id)
+        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        samples.append({"question": prompt, "hops": hops, "n_loops": hops, "answer": reply,
+                        "expected": expected})
+    return samples
+
+
+def environment() -> dict:
+    """What besides the seed the numbers depend on: same values here, same table."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "device": device, "platform": platform.platform(), "machine": platform.machine(),
+            "python": platform.python_version()}
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    tokenizer = MythosTokenizer()
+    task = task_of(args)
+    print(task.introduction(args))
+    env = environment()
+    print(f"Seed {args.seed}; torch {env['torch']}, {env['torch_threads']} CPU thread(s), {env['cpu_capability']} "
+          f"kernels, {env['device']}, {env['platform']}. The same seed gives the same table on this machine with "
+          f"this torch version and thread count; other CPUs can round differently.")
+    dataset = task.training_set(tokenizer, args)
+    models = build_models(args, tokenizer, task)
+    training = {name: train(name, model, dataset, tokenizer, task, args) for name, model in models.items()}
+
+    table = evaluate(models, task, tokenizer, args)
+    text = format_table(table, args)
+    print(f"\nAccuracy ({task.scored(args)}, exact):\n" + text)
+    write_text_atomically(out / "accuracy.md", text + "\n")
+    if not args.no_plot:
+        plot(table, args, out / "accuracy.png", task.plot_title(args))
+
+    folder = out / "looped-model"
+
+    def save(tmp):
+        models[LOOPED].save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    kept = save_folder_atomically(folder, save)
+    if kept is not None:
+        print(f"\nThe previous {folder} held files the demo did not write; it is kept as {kept}.")
+    samples = answer_samples(folder, task, args)
+    print(f"\nSample questions, answered by the reloaded model ({folder}) with generate(n_loops=hops):")
+    for s in samples:
+        verdict = "right" if s["answer"] == s["expected"] else f"wrong, expected {s['expected']!r}"
+        print(f"  {s['question']!r} ({s['hops']} hops) -> {s['answer']!r} ({verdict})")
+
+    results = {
+        "settings": {k: v for k, v in vars(args).items()},
+        "models": {name: describe(name, m, args) for name, m in models.items()},
+        "parameters": {name: m.num_parameters() for name, m in models.items()},
+        "train_seconds": {name: record["seconds"] for name, record in training.items()},
+        "training": training,
+        "environment": env,
+        "hops": list(range(1, args.eval_hops + 1)),
+        "accuracy": table,
+        "summary": summary(table, args),
+        "samples": samples,
+        "total_seconds": time.perf_counter() - started,
+    }
+    write_text_atomically(out / "results.json", json.dumps(results, indent=2) + "\n")
+    s = results["summary"]
+    print(f"\nLooped model: {s['looped_in_distribution']:.0%} on 1..{args.train_hops} hops; at {args.eval_hops} hops "
+          f"{s['looped_at_eval_hops_with_n_loops_eq_hops']:.0%} with n_loops={args.eval_hops} vs "
+          f"{s['looped_at_eval_hops_with_training_depth']:.0%} with n_loops={args.train_hops}. "
+          f"Dense, same params: {s['dense_same_params_at_eval_hops']:.0%}; dense, same compute: "
+          f"{s['dense_same_compute_at_eval_hops']:.0%} at {args.eval_hops} hops.")
+    print(f"Wrote {out / 'results.json'}, {out / 'accuracy.md'}"
+          + ("" if args.no_plot else f", {out / 'accuracy.png'}") + f" in {results['total_seconds']:.0f} s.")
+    return results
