@@ -340,7 +340,8 @@ class MythosConfig(PreTrainedConfig):
 
     @property
     def loop_limit(self) -> int:
-        """The most loops any call (or training draw) may run: ``max_inference_loops``, default ``8 * max_loop_iters``."""
+        """The most loops any call (or training draw) may run: ``max_inference_loops``, default
+        ``8 * max_loop_iters``."""
         return self.max_inference_loops if self.max_inference_loops is not None else 8 * self.max_loop_iters
 
     @property
@@ -371,7 +372,8 @@ class MythosConfig(PreTrainedConfig):
         if self.attn_type == "mla":
             for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):  # GQA ignores them: any integer will do
                 if getattr(self, name) < 1:
-                    raise ValueError(f"`{name}` must be an integer >= 1 for attn_type='mla', got {getattr(self, name)!r}")
+                    raise ValueError(
+                        f"`{name}` must be an integer >= 1 for attn_type='mla', got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"`n_kv_heads` ({self.n_kv_heads}) must divide `n_heads` ({self.n_heads})")
         if self.attn_type == "gqa":

@@ -992,7 +992,9 @@ class MythosModel(MythosPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         seq = inputs_embeds.shape[1]
         # padded positions (2-D attention_mask 0) count in neither the expert load, the balance loss nor the ponder cost
-        token_mask = attention_mask[:, -seq:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -seq:].bool()
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device).unsqueeze(0)
         elif position_ids.dim() == 1:  # [seq]: the same positions for every row
