@@ -1,0 +1,446 @@
+"""Adaptive depth: how many loops each early-exit criterion saves, what it costs in perplexity, what it buys in time.
+
+It trains (once; the model is cached in --model-dir) a small looped model with loop sampling and an ACT halting head
+on the text the package ships (openmythos/data/tiny_corpus.txt), byte tokenizer, then, in one process, compares the
+fixed budget (n_loops=8, no criterion) with the "act", "delta" and "kl" exit criteria at several thresholds:
+
+- mean loops used (outputs.loops_used) and perplexity on held-out text (Python's own pydoc_data.topics, real
+  English that the model never saw), and its change against the fixed budget;
+- forward and greedy generate wall time as ratios against the fixed budget, timed interleaved (fixed, criterion,
+  fixed, criterion, ...) with the median of several rounds, because the machine is shared and noisy;
+- per-row budgets: 8 rows with n_loops=[1..8] against all rows at 8.
+
+The issue's goal, judged per criterion: at some threshold, >= 30% fewer loops with <= 1% perplexity change, and a time
+ratio <= 1 - (2/3) * loop saving.
+
+    python benchmarks/adaptive_depth.py                       # trains in runs/adaptive-depth-model the first time
+    python benchmarks/adaptive_depth.py --quick --json out.json   # seconds: tiny model, few steps (smoke test)
+    python benchmarks/adaptive_depth.py --model demo_output/looped-model   # an existing model, no training
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import openmythos  # noqa: E402  (registers the Auto classes)
+from openmythos import MythosConfig, MythosForCausalLM, MythosTokenizer  # noqa: E402
+from openmythos.training.data import SAMPLE_CORPUS  # noqa: E402
+
+CRITERIA = ("act", "delta", "kl")
+BUDGET = 8
+DEFAULT_THRESHOLDS = {"act": [0.5, 0.8, 0.9, 0.99], "delta": [0.3, 0.1, 0.03, 0.01], "kl": [0.1, 0.03, 0.01, 0.001]}
+GOAL_LOOP_SAVING = 0.30
+GOAL_PPL_CHANGE = 0.01
+GOAL_TIME_SHARE = 2 / 3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps, one round: a smoke run in seconds")
+    p.add_argument("--model", default=None, help="evaluate this saved model folder (save_pretrained) instead of "
+                                                 "training one")
+    p.add_argument("--model-dir", default=None, help="where the trained model is cached (default "
+                                                     "runs/adaptive-depth-model, --quick: runs/adaptive-depth-quick)")
+    p.add_argument("--retrain", action="store_true", help="train again even when --model-dir holds a model")
+    p.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default 600, --quick 6)")
+    p.add_argument("--train-text", choices=["corpus", "corpus+pydoc"], default=None,
+                   help="the shipped corpus alone (5 kB), or with the pydoc topics that are not held out (default; "
+                        "--quick: corpus)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared machine two "
+                                                          "threads wait on each other)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per comparison (default 7, --quick 1)")
+    p.add_argument("--eval-bytes", type=int, default=None, help="held-out bytes scored (default 16384, --quick 512)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens per generate (default 32, --quick 8)")
+    for name in CRITERIA:
+        p.add_argument(f"--{name}-thresholds", type=float, nargs="+", default=None,
+                       help=f"thresholds of the {name!r} criterion (default {DEFAULT_THRESHOLDS[name]})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every result, the machine and the versions here")
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = dict(train_steps=6 if quick else 600, reps=1 if quick else 7, eval_bytes=1024 if quick else 16384,
+                    new_tokens=8 if quick else 32, train_text="corpus" if quick else "corpus+pydoc",
+                    model_dir=str(ROOT / "runs" / ("adaptive-depth-quick" if quick else "adaptive-depth-model")))
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("train_steps", "reps", "eval_bytes", "new_tokens", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # --quick runs one default threshold per criterion; thresholds given on the command line all run
+    default = {name: DEFAULT_THRESHOLDS[name][1:2] if quick else DEFAULT_THRESHOLDS[name] for name in CRITERIA}
+    args.thresholds = {name: getattr(args, f"{name}_thresholds") or default[name] for name in CRITERIA}
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------- the texts
+def pydoc_topics() -> list[str]:
+    """Python's pydoc topics (sorted by name): English prose with some code, shipped with every Python."""
+    from pydoc_data.topics import topics
+
+    return [topics[name].strip() for name in sorted(topics)]
+
+
+def heldout_text(n_bytes: int) -> str:
+    """The first ``n_bytes`` of every 8th pydoc topic: never trained on."""
+    text = "\n\n".join(pydoc_topics()[::8])
+    return text.encode("utf-8")[:n_bytes].decode("utf-8", errors="ignore")
+
+
+def training_documents(source: str) -> list[str]:
+    """The shipped corpus (one document per paragraph), and with ``source="corpus+pydoc"`` also the pydoc topics
+    that are not held out. The corpus alone is 5 kB: enough for a smoke run, too little to learn English from."""
+    documents = [p.strip() for p in SAMPLE_CORPUS.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    if source == "corpus+pydoc":
+        documents += [topic for i, topic in enumerate(pydoc_topics()) if i % 8 != 0]
+    return documents
+
+
+def blocks(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    """``text`` as rows of ``seq_len`` token ids (the remainder is dropped)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise ValueError(f"{len(ids)} tokens are fewer than one block of {seq_len}; raise --eval-bytes")
+    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
+
+# ------------------------------------------------------------------------------------------------------- the model
+def model_config(tokenizer, quick: bool) -> MythosConfig:
+    """A small MLA model with 8 loop slots, loop sampling around 5 loops and an ACT halting head (so that the
+    "act" criterion has a trained head to read)."""
+    dim = 64 if quick else 128
+    return openmythos.mythos_tiny(
+        vocab_size=len(tokenizer), dim=dim, n_heads=4, max_seq_len=256, max_loop_iters=BUDGET, kv_lora_rank=32,
+        q_lora_rank=dim // 2, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=dim // 4, n_experts=8,
+        n_shared_experts=1, n_experts_per_tok=2, expert_dim=dim // 2, lora_rank=4, use_act=True,
+        loop_sampling="poisson_lognormal", mean_train_loops=5.0, max_train_loops=BUDGET, backprop_loops=4,
+        router_bias_update_rate=0.01, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+
+
+def train(args, folder: Path) -> None:
+    """Train with the package's recipe (Trainer + MythosTrainingCallback: a sampled loop count per step, balanced
+    experts) on the shipped corpus, and save model and tokenizer to ``folder``."""
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from openmythos.training import MythosTrainingCallback
+    from openmythos.training.data import causal_lm_collator, pack_documents
+
+    set_seed(args.seed)
+    tokenizer = MythosTokenizer()
+    model = MythosForCausalLM(model_config(tokenizer, args.quick))
+    seq_len = 64 if args.quick else 128
+    documents = (tokenizer(d, add_special_tokens=False)["input_ids"] for d in training_documents(args.train_text))
+    data = [{"input_ids": block} for block in pack_documents(documents, seq_len, tokenizer.eos_token_id)]
+    training_args = TrainingArguments(
+        output_dir=str(folder / "trainer"), max_steps=args.train_steps, per_device_train_batch_size=8,
+        learning_rate=3e-3, warmup_steps=min(20, args.train_steps // 10), lr_scheduler_type="cosine",
+        weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=max(1, args.train_steps // 10),
+        save_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed, dataloader_num_workers=0,
+        remove_unused_columns=False, use_cpu=True)
+    trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=causal_lm_collator,
+                      callbacks=[MythosTrainingCallback()])
+    started = time.perf_counter()
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    record = {"settings": training_settings(args), "seq_len": seq_len, "blocks": len(data), "losses": losses,
+              "seconds": round(time.perf_counter() - started, 1)}
+    (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def training_settings(args) -> dict:
+    """What the cached model depends on: a cache trained with other settings is trained again."""
+    return {"steps": args.train_steps, "quick": args.quick, "seed": args.seed, "train_text": args.train_text}
+
+
+def load_model(args):
+    """``(model, tokenizer, info)``: the model of --model, else the one cached in --model-dir (trained first when
+    the folder holds none, or one trained with other settings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(args.model or args.model_dir)
+    info = {"folder": str(folder), "trained_now": False}
+    if not args.model:
+        record_path = folder / "training.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        if args.retrain or record is None or record.get("settings") != training_settings(args):
+            print(f"Training the benchmark model ({args.train_steps} steps on {args.train_text}) into {folder} ...",
+                  flush=True)
+            train(args, folder)
+            info["trained_now"] = True
+        else:
+            print(f"Using the model cached in {folder} (--retrain to train it again)", flush=True)
+        info["training"] = json.loads(record_path.read_text())
+    elif not (folder / "config.json").exists():
+        raise SystemExit(f"--model {folder}: no config.json there; pass a folder written by save_pretrained")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = model.config
+    info.update(parameters=model.num_parameters(), use_act=config.use_act, max_loop_iters=config.max_loop_iters,
+                dim=config.dim, attn_type=config.attn_type, loop_sampling=config.loop_sampling)
+    return model, tokenizer, info
+
+
+# --------------------------------------------------------------------------------------------------- measurements
+def loop_kwargs(criterion: str | None, threshold: float | None, n_loops=BUDGET) -> dict:
+    if criterion is None:
+        return {"n_loops": n_loops}
+    return {"n_loops": n_loops, "exit_criterion": criterion, "exit_threshold": threshold}
+
+
+@torch.no_grad()
+def score(model, rows: torch.Tensor, batch_size: int, kwargs: dict) -> dict:
+    """Perplexity of next-byte prediction over ``rows`` and the mean loops the positions ran (the model's loss
+    is not used: with ACT it includes the ponder cost)."""
+    nll, predicted, loops, positions = 0.0, 0, 0.0, 0
+    for chunk in rows.split(batch_size):
+        out = model(input_ids=chunk, use_cache=False, **kwargs)
+        logits = out.logits[:, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+        predicted += chunk[:, 1:].numel()
+        loops += out.loops_used.float().sum().item()
+        positions += out.loops_used.numel()
+    return {"perplexity": math.exp(nll / predicted), "mean_loops": loops / positions}
+
+
+def interleaved(first, second, reps: int, warmup: int = 1) -> dict:
+    """Time two callables in alternation (the one that goes first swaps every round, so that drift and other jobs
+    on the machine hit both alike); medians in ms and the ratio second / first."""
+    times = ([], [])
+    for r in range(warmup + reps):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for which in order:
+            fn = (first, second)[which]
+            started = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[which].append((time.perf_counter() - started) * 1e3)
+    medians = [statistics.median(t) for t in times]
+    return {"fixed_ms": round(medians[0], 3), "adaptive_ms": round(medians[1], 3),
+            "ratio": medians[1] / medians[0], "reps": reps}
+
+
+def generate_fn(model, prompts: torch.Tensor, new_tokens: int, kwargs: dict):
+    """A greedy generate of exactly ``new_tokens`` tokens that returns the loop recorder it filled."""
+    from openmythos import MythosLoopRecorder
+
+    @torch.no_grad()
+    def run():
+        recorder = MythosLoopRecorder()
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, loop_recorder=recorder, pad_token_id=model.config.pad_token_id,
+                       **kwargs)
+        return recorder
+
+    return run
+
+
+def eval_data(tokenizer, args) -> dict:
+    """Held-out rows to score, the batch the forward timings run on, and the generate prompts (8 rows each)."""
+    seq_len = 64 if args.quick else 128
+    rows = blocks(tokenizer, heldout_text(args.eval_bytes), seq_len)
+    if rows.shape[0] < 8:
+        raise SystemExit(f"--eval-bytes {args.eval_bytes} gives {rows.shape[0]} rows of {seq_len} bytes; the "
+                         f"benchmark needs 8: pass --eval-bytes {8 * seq_len} or more")
+    return {"rows": rows, "batch": rows[:8], "prompts": rows[:8, : seq_len // 4], "seq_len": seq_len}
+
+
+def misses(result: dict) -> list[str]:
+    """The parts of the goal a setting misses (none: the goal is met). Each time ratio is judged against the loop
+    saving of its own workload."""
+    missed = []
+    if result["loop_saving"] < GOAL_LOOP_SAVING:
+        missed.append("loops")
+    if result["ppl_change"] > GOAL_PPL_CHANGE:
+        missed.append("ppl")
+    for workload in ("forward", "generate"):
+        timing = result[workload]
+        if timing["ratio"] > 1 - GOAL_TIME_SHARE * timing["loop_saving"]:
+            missed.append(f"{workload} time")
+    return missed
+
+
+@torch.no_grad()
+def compare(model, data: dict, args, kwargs: dict, fixed: dict) -> dict:
+    """One adaptive setting against the fixed budget: loops, perplexity, and forward and generate time ratios."""
+    result = score(model, data["rows"], 8, kwargs)
+    result["loop_saving"] = 1 - result["mean_loops"] / BUDGET
+    result["ppl_change"] = result["perplexity"] / fixed["perplexity"] - 1
+    batch = data["batch"]
+    loops = model(input_ids=batch, use_cache=False, **kwargs).loops_used.float().mean().item()
+    result["forward"] = interleaved(lambda: model(input_ids=batch, use_cache=False, **loop_kwargs(None, None)),
+                                    lambda: model(input_ids=batch, use_cache=False, **kwargs), args.reps)
+    result["forward"].update(mean_loops=loops, loop_saving=1 - loops / BUDGET)
+    adaptive = generate_fn(model, data["prompts"], args.new_tokens, kwargs)
+    per_token = adaptive().token_loops().float().mean().item()
+    result["generate"] = interleaved(generate_fn(model, data["prompts"], args.new_tokens, loop_kwargs(None, None)),
+                                     adaptive, args.reps)
+    result["generate"].update(loops_per_token=per_token, loop_saving=1 - per_token / BUDGET)
+    result["missed"] = misses(result)
+    return result
+
+
+@torch.no_grad()
+def per_row_budgets(model, data: dict, args) -> dict:
+    """8 rows with n_loops=[1, 2, ..., 8] against all 8 rows at 8: is one batch with mixed budgets faster?"""
+    budgets = list(range(1, BUDGET + 1))
+    batch = data["batch"]
+    loops = model(input_ids=batch, use_cache=False, n_loops=budgets).loops_used.float()
+    forward = interleaved(lambda: model(input_ids=batch, use_cache=False, n_loops=BUDGET),
+                          lambda: model(input_ids=batch, use_cache=False, n_loops=budgets), args.reps)
+    mixed = generate_fn(model, data["prompts"], args.new_tokens, {"n_loops": budgets})
+    token_loops = mixed().token_loops().float()
+    generate = interleaved(generate_fn(model, data["prompts"], args.new_tokens, {"n_loops": BUDGET}), mixed,
+                           args.reps)
+    return {"n_loops": budgets, "row_loops": loops.mean(1).tolist(), "mean_loops": loops.mean().item(),
+            "generate_row_loops": token_loops.mean(1).tolist(), "forward": forward, "generate": generate,
+            "faster": forward["ratio"] < 1 and generate["ratio"] < 1}
+
+
+@torch.no_grad()
+def fixed_budget(model, data: dict, args) -> dict:
+    """The reference point: every position runs all 8 loops."""
+    result = score(model, data["rows"], 8, loop_kwargs(None, None))
+    result["generate_loops_per_token"] = (
+        generate_fn(model, data["prompts"], args.new_tokens, loop_kwargs(None, None))().token_loops().float().mean()
+        .item())
+    return result
+
+
+def criteria_available(model) -> dict[str, str | None]:
+    """Why a criterion cannot run on this model (None: it can)."""
+    act = None if model.config.use_act else "the model has no halting head (use_act=False)"
+    return {"act": act, "delta": None, "kl": None}
+
+
+def run_all(model, data: dict, args) -> dict:
+    """Every measurement, with a progress line before each (the runs take a while)."""
+    print("Scoring the fixed budget (n_loops=8) ...", flush=True)
+    fixed = fixed_budget(model, data, args)
+    results, skipped = {}, {}
+    settings = [(c, t) for c, why in criteria_available(model).items() if why is None for t in args.thresholds[c]]
+    for name, why in criteria_available(model).items():
+        if why is not None:
+            skipped[name] = why
+            print(f"Skipping {name!r}: {why}", flush=True)
+    for i, (name, threshold) in enumerate(settings, 1):
+        print(f"[{i}/{len(settings)}] {name} threshold {threshold}: perplexity, forward and generate timings ...",
+              flush=True)
+        results.setdefault(name, []).append(
+            {"threshold": threshold, **compare(model, data, args, loop_kwargs(name, threshold), fixed)})
+    print("Per-row budgets n_loops=[1..8] against 8 ...", flush=True)
+    return {"fixed": fixed, "criteria": results, "skipped": skipped, "per_row": per_row_budgets(model, data, args)}
+
+
+# --------------------------------------------------------------------------------------------------------- report
+def table(measured: dict) -> str:
+    """The results as a markdown table; time ratios are adaptive / fixed medians (below 1: faster)."""
+    fixed = measured["fixed"]
+    lines = ["| criterion | threshold | mean loops | loops saved | perplexity | ppl change | forward time | "
+             "generate loops/token | generate time | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| fixed (n_loops=8) | - | {fixed['mean_loops']:.2f} | 0% | {fixed['perplexity']:.3f} | - | 1 | "
+             f"{fixed['generate_loops_per_token']:.2f} | 1 | - |"]
+    for name, rows in measured["criteria"].items():
+        for r in rows:
+            goal = "met" if not r["missed"] else "misses " + ", ".join(r["missed"])
+            lines.append(
+                f"| {name} | {r['threshold']:g} | {r['mean_loops']:.2f} | {r['loop_saving']:.1%} | "
+                f"{r['perplexity']:.3f} | {r['ppl_change']:+.2%} | {r['forward']['ratio']:.3f} | "
+                f"{r['generate']['loops_per_token']:.2f} | {r['generate']['ratio']:.3f} | {goal} |")
+    return "\n".join(lines)
+
+
+def per_row_table(per_row: dict) -> str:
+    lines = ["| per-row budgets, 8 rows, n_loops=[1..8] vs all 8 | mean loops | fixed ms | mixed ms | time ratio | "
+             "ratio the goal asks |", "|---|---|---|---|---|---|"]
+    loops = {"forward": per_row["mean_loops"], "generate": statistics.mean(per_row["generate_row_loops"])}
+    for workload, mean_loops in loops.items():
+        t = per_row[workload]
+        needed = 1 - GOAL_TIME_SHARE * (1 - mean_loops / BUDGET)
+        lines.append(f"| {workload} | {mean_loops:.2f} | {t['fixed_ms']:.1f} | {t['adaptive_ms']:.1f} | "
+                     f"{t['ratio']:.3f} | <= {needed:.3f} |")
+    return "\n".join(lines)
+
+
+def verdicts(measured: dict) -> dict[str, dict]:
+    """Per criterion: whether some threshold meets the goal, and the sentence that says so."""
+    out = {}
+    for name, why in measured["skipped"].items():
+        out[name] = {"met": None, "threshold": None, "line": f"{name}: not run ({why})"}
+    for name, rows in measured["criteria"].items():
+        met = [r for r in rows if not r["missed"]]
+        if met:
+            best = max(met, key=lambda r: r["loop_saving"])
+            line = (f"{name}: GOAL MET at threshold {best['threshold']:g} ({best['loop_saving']:.1%} fewer loops, "
+                    f"perplexity {best['ppl_change']:+.2%}, forward time x{best['forward']['ratio']:.3f}, generate "
+                    f"time x{best['generate']['ratio']:.3f})")
+        else:
+            reasons = "; ".join(f"{r['threshold']:g} misses {', '.join(r['missed'])}" for r in rows)
+            line = f"{name}: goal NOT met at any threshold ({reasons})"
+        out[name] = {"met": bool(met), "threshold": best["threshold"] if met else None, "line": line}
+    return out
+
+
+def machine() -> dict:
+    import transformers
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_average": list(load) if load else None, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "openmythos": getattr(openmythos, "__version__", None), "torch_threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    started = machine()
+    model, tokenizer, info = load_model(args)
+    data = eval_data(tokenizer, args)
+    print(f"Model: {info['folder']} ({info['parameters']:,} parameters, dim {info['dim']}, use_act "
+          f"{info['use_act']}); held-out text: {data['rows'].numel()} bytes of pydoc topics in "
+          f"{data['rows'].shape[0]} rows of {data['seq_len']}; {args.threads} torch thread(s), {args.reps} timed "
+          f"rounds; load average {started['load_average']}", flush=True)
+    measured = run_all(model, data, args)
+    judged = verdicts(measured)
+    print("\nAdaptive depth against the fixed budget n_loops=8 (time = adaptive / fixed median wall time, "
+          "interleaved; below 1 is faster)\n")
+    print(table(measured))
+    print()
+    print(per_row_table(measured["per_row"]))
+    print(f"\nPer-row budgets faster than all rows at 8: {'yes' if measured['per_row']['faster'] else 'NO'}")
+    print(f"\nGoal: >= {GOAL_LOOP_SAVING:.0%} fewer loops, perplexity at most {GOAL_PPL_CHANGE:.0%} higher, and each "
+          f"time ratio <= 1 - {GOAL_TIME_SHARE:.2f} x its own loop saving")
+    for verdict in judged.values():
+        print(verdict["line"])
+    result = {"meta": {"start": started, "end": machine(), "argv": sys.argv if argv is None else argv,
+                       "args": {k: v for k, v in vars(args).items()}, "budget": BUDGET},
+              "model": info, "eval": {"source": "pydoc_data.topics[::8]", "bytes": data["rows"].numel(),
+                                      "rows": data["rows"].shape[0], "seq_len": data["seq_len"],
+                                      "prompt_shape": list(data["prompts"].shape), "new_tokens": args.new_tokens},
+              **measured, "verdicts": judged}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nWrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
