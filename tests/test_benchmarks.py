@@ -1,7 +1,8 @@
-"""The side-by-side benchmark runs and writes complete results. It never asserts timings (CI machines are noisy).
+"""The benchmarks run and write complete results. They never assert timings (CI machines are noisy).
 
-The benchmark needs the reference implementation (`pip install --no-deps open-mythos==0.5.0`), which is not a
-dependency of this package, so that test is skipped where it is not installed (CI included).
+The side-by-side benchmark needs the reference implementation (`pip install --no-deps open-mythos==0.5.0`), which is
+not a dependency of this package, so that test is skipped where it is not installed (CI included). The adaptive-depth
+benchmark needs nothing beyond the package.
 """
 
 import importlib.util
@@ -15,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_reference.py"
+ADAPTIVE = ROOT / "benchmarks" / "adaptive_depth.py"
 
 needs_reference = pytest.mark.skipif(
     importlib.util.find_spec("open_mythos") is None,
@@ -62,3 +64,37 @@ def test_benchmark_explains_how_to_install_a_missing_reference(tmp_path):
                             timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2
     assert "pip install --no-deps open-mythos==0.5.0" in result.stderr
+
+
+def test_quick_adaptive_depth_benchmark_trains_measures_every_criterion_and_judges_the_goal(tmp_path):
+    out = tmp_path / "adaptive.json"
+    command = [sys.executable, str(ADAPTIVE), "--quick", "--threads", "1", "--model-dir", str(tmp_path / "model"),
+               "--json", str(out)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| fixed (n_loops=8) |" in result.stdout and "Per-row budgets faster" in result.stdout
+
+    data = json.loads(out.read_text())
+    assert data["meta"]["budget"] == 8 and data["meta"]["start"]["torch_threads"] == 1
+    assert data["model"]["trained_now"] and data["model"]["use_act"]
+    assert (tmp_path / "model" / "training.json").exists() and (tmp_path / "model" / "config.json").exists()
+    fixed = data["fixed"]
+    assert fixed["mean_loops"] == 8 and fixed["generate_loops_per_token"] == 8 and fixed["perplexity"] > 1
+    assert set(data["criteria"]) == {"act", "delta", "kl"} and data["skipped"] == {}
+    for name, rows in data["criteria"].items():
+        assert len(rows) == 1, (name, rows)
+        for row in rows:
+            assert 1 <= row["mean_loops"] <= 8 and row["perplexity"] > 1, (name, row)
+            assert row["loop_saving"] == pytest.approx(1 - row["mean_loops"] / 8)
+            assert 1 <= row["forward"]["mean_loops"] <= 8 and 1 <= row["generate"]["loops_per_token"] <= 8
+            for workload in ("forward", "generate"):
+                timing = row[workload]
+                assert timing["ratio"] > 0 and timing["fixed_ms"] > 0 and timing["adaptive_ms"] > 0, (name, timing)
+            assert set(row["missed"]) <= {"loops", "ppl", "forward time", "generate time"}
+    for name, verdict in data["verdicts"].items():
+        assert verdict["met"] == (verdict["threshold"] is not None) and verdict["line"].startswith(name)
+    per_row = data["per_row"]
+    # every row runs exactly its own budget, in the forward and for every generated token
+    assert per_row["row_loops"] == per_row["generate_row_loops"] == per_row["n_loops"] == list(range(1, 9))
+    assert per_row["mean_loops"] == 4.5
+    assert per_row["forward"]["ratio"] > 0 and per_row["generate"]["ratio"] > 0
