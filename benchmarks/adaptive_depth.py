@@ -40,6 +40,7 @@ from openmythos.training.data import SAMPLE_CORPUS  # noqa: E402
 CRITERIA = ("act", "delta", "kl")
 BUDGET = 8
 DEFAULT_THRESHOLDS = {"act": [0.5, 0.8, 0.9, 0.99], "delta": [0.3, 0.1, 0.03, 0.01], "kl": [0.1, 0.03, 0.01, 0.001]}
+HALTING_WARMUP = 2 / 3  # share of the training steps with the halting head held at its initialisation
 GOAL_LOOP_SAVING = 0.30
 GOAL_PPL_CHANGE = 0.01
 GOAL_TIME_SHARE = 2 / 3
@@ -125,9 +126,25 @@ def model_config(tokenizer, quick: bool) -> MythosConfig:
         vocab_size=len(tokenizer), dim=dim, n_heads=4, max_seq_len=256, max_loop_iters=BUDGET, kv_lora_rank=32,
         q_lora_rank=dim // 2, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=dim // 4, n_experts=8,
         n_shared_experts=1, n_experts_per_tok=2, expert_dim=dim // 2, lora_rank=4, use_act=True,
-        loop_sampling="poisson_lognormal", mean_train_loops=5.0, max_train_loops=BUDGET, backprop_loops=4,
+        loop_sampling="poisson_lognormal", mean_train_loops=5.0, max_train_loops=BUDGET, backprop_loops=None,
         router_bias_update_rate=0.01, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
+
+
+def halting_warmup(share: float):
+    """A Trainer callback that holds the ACT halting head at its initialisation (p = 1 / n_loops per loop: the
+    output mixes all loops) for the first ``share`` of the steps, then trains it. Trained from the start, the head
+    learns to halt after the first loop before the loop body has learned anything that later loops could add, and
+    then the later loops get no gradient: ACT collapses to one loop."""
+    from transformers import TrainerCallback
+
+    class HaltingWarmup(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            train_halting = state.global_step >= share * state.max_steps
+            for parameter in model.model.recurrent.halt.parameters():
+                parameter.requires_grad_(train_halting)
+
+    return HaltingWarmup()
 
 
 def train(args, folder: Path) -> None:
@@ -151,7 +168,7 @@ def train(args, folder: Path) -> None:
         save_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed, dataloader_num_workers=0,
         remove_unused_columns=False, use_cpu=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=causal_lm_collator,
-                      callbacks=[MythosTrainingCallback()])
+                      callbacks=[MythosTrainingCallback(), halting_warmup(HALTING_WARMUP)])
     started = time.perf_counter()
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
