@@ -39,7 +39,9 @@ from openmythos.training.data import SAMPLE_CORPUS  # noqa: E402
 
 CRITERIA = ("act", "delta", "kl")
 BUDGET = 8
-DEFAULT_THRESHOLDS = {"act": [0.5, 0.8, 0.9, 0.99], "delta": [0.3, 0.1, 0.03, 0.01], "kl": [0.1, 0.03, 0.01, 0.001]}
+# act: halting mass to stop at; delta: relative state change; kl: KL between successive loops' next-token distributions
+DEFAULT_THRESHOLDS = {"act": [0.5, 0.8, 0.9, 0.99], "delta": [0.2, 0.1, 0.05, 0.02],
+                      "kl": [0.03, 0.01, 0.003, 0.001]}
 HALTING_WARMUP = 2 / 3  # share of the training steps with the halting head held at its initialisation
 GOAL_LOOP_SAVING = 0.30
 GOAL_PPL_CHANGE = 0.01
@@ -66,12 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in CRITERIA:
         p.add_argument(f"--{name}-thresholds", type=float, nargs="+", default=None,
                        help=f"thresholds of the {name!r} criterion (default {DEFAULT_THRESHOLDS[name]})")
+    p.add_argument("--shorter-budgets", type=int, nargs="*", default=None,
+                   help="also run these fixed budgets without a criterion, for comparison (default 4 6, --quick none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every result, the machine and the versions here")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = dict(train_steps=6 if quick else 600, reps=1 if quick else 7, eval_bytes=1024 if quick else 16384,
-                    new_tokens=8 if quick else 32, train_text="corpus" if quick else "corpus+pydoc",
+                    new_tokens=8 if quick else 32, shorter_budgets=[] if quick else [4, 6], train_text="corpus" if quick else "corpus+pydoc",
                     model_dir=str(ROOT / "runs" / ("adaptive-depth-quick" if quick else "adaptive-depth-model")))
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -354,13 +358,19 @@ def run_all(model, data: dict, args) -> dict:
         if why is not None:
             skipped[name] = why
             print(f"Skipping {name!r}: {why}", flush=True)
-    for i, (name, threshold) in enumerate(settings, 1):
-        print(f"[{i}/{len(settings)}] {name} threshold {threshold}: perplexity, forward and generate timings ...",
-              flush=True)
-        results.setdefault(name, []).append(
-            {"threshold": threshold, **compare(model, data, args, loop_kwargs(name, threshold), fixed)})
+    settings += [("shorter", n) for n in args.shorter_budgets]
+    shorter = []
+    for i, (name, value) in enumerate(settings, 1):
+        what = f"n_loops={value}, no criterion" if name == "shorter" else f"{name} threshold {value}"
+        print(f"[{i}/{len(settings)}] {what}: perplexity, forward and generate timings ...", flush=True)
+        if name == "shorter":
+            shorter.append({"n_loops": value, **compare(model, data, args, {"n_loops": value}, fixed)})
+        else:
+            results.setdefault(name, []).append(
+                {"threshold": value, **compare(model, data, args, loop_kwargs(name, value), fixed)})
     print("Per-row budgets n_loops=[1..8] against 8 ...", flush=True)
-    return {"fixed": fixed, "criteria": results, "skipped": skipped, "per_row": per_row_budgets(model, data, args)}
+    return {"fixed": fixed, "criteria": results, "skipped": skipped, "shorter_budgets": shorter,
+            "per_row": per_row_budgets(model, data, args)}
 
 
 # --------------------------------------------------------------------------------------------------------- report
@@ -372,13 +382,13 @@ def table(measured: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|",
              f"| fixed (n_loops=8) | - | {fixed['mean_loops']:.2f} | 0% | {fixed['perplexity']:.3f} | - | 1 | "
              f"{fixed['generate_loops_per_token']:.2f} | 1 | - |"]
-    for name, rows in measured["criteria"].items():
-        for r in rows:
-            goal = "met" if not r["missed"] else "misses " + ", ".join(r["missed"])
-            lines.append(
-                f"| {name} | {r['threshold']:g} | {r['mean_loops']:.2f} | {r['loop_saving']:.1%} | "
-                f"{r['perplexity']:.3f} | {r['ppl_change']:+.2%} | {r['forward']['ratio']:.3f} | "
-                f"{r['generate']['loops_per_token']:.2f} | {r['generate']['ratio']:.3f} | {goal} |")
+    rows = [(name, f"{r['threshold']:g}", r) for name, rs in measured["criteria"].items() for r in rs]
+    rows += [(f"fixed (n_loops={r['n_loops']})", "-", r) for r in measured["shorter_budgets"]]
+    for name, threshold, r in rows:
+        goal = "met" if not r["missed"] else "misses " + ", ".join(r["missed"])
+        lines.append(f"| {name} | {threshold} | {r['mean_loops']:.2f} | {r['loop_saving']:.1%} | "
+                     f"{r['perplexity']:.3f} | {r['ppl_change']:+.2%} | {r['forward']['ratio']:.3f} | "
+                     f"{r['generate']['loops_per_token']:.2f} | {r['generate']['ratio']:.3f} | {goal} |")
     return "\n".join(lines)
 
 
