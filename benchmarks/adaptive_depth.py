@@ -270,14 +270,19 @@ def generate_fn(model, prompts: torch.Tensor, new_tokens: int, kwargs: dict):
     return run
 
 
-def eval_data(tokenizer, args) -> dict:
-    """Held-out rows to score, the batch the forward timings run on, and the generate prompts (8 rows each)."""
-    seq_len = 64 if args.quick else 128
+def eval_data(tokenizer, args, max_seq_len: int) -> dict:
+    """Held-out rows to score, the batch the forward timings run on, and the generate prompts (8 rows each). Rows
+    are 128 bytes (64 with --quick), or shorter where the model's max_seq_len is (the demo's models)."""
+    seq_len = min(64 if args.quick else 128, max_seq_len)
     rows = blocks(tokenizer, heldout_text(args.eval_bytes), seq_len)
     if rows.shape[0] < 8:
         raise SystemExit(f"--eval-bytes {args.eval_bytes} gives {rows.shape[0]} rows of {seq_len} bytes; the "
                          f"benchmark needs 8: pass --eval-bytes {8 * seq_len} or more")
-    return {"rows": rows, "batch": rows[:8], "prompts": rows[:8, : seq_len // 4], "seq_len": seq_len}
+    prompt_len = max(1, seq_len // 4)
+    if prompt_len + args.new_tokens > max_seq_len:
+        args.new_tokens = max_seq_len - prompt_len
+        print(f"Generating {args.new_tokens} tokens per prompt: the model holds at most {max_seq_len}", flush=True)
+    return {"rows": rows, "batch": rows[:8], "prompts": rows[:8, :prompt_len], "seq_len": seq_len}
 
 
 def misses(result: dict) -> list[str]:
@@ -440,7 +445,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     started = machine()
     model, tokenizer, info = load_model(args)
-    data = eval_data(tokenizer, args)
+    data = eval_data(tokenizer, args, model.config.max_seq_len)
     print(f"Model: {info['folder']} ({info['parameters']:,} parameters, dim {info['dim']}, use_act "
           f"{info['use_act']}); held-out text: {data['rows'].numel()} bytes of pydoc topics in "
           f"{data['rows'].shape[0]} rows of {data['seq_len']}; {args.threads} torch thread(s), {args.reps} timed "
