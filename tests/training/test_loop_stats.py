@@ -5,8 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from openmythos.training import LoopStatsAccumulator
+from openmythos import MythosForCausalLM, mythos_tiny
+from openmythos.training import LoopStatsAccumulator, MythosLoopStatsCallback, MythosTrainingCallback, sample_n_loops
 from openmythos.training.loop_stats import _budgets
 
 NAN = float("nan")
@@ -69,3 +72,112 @@ def test_forwards_with_different_budgets_add_up():
                                                (torch.tensor([[1, 2], [3, 4]]), [[1, 2], [3, 4]])])
 def test_budgets_follow_every_form_of_n_loops(n_loops, expected):
     assert _budgets(n_loops, 4, torch.ones(2, 2, dtype=torch.long)).tolist() == expected
+
+
+# ------------------------------------------------------------------------------------------------- with the model
+def padded_rows(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(4, 260, (n,), generator=generator).tolist()} for n in lengths]
+
+
+def pad_collator(examples):
+    """Right-pads to the longest row: attention_mask 0 and labels -100 on the padding."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, example in enumerate(examples):
+        ids[row, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
+        mask[row, : len(example["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def tiny_trainer(tmp_path, callbacks, max_steps=4):
+    torch.manual_seed(0)
+    model = MythosForCausalLM(mythos_tiny(vocab_size=260, loop_sampling="poisson_lognormal", mean_train_loops=3,
+                                          backprop_loops=2))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=2, learning_rate=3e-3, logging_steps=1, save_strategy="no",
+                             seed=0, report_to="none", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=padded_rows([24] * 16),
+                   eval_dataset=padded_rows([20, 7, 13], seed=1), data_collator=pad_collator, callbacks=callbacks)
+
+
+class RecordLogs(TrainerCallback):
+    """Stands in for a report integration (TensorBoard, W&B): keeps what on_log showed it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+def count_positions(monkeypatch) -> list[float]:
+    """The positions each summary was taken over."""
+    counted, summary = [], LoopStatsAccumulator.summary
+
+    def spy(self, prefix="loops/"):
+        counted.append(float(self.positions))
+        return summary(self, prefix)
+
+    monkeypatch.setattr(LoopStatsAccumulator, "summary", spy)
+    return counted
+
+
+def test_training_logs_the_loop_statistics_of_every_logged_step(tmp_path, monkeypatch):
+    reporter = RecordLogs()
+    trainer = tiny_trainer(tmp_path, [reporter, MythosTrainingCallback(balance_router=False)])
+    callback = MythosLoopStatsCallback().attach(trainer)  # first, so the reporter sees the stats
+    counted = count_positions(monkeypatch)
+    trainer.train()
+    config = trainer.model.config
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    for entry in logged:
+        # one forward per step, run with the loop count the recipe drew for it; no exit criterion: all of it
+        n = sample_n_loops(config, entry["step"] - 1)
+        assert entry["loops/mean"] == n and entry["loops/saturation"] == 1.0
+        hist = {k: v for k, v in entry.items() if k.startswith("loops/hist_")}
+        assert sum(hist.values()) == pytest.approx(1.0) and hist[f"loops/hist_{n}"] == 1.0
+        for t in range(n):
+            assert 0 < entry[f"loops/state_change_{t}"] < 10 and entry[f"loops/expert_cv_{t}"] >= 0
+        assert f"loops/state_change_{n}" not in entry and not any("halt_prob" in key for key in entry)
+        assert 0 < entry["loops/rho"] < 1
+    assert len({entry["loops/mean"] for entry in logged}) > 1  # the draws really differ
+    assert logged[-1]["loops/rho"] == pytest.approx(trainer.model.spectral_radius())
+    assert counted[:4] == [4 * 24] * 4
+    assert all("loops/mean" in logs for logs in reporter.seen if "loss" in logs)
+    assert not callback.train  # reset after each log
+
+
+def test_evaluation_metrics_count_only_real_tokens_and_generate_is_left_alone(tmp_path, monkeypatch):
+    callback = MythosLoopStatsCallback()
+    trainer = tiny_trainer(tmp_path, [callback])  # evaluate without training: hooked at on_init_end
+    counted = count_positions(monkeypatch)
+    metrics = trainer.evaluate()
+    n = trainer.model.config.max_loop_iters  # eval forwards run the config's default
+    assert metrics["eval_loops/mean"] == n and metrics["eval_loops/saturation"] == 1.0
+    assert metrics[f"eval_loops/hist_{n}"] == 1.0 and "eval_loops/rho" in metrics
+    assert all(f"eval_loops/state_change_{t}" in metrics for t in range(n))
+    assert counted == [20 + 7 + 13]  # the padding of the shorter rows is not counted
+    assert trainer.state.log_history[-1]["eval_loops/mean"] == n
+    trainer.model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    assert not callback.eval and not callback.train
+
+
+def test_early_exit_shows_in_saturation_and_the_histogram():
+    model = make_model("gqa")
+    ids = torch.randint(4, 260, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    out = model(ids, attention_mask=mask, n_loops=[3, 6], exit_criterion="delta", exit_threshold=0.3,
+                output_loop_stats=True)
+    acc = LoopStatsAccumulator()
+    acc.add(out.loops_used, out.loop_stats, _budgets([3, 6], 4, out.loops_used), mask)
+    stats = acc.summary()
+    real = out.loops_used[mask.bool()]
+    budgets = torch.tensor([3, 6])[:, None].expand(2, 10)[mask.bool()]
+    assert stats["loops/mean"] == pytest.approx(real.double().mean().item())
+    assert stats["loops/saturation"] == pytest.approx((real == budgets).double().mean().item())
+    assert stats["loops/saturation"] < 1.0, "the threshold is loose enough that some positions exit early"
+    assert sum(v for k, v in stats.items() if k.startswith("loops/hist_")) == pytest.approx(1.0)
