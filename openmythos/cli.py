@@ -120,9 +120,12 @@ def _check_loops(args):
     if args.exit_threshold is not None and args.exit_criterion is None:
         raise CommandError(f"--exit-threshold {args.exit_threshold} needs --exit-criterion (act, delta or kl)")
     if args.exit_criterion is not None and args.exit_threshold is None:
-        raise CommandError(f"--exit-criterion {args.exit_criterion} needs --exit-threshold (a number >= 0)")
-    if args.exit_threshold is not None and not (math.isfinite(args.exit_threshold) and args.exit_threshold >= 0):
-        raise CommandError(f"--exit-threshold must be a finite number >= 0, got {args.exit_threshold}")
+        raise CommandError(f"--exit-criterion {args.exit_criterion} needs --exit-threshold (a number > 0)")
+    if args.exit_threshold is not None and not (math.isfinite(args.exit_threshold) and args.exit_threshold > 0):
+        raise CommandError(f"--exit-threshold must be a finite number > 0, got {args.exit_threshold}")
+    if args.exit_criterion == "act" and args.exit_threshold > 1:
+        raise CommandError(f"--exit-threshold must be at most 1 for --exit-criterion act (a halting mass), got "
+                           f"{args.exit_threshold}")
     if args.max_new_tokens < 0:
         raise CommandError(f"--max-new-tokens must be >= 0 (0: just the prompt), got {args.max_new_tokens}")
     if args.heatmap is not None:
@@ -144,10 +147,13 @@ def _loops(args):
     _check_loops(args)
     _load_stack()
     from transformers import AutoTokenizer
+    from transformers.utils.logging import disable_progress_bar
 
     from .loop_report import format_table, loop_report, write_heatmap
     from .modeling_mythos import MythosForCausalLM
 
+    if not sys.stderr.isatty():  # a log or a pipe: keep stderr for the errors
+        disable_progress_bar()
     model = MythosForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     try:
@@ -200,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-loops", type=int, default=None, help="loop budget (default: the config's max_loop_iters)")
     p.add_argument("--exit-criterion", choices=["act", "delta", "kl"], default=None,
                    help="stop a position's loop early: act (halting head), delta (state change), kl (prediction)")
-    p.add_argument("--exit-threshold", type=float, default=None, help="the criterion's threshold (>= 0)")
+    p.add_argument("--exit-threshold", type=float, default=None, help="the criterion's threshold (> 0; at most 1 for act)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="tokens to generate greedily (0: just the prompt)")
     p.add_argument("--heatmap", default=None, metavar="PATH.png",
                    help="also write a tokens x loops heatmap of the state change (needs matplotlib)")

@@ -129,7 +129,7 @@ def write_heatmap(report: LoopReport, path: Path) -> None:
     fig = Figure(figsize=(2.5 + 0.55 * max(report.longest, 1), min(2 + 0.22 * rows, 40)))
     ax = fig.subplots()
     image = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="||h_{t+1} - h_t|| / ||h_{t+1}||")
+    fig.colorbar(image, ax=ax, label=r"$\|h_{t+1} - h_t\| \,/\, \|h_{t+1}\|$")
     ax.set_xticks(range(report.longest))
     ax.set_xlabel("loop t")
     if rows <= 120:  # beyond that the labels overlap; the row index still reads off the axis

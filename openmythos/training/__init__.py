@@ -27,6 +27,7 @@ _EXPORTS = {
     "update_router_bias": "recipe",
     "LoopStatsAccumulator": "loop_stats",
     "MythosLoopStatsCallback": "loop_stats",
+    "loop_budgets": "loop_stats",
     "MuonAdamW": "optim",
     "split_parameters": "optim",
     "SAMPLE_CORPUS": "data",
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ binds t
                               latest_complete_checkpoint, remove_partial_checkpoints)
     from .data import SAMPLE_CORPUS, causal_lm_collator, load_text_dataset, pack_documents, pretraining_dataset
     from .distributed import apply_fsdp2
-    from .loop_stats import LoopStatsAccumulator, MythosLoopStatsCallback
+    from .loop_stats import LoopStatsAccumulator, MythosLoopStatsCallback, loop_budgets
     from .optim import MuonAdamW, split_parameters
     from .recipe import MythosTrainingCallback, expert_load_stats, routers, sample_n_loops, update_router_bias
 

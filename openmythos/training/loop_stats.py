@@ -26,7 +26,7 @@ def _pad_rows(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _budgets(n_loops, default: int, loops_used: torch.Tensor) -> torch.Tensor:
+def loop_budgets(n_loops, default: int, loops_used: torch.Tensor) -> torch.Tensor:
     """The loop budget of every position, [batch, seq], from the ``n_loops`` the forward was given (an int, one per
     row, or one per position; None: the config's default)."""
     if n_loops is None:
@@ -198,7 +198,7 @@ class MythosLoopStatsCallback(TrainerCallback):
         loops_used = getattr(outputs, "loops_used", None)
         if not self._counted(module, kwargs) or loops_used is None:
             return
-        budgets = _budgets(kwargs.get("n_loops"), _config_of(module).max_loop_iters, loops_used)
+        budgets = loop_budgets(kwargs.get("n_loops"), _config_of(module).max_loop_iters, loops_used)
         mask = _attention_mask(args, kwargs)
         if mask is not None:
             mask = mask[:, -loops_used.shape[1]:]
@@ -232,10 +232,10 @@ class MythosLoopStatsCallback(TrainerCallback):
     def _merge(accumulator: LoopStatsAccumulator, logs: dict | None, prefix: str, state, anchor=None) -> None:
         """Add the accumulator's means to ``logs`` and reset it. ``anchor``: a key whose value identifies the
         ``log_history`` entry made from ``logs`` (Trainer.log appends a copy before calling on_log), updated too."""
+        if not accumulator or logs is None:
+            return
         stats = accumulator.summary(prefix)
         accumulator.reset()
-        if not stats or logs is None:
-            return
         logs.update(stats)
         last = state.log_history[-1] if state.log_history else None
         if anchor is not None and last is not None and last.get(anchor) == logs.get(anchor):

@@ -103,7 +103,9 @@ def assert_one_line_error(result, *fragments, heavy=False):
 @pytest.mark.parametrize("flags, fragments", [
     (["--exit-threshold", "0.1"], ["--exit-threshold 0.1 needs --exit-criterion"]),
     (["--exit-criterion", "delta"], ["--exit-criterion delta needs --exit-threshold"]),
-    (["--exit-criterion", "kl", "--exit-threshold", "-1"], ["--exit-threshold", "-1.0", ">= 0"]),
+    (["--exit-criterion", "kl", "--exit-threshold", "-1"], ["--exit-threshold", "-1.0", "> 0"]),
+    (["--exit-criterion", "delta", "--exit-threshold", "0"], ["--exit-threshold", "got 0.0"]),
+    (["--exit-criterion", "act", "--exit-threshold", "1.5"], ["at most 1", "act", "1.5"]),
     (["--exit-criterion", "kl", "--exit-threshold", "nan"], ["--exit-threshold", "nan"]),
     (["--n-loops", "0"], ["--n-loops", "positive", "got 0"]),
     (["--max-new-tokens", "-2"], ["--max-new-tokens", "got -2"]),

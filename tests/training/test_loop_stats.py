@@ -9,8 +9,8 @@ from conftest import make_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from openmythos import MythosForCausalLM, mythos_tiny
-from openmythos.training import LoopStatsAccumulator, MythosLoopStatsCallback, MythosTrainingCallback, sample_n_loops
-from openmythos.training.loop_stats import _budgets
+from openmythos.training import (LoopStatsAccumulator, MythosLoopStatsCallback, MythosTrainingCallback, loop_budgets,
+                                 sample_n_loops)
 
 NAN = float("nan")
 
@@ -71,7 +71,7 @@ def test_forwards_with_different_budgets_add_up():
                                                ([2, 5], [[2, 2], [5, 5]]),
                                                (torch.tensor([[1, 2], [3, 4]]), [[1, 2], [3, 4]])])
 def test_budgets_follow_every_form_of_n_loops(n_loops, expected):
-    assert _budgets(n_loops, 4, torch.ones(2, 2, dtype=torch.long)).tolist() == expected
+    assert loop_budgets(n_loops, 4, torch.ones(2, 2, dtype=torch.long)).tolist() == expected
 
 
 # ------------------------------------------------------------------------------------------------- with the model
@@ -103,10 +103,14 @@ def tiny_trainer(tmp_path, callbacks, max_steps=4):
 
 
 class RecordLogs(TrainerCallback):
-    """Stands in for a report integration (TensorBoard, W&B): keeps what on_log showed it."""
+    """Stands in for a report integration (TensorBoard, W&B): keeps what on_log showed it, and rho(A) at the start
+    of every step (what that step's forward sees)."""
 
     def __init__(self):
-        self.seen = []
+        self.seen, self.rho = [], []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.rho.append(model.spectral_radius())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.seen.append(dict(logs))
@@ -142,9 +146,8 @@ def test_training_logs_the_loop_statistics_of_every_logged_step(tmp_path, monkey
         for t in range(n):
             assert 0 < entry[f"loops/state_change_{t}"] < 10 and entry[f"loops/expert_cv_{t}"] >= 0
         assert f"loops/state_change_{n}" not in entry and not any("halt_prob" in key for key in entry)
-        assert 0 < entry["loops/rho"] < 1
     assert len({entry["loops/mean"] for entry in logged}) > 1  # the draws really differ
-    assert logged[-1]["loops/rho"] == pytest.approx(trainer.model.spectral_radius())
+    assert [entry["loops/rho"] for entry in logged] == pytest.approx(reporter.rho, rel=1e-6)
     assert counted[:4] == [4 * 24] * 4
     assert all("loops/mean" in logs for logs in reporter.seen if "loss" in logs)
     assert not callback.train  # reset after each log
@@ -173,7 +176,7 @@ def test_early_exit_shows_in_saturation_and_the_histogram():
     out = model(ids, attention_mask=mask, n_loops=[3, 6], exit_criterion="delta", exit_threshold=0.3,
                 output_loop_stats=True)
     acc = LoopStatsAccumulator()
-    acc.add(out.loops_used, out.loop_stats, _budgets([3, 6], 4, out.loops_used), mask)
+    acc.add(out.loops_used, out.loop_stats, loop_budgets([3, 6], 4, out.loops_used), mask)
     stats = acc.summary()
     real = out.loops_used[mask.bool()]
     budgets = torch.tensor([3, 6])[:, None].expand(2, 10)[mask.bool()]
