@@ -32,6 +32,8 @@ _EXPORTS = {
     "MythosPreTrainedModel": "modeling_mythos",
     "MythosModel": "modeling_mythos",
     "MythosForCausalLM": "modeling_mythos",
+    "MythosLoopRecorder": "modeling_mythos",
+    "MythosLoopStats": "modeling_mythos",
     "count_parameters": "parameters",
     "expert_lora_config": "peft_support",
     "register_peft_defaults": "peft_support",
@@ -41,7 +43,8 @@ _EXPORTS = {
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time _load() binds these names
     from .configuration_mythos import (PRESETS, MythosConfig, mythos_1b, mythos_1t, mythos_3b, mythos_10b,
                                        mythos_50b, mythos_100b, mythos_500b, mythos_tiny)
-    from .modeling_mythos import MythosForCausalLM, MythosModel, MythosPreTrainedModel
+    from .modeling_mythos import (MythosForCausalLM, MythosLoopRecorder, MythosLoopStats, MythosModel,
+                                  MythosPreTrainedModel)
     from .parameters import count_parameters
     from .peft_support import expert_lora_config, register_peft_defaults
     from .tokenization_mythos import MythosTokenizer

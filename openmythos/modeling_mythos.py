@@ -155,20 +155,42 @@ class MythosGQAttention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, active=None,
+                **kwargs):
+        """``active`` (a :class:`MythosActivePositions`) runs the queries of some positions only; see there."""
+        slot = self.layer_idx if layer_idx is None else layer_idx
+        if active is not None:
+            return self._active_forward(hidden_states, position_embeddings, cache, slot, active, **kwargs)
         batch, seq = hidden_states.shape[:2]
-        q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = self._heads(self.q_proj(hidden_states), position_embeddings)
+        k = self._heads(self.k_proj(hidden_states), position_embeddings)
+        v = self._heads(self.v_proj(hidden_states))
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx if layer_idx is None else layer_idx)
+            k, v = cache.update(k, v, slot)
         out, weights = _attention_interface(self.config)(
             self, q, k, v, attention_mask,
             dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
         )
         return self.o_proj(out.reshape(batch, seq, -1)), weights
+
+    def _heads(self, projected, position_embeddings=None):
+        """[B, S, heads * head_dim] -> [B, heads, S, head_dim], rotated when given the cos/sin tables."""
+        batch, seq = projected.shape[:2]
+        x = projected.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        return x if position_embeddings is None else apply_rotary(x, *position_embeddings)
+
+    def _active_forward(self, hidden_states, position_embeddings, cache, slot, active, **kwargs):
+        kv_in, kv_rope = active.kv_inputs(hidden_states, position_embeddings)
+        k, v = active.cached(self._heads(self.k_proj(kv_in), kv_rope), self._heads(self.v_proj(kv_in)), cache, slot)
+        if active.width == 0:
+            return None, None
+        q_in, q_rope = active.query_inputs(hidden_states, position_embeddings)
+        q = self._heads(self.q_proj(q_in), q_rope)
+        out, weights = active.attention(self.config)(
+            self, q, k, v, active.mask(k.shape[2], q.dtype, self.config),
+            dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
+        )
+        return self.o_proj(out.reshape(q.shape[0], q.shape[2], -1)), weights
 
 
 class MythosMLAttention(nn.Module):
@@ -206,7 +228,19 @@ class MythosMLAttention(nn.Module):
                                    bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.dim, bias=False)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, active=None,
+                **kwargs):
+        """``active`` (a :class:`MythosActivePositions`) runs the queries of some positions only; see there."""
+        slot = self.layer_idx if layer_idx is None else layer_idx
+        if active is not None:
+            return self._active_forward(hidden_states, position_embeddings, cache, slot, active, **kwargs)
+        q_nope, q_rope = self._queries(hidden_states, position_embeddings)
+        latent, k_rope = self._latent(hidden_states, position_embeddings)
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, slot)
+        return self._attend(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
+
+    def _queries(self, hidden_states, position_embeddings):
         batch, seq = hidden_states.shape[:2]
         if self.q_lora_rank > 0:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
@@ -214,16 +248,17 @@ class MythosMLAttention(nn.Module):
             q = self.q_proj(hidden_states)
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rotary(q_rope, *position_embeddings)
 
+    def _latent(self, hidden_states, position_embeddings):
+        """The cached pair: the normalised latent [B, 1, S, kv_lora_rank] and the rotated rope key."""
+        batch, seq = hidden_states.shape[:2]
         latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
         latent = self.kv_a_layernorm(latent).view(batch, 1, seq, self.kv_lora_rank)
-        k_rope = k_rope.view(batch, 1, seq, self.qk_rope_head_dim)
+        return latent, apply_rotary(k_rope.view(batch, 1, seq, self.qk_rope_head_dim), *position_embeddings)
 
-        cos, sin = position_embeddings
-        q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
-        if cache is not None:
-            latent, k_rope = cache.update(latent, k_rope, self.layer_idx if layer_idx is None else layer_idx)
-
+    def _attend(self, q_nope, q_rope, latent, k_rope, attention_mask, attention=None, **kwargs):
+        batch, _, seq = q_nope.shape[:3]
         # No mask for several queries means SDPA's top-left causal alignment (prefill into an empty static cache);
         # the absorbed path folds heads into query rows, where that alignment would be wrong: expand instead.
         if (seq == 1 or attention_mask is not None) and self._absorb(seq, latent.shape[2]):
@@ -241,13 +276,23 @@ class MythosMLAttention(nn.Module):
         pad = self.qk_head_dim - self.v_head_dim
         if pad > 0:
             v = F.pad(v, (0, pad))
-        out, weights = _attention_interface(self.config)(
+        out, weights = (attention or _attention_interface(self.config))(
             self, q, k, v, attention_mask,
             dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
         )
         if pad > 0:
             out = out[..., :self.v_head_dim]
         return self.o_proj(out.reshape(batch, seq, -1)), weights
+
+    def _active_forward(self, hidden_states, position_embeddings, cache, slot, active, **kwargs):
+        kv_in, kv_rope = active.kv_inputs(hidden_states, position_embeddings)
+        latent, k_rope = active.cached(*self._latent(kv_in, kv_rope), cache, slot)
+        if active.width == 0:
+            return None, None
+        q_in, q_rope = active.query_inputs(hidden_states, position_embeddings)
+        q_nope, q_rope = self._queries(q_in, q_rope)
+        mask = active.mask(latent.shape[2], q_nope.dtype, self.config)
+        return self._attend(q_nope, q_rope, latent, k_rope, mask, attention=active.attention(self.config), **kwargs)
 
     def _absorb(self, q_len: int, kv_len: int) -> bool:
         """Decode against a cache in latent space instead of re-expanding every cached latent each step.
@@ -284,6 +329,97 @@ class MythosMLAttention(nn.Module):
         if weights is not None:
             weights = weights.reshape(batch, heads, seq, -1)
         return out.transpose(1, 2), weights
+
+
+class MythosActivePositions:
+    """The positions that run one loop iteration when others have stopped (an exit criterion, or a smaller budget).
+
+    The looped block runs queries, attention output and FFN/MoE for these positions only: they are gathered into
+    ``[rows, width]`` (``rows`` with any running position, ``width`` the most running positions of one row, shorter
+    rows padded and dropped again through ``valid``), run, and scattered back. A stopped position's state is frozen,
+    and it still offers keys/values at every later loop, computed from its frozen state with that loop's input
+    signal: ``kv_rows`` are the rows whose keys/values this loop writes (with a cache: every row whose budget reaches
+    this loop, since later tokens may read them; without one: the rows that have running positions).
+
+    The attention runs with an explicit mask built from cache indices (causal) and the 2-D padding mask, in SDPA (or
+    eager, when the model is eager); flash-attention models use SDPA here.
+    """
+
+    def __init__(self, run: torch.Tensor, kv_rows: torch.Tensor | None, key_mask: torch.Tensor | None,
+                 past_length: int):
+        self.run = run
+        self.batch = run.shape[0]
+        self.flat = run.reshape(-1).nonzero().squeeze(1)  # running positions, row-major: the order of `valid`
+        counts = run.sum(1)
+        self.rows = counts.nonzero().squeeze(1)
+        self.width = int(counts.max())
+        # running positions first, each row's in position order (stable sort)
+        order = torch.sort((~run[self.rows]).to(torch.int8), dim=1, stable=True).indices
+        self.cols = order[:, :self.width]
+        self.valid = torch.arange(self.width, device=run.device) < counts[self.rows, None]
+        self.kv_rows = kv_rows
+        self.key_mask = key_mask
+        self.past_length = past_length
+
+    def kv_inputs(self, hidden_states, position_embeddings):
+        """The states and cos/sin tables of the rows whose keys/values this loop computes."""
+        if self.kv_rows is None:
+            return hidden_states, position_embeddings
+        cos, sin = position_embeddings
+        if cos.shape[0] > 1:
+            cos, sin = cos[self.kv_rows], sin[self.kv_rows]
+        return hidden_states[self.kv_rows], (cos, sin)
+
+    def query_inputs(self, hidden_states, position_embeddings):
+        """The running positions' states and cos/sin tables, gathered to [rows, width, ...]."""
+        rows, cols = self.rows[:, None], self.cols
+        cos, sin = (table.expand(self.batch, *table.shape[1:])[rows, cols] for table in position_embeddings)
+        return hidden_states[rows, cols], (cos, sin)
+
+    def cached(self, keys, values, cache, slot):
+        """Write this loop's keys/values (zeros for rows outside ``kv_rows``) and return those of the query rows."""
+        if cache is None:
+            return keys, values  # computed for exactly the query rows
+        if self.kv_rows is not None:
+            keys = keys.new_zeros((self.batch, *keys.shape[1:])).index_copy(0, self.kv_rows, keys)
+            values = values.new_zeros((self.batch, *values.shape[1:])).index_copy(0, self.kv_rows, values)
+        keys, values = cache.update(keys, values, slot)
+        if self.rows.numel() < self.batch:
+            keys, values = keys.index_select(0, self.rows), values.index_select(0, self.rows)
+        return keys, values
+
+    def mask(self, kv_len: int, dtype: torch.dtype, config) -> torch.Tensor:
+        """[rows, 1, width, kv_len]: causal by cache index, padding keys hidden. A query always sees itself, so no
+        row is empty (an empty row gives NaN, and NaN keys would poison every later query)."""
+        query_pos = (self.past_length + self.cols)[..., None]
+        keys = torch.arange(kv_len, device=self.cols.device)
+        allowed = keys <= query_pos
+        if self.key_mask is not None:
+            key_mask = self.key_mask[self.rows]
+            if key_mask.shape[1] < kv_len:  # a static cache's unused tail (after every query anyway)
+                key_mask = F.pad(key_mask, (0, kv_len - key_mask.shape[1]), value=False)
+            allowed = allowed & (key_mask[:, None, :kv_len] | (keys == query_pos))
+        allowed = allowed[:, None]
+        if config._attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        return allowed
+
+    @staticmethod
+    def attention(config) -> Callable:
+        # CODEPATH: eager or sdpa models run their own kernel here; others (flash-attention) take sdpa's mask path
+        if config._attn_implementation in ("eager", "sdpa"):
+            return _attention_interface(config)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, ...] -> the running positions' entries [n, ...]."""
+        return x.reshape(-1, *x.shape[2:])[self.flat]
+
+    def scatter(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The running positions' entries [n, ...] -> zeros shaped ``like`` [batch, seq, ...] holding them."""
+        flat = like.new_zeros((like.shape[0] * like.shape[1], *like.shape[2:]))
+        return flat.index_copy(0, self.flat, x.to(like.dtype)).view_as(like)
 
 
 class MythosMLP(nn.Module):
@@ -494,10 +630,23 @@ class MythosLoopLayer(_MythosBlock):
         super().__init__(config, None, MythosMoE(config))
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, layer_idx=None,
-                loop_idx=0, **kwargs):
-        """Returns ``(delta, routing)``; routing is (router logits [tokens, n_experts], chosen experts [tokens, k])."""
-        attn = self._attention_delta(hidden_states, position_embeddings, attention_mask, cache, layer_idx, **kwargs)
-        ffn, routing = self.mlp(self.post_attention_layernorm(hidden_states + attn), loop_idx)
+                loop_idx=0, active=None, **kwargs):
+        """Returns ``(delta, routing)``; routing is (router logits [tokens, n_experts], chosen experts [tokens, k]).
+
+        With ``active`` (:class:`MythosActivePositions`), only its running positions get a delta: ``delta`` is then
+        [running positions, dim] in ``active.flat`` order, or None when none runs (the loop only wrote keys/values).
+        """
+        if active is None:
+            attn = self._attention_delta(hidden_states, position_embeddings, attention_mask, cache, layer_idx,
+                                         **kwargs)
+            ffn, routing = self.mlp(self.post_attention_layernorm(hidden_states + attn), loop_idx)
+            return attn + self.dropout(ffn), routing
+        attn, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, None, cache, layer_idx,
+                                 active=active, **kwargs)
+        if attn is None:
+            return None, None
+        attn = self.dropout(attn[active.valid])
+        ffn, routing = self.mlp(self.post_attention_layernorm(active.gather(hidden_states) + attn), loop_idx)
         return attn + self.dropout(ffn), routing
 
 
@@ -523,9 +672,11 @@ class MythosInjection(nn.Module):
         decay = torch.exp(-rate)
         return (A_MIN + (A_MAX - A_MIN) * decay).clamp(A_MIN, A_MAX)
 
-    def forward(self, h, e, delta):
+    def forward(self, h, e, delta, run=None):
+        """The next state; positions where ``run`` [batch, seq] is False keep ``h`` (they have stopped)."""
         A = self.get_A().to(h.dtype)
-        return A * h + self.B.to(h.dtype) * e + delta
+        h_next = A * h + self.B.to(h.dtype) * e + delta
+        return h_next if run is None else torch.where(run[..., None], h_next, h)
 
 
 class MythosDepthLoRA(nn.Module):
@@ -561,8 +712,12 @@ class MythosHalting(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
         self.max_loop_iters = config.max_loop_iters
 
-    def forward(self, h: torch.Tensor, n_loops: int) -> torch.Tensor:
-        offset = math.log(max(self.max_loop_iters - 1, 1)) - math.log(max(n_loops - 1, 1))
+    def forward(self, h: torch.Tensor, n_loops: int | torch.Tensor) -> torch.Tensor:
+        """``n_loops``: the budget, one int or one per position ([batch, seq])."""
+        if isinstance(n_loops, torch.Tensor):
+            offset = math.log(max(self.max_loop_iters - 1, 1)) - (n_loops - 1).clamp(min=1).float().log()
+        else:
+            offset = math.log(max(self.max_loop_iters - 1, 1)) - math.log(max(n_loops - 1, 1))
         return torch.sigmoid(h.float() @ self.weight.float() + self.bias.float() + offset)
 
 
@@ -601,14 +756,154 @@ class MythosHaltingState:
         self.running = torch.ones_like(self.cumulative)
         self.ponder = torch.zeros_like(self.cumulative)
 
-    def update(self, h: torch.Tensor, p: torch.Tensor, threshold: float, last: bool) -> None:
+    def update(self, h: torch.Tensor, p: torch.Tensor, threshold: float, last: bool | torch.Tensor) -> torch.Tensor:
+        """Mix in loop state ``h``; ``last`` (one bool, or one per position) forces a halt. Returns the positions
+        that halt at this loop (and were still running)."""
         remainder = 1.0 - self.cumulative
         halts_now = (self.cumulative + p >= threshold) | last
         weight = torch.where(halts_now, remainder, p) * self.running
         self.mixed = self.mixed + weight.unsqueeze(-1).to(h.dtype) * h
         self.ponder = self.ponder + self.running * torch.where(halts_now, 1.0 + remainder, torch.ones_like(p))
         self.cumulative = self.cumulative + weight
+        halted = halts_now & self.running.bool()
         self.running = self.running * (~halts_now).float()
+        return halted
+
+
+EXIT_CRITERIA = ("act", "delta", "kl")
+
+
+class MythosLoopPlan:
+    """How one forward loops (built by ``MythosModel.forward`` from its arguments, after they are checked).
+
+    ``n_loops`` is the most loops any position may run. ``budget`` [batch, seq] gives each position its own (None:
+    every position ``n_loops``). ``criterion`` / ``threshold`` stop a position earlier (see ``MythosExitRule``);
+    ``probe`` maps a loop state [batch, seq, dim] and flat position indices to log-probabilities (the ``"kl"`` rule).
+    ``key_mask`` [batch, past + seq] is the 2-D padding mask, ``past_length`` the cached tokens before this call.
+    """
+
+    def __init__(self, n_loops: int, budget: torch.Tensor | None = None, criterion: str | None = None,
+                 threshold: float | None = None, output_stats: bool = False, past_length: int = 0):
+        self.n_loops, self.budget, self.criterion, self.threshold = n_loops, budget, criterion, threshold
+        self.output_stats, self.past_length = output_stats, past_length
+        self.probe: Callable | None = None
+        self.key_mask: torch.Tensor | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.budget is not None or self.criterion is not None
+
+
+@auto_docstring
+@dataclass
+class MythosLoopStats(ModelOutput):
+    r"""
+    Per-loop statistics of one forward (``output_loop_stats=True``); L is the most loops any position could run.
+
+    active (`torch.BoolTensor` of shape `(L, batch_size, sequence_length)`):
+        Whether each position ran loop t.
+    state_change (`torch.FloatTensor` of shape `(L, batch_size, sequence_length)`):
+        Relative change of the state at loop t, ||h_{t+1} - h_t|| / ||h_{t+1}||; NaN where the position did not run.
+    halting_probs (`torch.FloatTensor` of shape `(L, batch_size, sequence_length)`, *optional*):
+        The halting head's probability at loop t (models with ``use_act``); NaN where the position did not run.
+    kl (`torch.FloatTensor` of shape `(L, batch_size, sequence_length)`, *optional*):
+        KL(p_t || p_{t-1}) of successive loops' next-token distributions (``exit_criterion="kl"`` only); NaN at
+        t = 0 and where the position did not run.
+    expert_counts (`torch.LongTensor` of shape `(L, n_experts)`):
+        Routed (token, expert) choices at loop t, padding left out.
+    processed (`torch.LongTensor` of shape `(L,)`):
+        Positions whose query, attention and FFN/MoE ran at loop t.
+    spectral_radius (`float`):
+        rho(A) of the injection.
+    """
+
+    active: torch.BoolTensor | None = None
+    state_change: torch.FloatTensor | None = None
+    halting_probs: torch.FloatTensor | None = None
+    kl: torch.FloatTensor | None = None
+    expert_counts: torch.LongTensor | None = None
+    processed: torch.LongTensor | None = None
+    spectral_radius: float | None = None
+
+
+def relative_change(h: torch.Tensor, h_next: torch.Tensor) -> torch.Tensor:
+    """||h_next - h|| / ||h_next|| per position, in fp32."""
+    return (h_next - h).float().norm(dim=-1) / h_next.float().norm(dim=-1).clamp_min(1e-12)
+
+
+class MythosExitRule:
+    """Decides, after each loop, which running positions stop, and keeps the per-loop statistics.
+
+    - ``"act"``: the halting mass (ACT, :class:`MythosHaltingState`) reaches the threshold.
+    - ``"delta"``: the relative state change of this loop falls below the threshold.
+    - ``"kl"``: KL(p_t || p_{t-1}) between this and the previous loop's next-token distributions falls below the
+      threshold (so it stops after 2 loops at the earliest). p_t comes from the coda, norm and head on the loop
+      state: the distribution the model would give if the position stopped now.
+    A position also stops at its budget. The halting head (``use_act`` models) mixes the loop states as in training,
+    with every stop taking the remaining mass.
+    """
+
+    def __init__(self, recurrence, plan: MythosLoopPlan, budget: torch.Tensor, e: torch.Tensor):
+        self.halt, self.plan, self.budget = recurrence.halt, plan, budget
+        self.n_experts = recurrence.config.n_experts
+        self.act_threshold = plan.threshold if plan.criterion == "act" else recurrence.config.act_threshold
+        self.halting = MythosHaltingState(e) if self.halt is not None else None
+        self.previous = None  # log-probabilities of the last loop (kl)
+        self.records = {name: [] for name in ("active", "state_change", "halting_probs", "kl", "expert_counts")}
+
+    def update(self, t: int, h, h_next, run, chosen, chosen_mask) -> torch.Tensor:
+        """The positions (of those in ``run``) that stop after loop ``t``. ``chosen`` [n, k] are the experts picked
+        at this loop (None when no position ran), ``chosen_mask`` [n] which of them count (not padding)."""
+        nan = torch.full(run.shape, float("nan"), device=run.device)
+        stop = torch.zeros_like(run)
+        change = relative_change(h, h_next) if self.plan.criterion == "delta" or self.plan.output_stats else None
+        if self.plan.criterion == "delta":
+            stop = run & (change < self.plan.threshold)
+        kl = self._kl(h_next, run, nan) if self.plan.criterion == "kl" else None
+        if kl is not None:
+            stop = run & (kl < self.plan.threshold)
+        p = None
+        if self.halting is not None:
+            p = self.halt(h_next, self.budget)
+            halted = self.halting.update(h_next, p, self.act_threshold, (self.budget == t + 1) | stop)
+            if self.plan.criterion == "act":
+                stop = halted & run
+        if self.plan.output_stats:
+            records = self.records
+            records["active"].append(run)
+            records["state_change"].append(torch.where(run, change, nan))
+            records["halting_probs"].append(None if p is None else torch.where(run, p, nan))
+            records["kl"].append(kl)
+            counts = torch.zeros(self.n_experts, dtype=torch.long, device=run.device)
+            if chosen is not None:
+                chosen = chosen if chosen_mask is None else chosen[chosen_mask]
+                counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)
+            records["expert_counts"].append(counts)
+        return stop
+
+    def _kl(self, h_next, run, nan):
+        flat = run.reshape(-1).nonzero().squeeze(1)
+        if flat.numel() == 0:
+            return nan
+        logp = self.plan.probe(h_next, flat)
+        kl = nan.clone()
+        if self.previous is not None:
+            values = (logp.exp() * (logp - self.previous[flat])).sum(-1)
+            kl.view(-1).index_copy_(0, flat, values.float())
+        else:
+            self.previous = logp.new_zeros(run.numel(), logp.shape[-1])
+        self.previous.index_copy_(0, flat, logp)
+        return kl
+
+    def output(self, h):
+        """The state handed to the coda: the ACT mix (``use_act`` models) or the final (frozen) states."""
+        return h if self.halting is None else self.halting.mixed
+
+    def stats(self, rho: float) -> MythosLoopStats | None:
+        if not self.plan.output_stats:
+            return None
+        stack = {name: torch.stack(v) if v and v[0] is not None else None for name, v in self.records.items()}
+        return MythosLoopStats(**stack, processed=stack["active"].flatten(1).sum(1), spectral_radius=rho)
 
 
 @auto_docstring
@@ -623,11 +918,17 @@ class MythosRecurrenceOutput(ModelOutput):
         Mean ACT ponder cost (loops used plus the remainder) when ``use_act`` is on.
     aux_loss (`torch.FloatTensor`, *optional*):
         Sequence-level expert-balance loss (training with ``router_aux_loss_coef > 0``).
+    loops_used (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+        Loops each position ran.
+    loop_stats (`MythosLoopStats`, *optional*):
+        Per-loop statistics (``output_loop_stats=True``).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     ponder_cost: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
+    loops_used: torch.LongTensor | None = None
+    loop_stats: MythosLoopStats | None = None
 
 
 class MythosRecurrence(nn.Module):
@@ -653,27 +954,32 @@ class MythosRecurrence(nn.Module):
         # CODEPATH: use_act=False by default; use_act=True checkpoints carry the halting head (ACT)
         self.halt = MythosHalting(config) if config.use_act else None
 
-    def bind_cache(self, cache: Cache, n_loops: int) -> None:
-        """Bind ``cache`` to ``n_loops`` and make sure it has a slot for every loop iteration."""
+    def bind_cache(self, cache: Cache, n_loops: int | tuple[int, ...]) -> None:
+        """Bind ``cache`` to ``n_loops`` (one int, or one per row) and make sure it has a slot for every loop."""
         used = getattr(cache, "mythos_n_loops", None)
-        if cache.get_seq_length() > 0 and used is not None and used != n_loops:
+        if cache.get_seq_length() > 0 and used is not None and _per_row(used, n_loops) != _per_row(n_loops, used):
             raise ValueError(
-                f"This cache was filled with n_loops={used}; it cannot serve n_loops={n_loops} because the loop "
-                f"iterations past the first {min(used, n_loops)} would see a different history. Pass n_loops={used}, "
-                f"or start a new cache (cache=None).")
-        needed = loop_cache_slot(self.config, n_loops)
+                f"This cache was filled with n_loops={_loops_text(used)}; it cannot serve n_loops={_loops_text(n_loops)}"
+                f" because loop iterations past a row's first budget would see a different history. Pass "
+                f"n_loops={_loops_text(used)}, or start a new cache (cache=None).")
+        most = max(n_loops) if isinstance(n_loops, tuple) else n_loops
+        needed = loop_cache_slot(self.config, most)
         layers = getattr(cache, "layers", None)
         if layers is not None and getattr(cache, "layer_class_to_replicate", None) is None and len(layers) < needed:
             if not all(type(layer) is DynamicLayer for layer in layers):
                 raise ValueError(
-                    f"n_loops={n_loops} needs {needed} cache slots but this {type(cache).__name__} has {len(layers)} "
+                    f"n_loops={most} needs {needed} cache slots but this {type(cache).__name__} has {len(layers)} "
                     f"(config.num_hidden_layers). Use a DynamicCache, or n_loops <= "
                     f"{len(layers) - loop_cache_slot(self.config, 0)}.")
             layers.extend(DynamicLayer() for _ in range(needed - len(layers)))
         cache.mythos_n_loops = n_loops
 
-    def step(self, h, e, loop_idx, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        """One iteration: returns ``(h_next, routing)``. The block sees ``h + e`` plus the loop-index signal."""
+    def step(self, h, e, loop_idx, position_embeddings=None, attention_mask=None, cache=None, active=None, **kwargs):
+        """One iteration: returns ``(h_next, routing)``. The block sees ``h + e`` plus the loop-index signal.
+
+        With ``active`` (:class:`MythosActivePositions`) only its running positions move; routing then covers them
+        alone (and is None when none runs).
+        """
         x = h + e
         # CODEPATH: loop_signal_scale=0.1 by default; 0 turns the loop-index signal off (an ablation)
         if self.config.loop_signal_scale > 0:
@@ -681,22 +987,29 @@ class MythosRecurrence(nn.Module):
         # the hidden state positional and the rest by keyword, as GradientCheckpointingLayer requires
         delta, routing = self.layer(x, position_embeddings=position_embeddings, attention_mask=attention_mask,
                                     cache=cache, layer_idx=loop_cache_slot(self.config, loop_idx), loop_idx=loop_idx,
-                                    **kwargs)
+                                    active=active, **kwargs)
+        if delta is None:
+            return h, None
         if self.lora is not None:
             delta = delta + self.lora(delta, loop_idx)
+        if active is not None:
+            return self.injection(h, e, active.scatter(delta, h), run=active.run), routing
         return self.injection(h, e, delta), routing
 
     def forward(self, e, n_loops, position_embeddings=None, attention_mask=None, cache=None, token_mask=None,
                 **kwargs) -> MythosRecurrenceOutput:
         """Run ``n_loops`` iterations from ``h_0 = e``. ``token_mask`` [batch, seq] (0 = padding) keeps padding out
-        of the expert counts, the balance loss and the ponder cost.
+        of the expert counts, the balance loss and the ponder cost. ``n_loops`` is an int or a
+        :class:`MythosLoopPlan` (per-position budgets, an exit criterion, statistics).
 
         Truncated backprop (Huginn): in training with ``backprop_loops``, only the last ``backprop_loops`` iterations
         build a graph. The halting probability always builds one: the halting head's gradient is not truncated.
         """
-        config = self.config
-        truncate = self.training and config.backprop_loops is not None and torch.is_grad_enabled()
-        no_grad_loops = max(0, n_loops - config.backprop_loops) if truncate else 0
+        plan = n_loops if isinstance(n_loops, MythosLoopPlan) else MythosLoopPlan(n_loops)
+        if plan.adaptive or plan.output_stats:
+            return self._adaptive_forward(e, plan, position_embeddings, attention_mask, cache, token_mask, **kwargs)
+        config, n_loops = self.config, plan.n_loops
+        no_grad_loops = self._no_grad_loops(n_loops)
         halting = MythosHaltingState(e) if self.halt is not None else None
         aux_losses = []
         h = e
@@ -711,12 +1024,95 @@ class MythosRecurrence(nn.Module):
                         sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts, token_mask))
             if halting is not None:
                 halting.update(h, self.halt(h, n_loops), config.act_threshold, last=t == n_loops - 1)
+        loops_used = torch.full(e.shape[:2], n_loops, dtype=torch.long, device=e.device)
+        return self._output(h if halting is None else halting.mixed, halting, token_mask, aux_losses, loops_used)
+
+    def _no_grad_loops(self, n_loops: int) -> int:
+        truncate = self.training and self.config.backprop_loops is not None and torch.is_grad_enabled()
+        return max(0, n_loops - self.config.backprop_loops) if truncate else 0
+
+    @staticmethod
+    def _output(h, halting, token_mask, aux_losses, loops_used, loop_stats=None) -> MythosRecurrenceOutput:
         ponder = None
         if halting is not None:
-            h, ponder = halting.mixed, halting.ponder
-            ponder = (ponder if token_mask is None else ponder[token_mask]).mean()
-        return MythosRecurrenceOutput(last_hidden_state=h, ponder_cost=ponder,
-                                      aux_loss=torch.stack(aux_losses).mean() if aux_losses else None)
+            ponder = (halting.ponder if token_mask is None else halting.ponder[token_mask]).mean()
+        return MythosRecurrenceOutput(last_hidden_state=h, ponder_cost=ponder, loops_used=loops_used,
+                                      aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
+                                      loop_stats=loop_stats)
+
+    def _adaptive_forward(self, e, plan, position_embeddings, attention_mask, cache, token_mask, **kwargs):
+        """The loop when positions may stop early: only running positions do the block's work (see
+        :class:`MythosActivePositions` for what a stopped position still contributes)."""
+        batch, seq = e.shape[:2]
+        budget = plan.budget if plan.budget is not None else torch.full(
+            (batch, seq), plan.n_loops, dtype=torch.long, device=e.device)
+        rule = MythosExitRule(self, plan, budget, e)
+        no_grad_loops = self._no_grad_loops(plan.n_loops)
+        horizon = budget.amax(1)  # each row's cache horizon: later tokens of the row may run this deep
+        stopped = torch.zeros_like(budget, dtype=torch.bool)
+        loops_used = torch.zeros_like(budget)
+        aux_losses = []
+        h = e
+        for t in range(plan.n_loops):
+            run = (budget > t) & ~stopped
+            active = self._active_positions(run, horizon > t, cache, plan)
+            h_next, routing = h, None
+            if active is not False:
+                with torch.set_grad_enabled(t >= no_grad_loops and torch.is_grad_enabled()):
+                    h_next, routing = self.step(h, e, t, position_embeddings, attention_mask, cache, active=active,
+                                                **kwargs)
+            chosen, chosen_mask = self._account(routing, active, run, token_mask, t, t >= no_grad_loops, aux_losses)
+            loops_used = loops_used + run.long()
+            stopped = stopped | rule.update(t, h, h_next, run, chosen, chosen_mask)
+            h = h_next
+        rho = float(self.injection.get_A().detach().max()) if plan.output_stats else None
+        return self._output(rule.output(h), rule.halting, token_mask, aux_losses, loops_used, rule.stats(rho))
+
+    @staticmethod
+    def _active_positions(run, kv_needed, cache, plan):
+        """None when every position runs (the plain step), False when this loop has nothing to do (no running
+        position, and no keys/values a later token could read), else the :class:`MythosActivePositions`."""
+        if bool(run.all()):
+            return None
+        kv = kv_needed if cache is not None else run.any(1)
+        if not bool(kv.any()):
+            return False
+        kv_rows = None if bool(kv.all()) else kv.nonzero().squeeze(1)
+        return MythosActivePositions(run, kv_rows, plan.key_mask, plan.past_length)
+
+    def _account(self, routing, active, run, token_mask, t, with_grad, aux_losses):
+        """Expert counts and the balance loss of one adaptive loop; returns the chosen experts and which count."""
+        if routing is None:
+            return None, None
+        router_logits, chosen = routing
+        chosen_mask = None
+        if token_mask is not None:
+            chosen_mask = token_mask.reshape(-1) if active is None else active.gather(token_mask)
+        if self.training:
+            self.layer.mlp.gate.record_load(chosen, t, chosen_mask)
+            # CODEPATH: router_aux_loss_coef=0 by default (bias balancing only); > 0 adds the balance loss
+            if self.config.router_aux_loss_coef > 0 and with_grad:
+                batch, seq = run.shape
+                if active is not None:
+                    router_logits = active.scatter(router_logits, router_logits.new_zeros(batch, seq,
+                                                   router_logits.shape[-1])).flatten(0, 1)
+                    chosen = active.scatter(chosen, chosen.new_zeros(batch, seq, chosen.shape[-1])).flatten(0, 1)
+                mask = run if token_mask is None else run & token_mask
+                aux_losses.append(sequence_balance_loss(router_logits, chosen, batch, self.config.n_experts, mask))
+                if active is not None:
+                    chosen = active.gather(chosen.view(batch, seq, -1))
+        return chosen, chosen_mask
+
+
+def _per_row(loops, other) -> tuple[int, ...]:
+    """``loops`` (an int or one per row) as one per row, as many rows as ``other`` has (an int has any number)."""
+    if isinstance(loops, tuple):
+        return loops
+    return (loops,) * (len(other) if isinstance(other, tuple) else 1)
+
+
+def _loops_text(loops) -> str:
+    return str(list(loops)) if isinstance(loops, tuple) else str(loops)
 
 
 @auto_docstring
@@ -778,11 +1174,18 @@ class MythosModelOutput(MoeModelOutputWithPast):
 
     The cache field is ``cache`` on transformers >= 5.24, else ``past_key_values``. ``hidden_states`` holds the
     embeddings, then the state after every prelude layer, every loop iteration and every coda layer (before the final
-    norm); ``router_logits`` one [tokens, n_experts] tensor per loop.
+    norm); ``router_logits`` one [tokens, n_experts] tensor per loop (only the positions that ran it, when some stop
+    early).
+    loops_used (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+        Loops each position ran.
+    loop_stats (`MythosLoopStats`, *optional*):
+        Per-loop statistics (``output_loop_stats=True``).
     """
 
     ponder_cost: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
+    loops_used: torch.LongTensor | None = None
+    loop_stats: MythosLoopStats | None = None
 
 
 @auto_docstring
@@ -793,9 +1196,15 @@ class MythosCausalLMOutput(MoeCausalLMOutputWithPast):
         Mean ACT ponder cost when ``use_act`` is on. ``loss`` includes it weighted by ``act_ponder_weight``, and the
         balance loss weighted by ``router_aux_loss_coef`` (with ``num_items_in_batch``, each scaled by this batch's
         share of the label tokens, like the cross-entropy).
+    loops_used (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+        Loops each position ran.
+    loop_stats (`MythosLoopStats`, *optional*):
+        Per-loop statistics (``output_loop_stats=True``).
     """
 
     ponder_cost: torch.FloatTensor | None = None
+    loops_used: torch.LongTensor | None = None
+    loop_stats: MythosLoopStats | None = None
 
 
 def sequence_balance_loss(router_logits: torch.Tensor, chosen: torch.Tensor, batch: int, n_experts: int,
@@ -834,6 +1243,75 @@ def _check_n_loops(n_loops, config: MythosConfig) -> int:
             f"`n_loops`={n_loops} exceeds the config's bound {bound}; accepted values are 1 to {config.loop_limit}. "
             f"To run more loops, raise the bound: `model.config.max_inference_loops = {n_loops}`.")
     return int(n_loops)
+
+
+def _is_budget_list(n_loops) -> bool:
+    return isinstance(n_loops, (list, tuple)) or (isinstance(n_loops, torch.Tensor) and n_loops.dim() > 0)
+
+
+def _check_loop_budgets(n_loops, config: MythosConfig, batch: int, seq: int):
+    """Budgets per row (a list, or a 1-D integer tensor of ``batch`` entries) or per position (a [batch, seq]
+    integer tensor), each in [1, config.loop_limit]. Returns ``(most loops, budgets [batch, seq] or None)``; equal
+    budgets give None, the plain loop."""
+    accepted = (f"an int, one per row (a list or 1-D tensor of {batch} ints) or one per position (a [{batch}, {seq}] "
+                f"integer tensor), each from 1 to {config.loop_limit}")
+    try:
+        values = n_loops if isinstance(n_loops, torch.Tensor) else torch.tensor(n_loops)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"`n_loops` must be {accepted}; got {n_loops!r}") from None
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ValueError(f"`n_loops` must be {accepted}; got dtype {values.dtype}")
+    if tuple(values.shape) not in ((batch,), (batch, seq)):
+        raise ValueError(f"`n_loops` must be {accepted}; got shape {tuple(values.shape)} for an input of batch size "
+                         f"{batch} and {seq} positions")
+    low, high = (int(v) for v in torch.aminmax(values))
+    if low < 1 or high > config.loop_limit:
+        raise ValueError(f"`n_loops` must be {accepted} (max_inference_loops bounds the top); got values from {low} "
+                         f"to {high}")
+    if low == high:
+        return high, None
+    budget = values.to(device=values.device, dtype=torch.long)
+    return high, (budget[:, None].expand(batch, seq) if budget.dim() == 1 else budget)
+
+
+def _check_exit(criterion, threshold, config: MythosConfig, has_head: bool, cache):
+    """``exit_criterion`` is None or one of EXIT_CRITERIA, with a positive finite ``exit_threshold`` (at most 1 for
+    "act", a halting mass); the model must have what the criterion reads."""
+    if criterion is None:
+        if threshold is not None:
+            raise ValueError(f"`exit_threshold`={threshold!r} needs an `exit_criterion` (one of {EXIT_CRITERIA})")
+        return None
+    if criterion not in EXIT_CRITERIA:
+        raise ValueError(f"`exit_criterion` must be None or one of {EXIT_CRITERIA}, got {criterion!r}")
+    top = 1.0 if criterion == "act" else math.inf
+    if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold)
+            or not 0 < threshold <= top):
+        raise ValueError(f"`exit_threshold` must be a number in (0, {top}] for exit_criterion={criterion!r}, got "
+                         f"{threshold!r}")
+    if criterion == "act" and not config.use_act:
+        raise ValueError("exit_criterion='act' reads the halting head, and this model has none (use_act=False): "
+                         "use 'delta' or 'kl', or a model trained with use_act=True")
+    if criterion == "kl" and not has_head:
+        raise ValueError("exit_criterion='kl' compares next-token distributions, so it needs the LM head: call "
+                         "MythosForCausalLM, not MythosModel")
+    if criterion == "kl" and cache is not None and not all(
+            type(layer) is DynamicLayer for layer in getattr(cache, "layers", [])):
+        raise ValueError(f"exit_criterion='kl' runs the coda once per loop without writing the cache, which only a "
+                         f"DynamicCache supports; got a {type(cache).__name__}")
+    return float(threshold)
+
+
+class _ReadOnlyCache:
+    """The coda's cache as the KL probe sees it: past keys/values plus this call's, nothing stored."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        layer = self.cache.layers[layer_idx] if layer_idx < len(self.cache.layers) else None
+        if layer is None or not layer.is_initialized or layer.keys.numel() == 0:
+            return keys, values
+        return torch.cat((layer.keys, keys), dim=-2), torch.cat((layer.values, values), dim=-2)
 
 
 def _cache_layer(cache: Cache):
@@ -966,28 +1444,41 @@ class MythosModel(MythosPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        n_loops: int | None = None,
+        n_loops: int | list[int] | torch.LongTensor | None = None,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        output_loop_stats: bool = False,
+        exit_head: nn.Module | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MythosModelOutput:
         r"""
         cache (`Cache`, *optional*):
             The KV cache, one slot per prelude layer, coda layer and loop iteration (``past_key_values``, its name
             before transformers 5.24, is accepted too).
-        n_loops (`int`, *optional*):
-            Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``. A cache filled with one
-            value refuses another.
+        n_loops (`int`, `list[int]` or `torch.LongTensor`, *optional*):
+            The loop budget: the most loops any position runs; defaults to ``config.max_loop_iters``. One int, one per
+            row (a list or 1-D tensor), or one per position (a [batch, seq] tensor, e.g. a recorded ``loops_used``;
+            no cache). A cache filled with one budget refuses another.
+        exit_criterion (`str`, *optional*):
+            Stop a position before its budget: ``"act"`` (halting mass), ``"delta"`` (relative state change) or
+            ``"kl"`` (change of the next-token distribution; MythosForCausalLM only). See ``MythosExitRule``.
+        exit_threshold (`float`, *optional*):
+            The criterion's threshold: a position stops once its criterion falls below it (``"act"``: reaches it).
+        output_loop_stats (`bool`, *optional*, defaults to `False`):
+            Whether to return per-loop statistics (`MythosLoopStats`) as ``loop_stats``.
+        exit_head (`nn.Module`, *optional*):
+            The LM head the ``"kl"`` criterion reads (MythosForCausalLM passes its own).
         """
-        n_loops = _check_n_loops(self.config.max_loop_iters if n_loops is None else n_loops, self.config)
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        use_cache = use_cache and not (self.gradient_checkpointing and self.training)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        cache = cache if use_cache else None
+        if not _is_budget_list(n_loops):
+            n_loops = _check_n_loops(self.config.max_loop_iters if n_loops is None else n_loops, self.config)
+        cache = self._cache_for(cache, use_cache, isinstance(n_loops, torch.Tensor) and n_loops.dim() == 2)
         past_length = cache.get_seq_length() if cache is not None else 0
         self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, past_length)
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        plan, row_loops = self._loop_plan(n_loops, exit_criterion, exit_threshold, output_loop_stats, exit_head,
+                                          shape, attention_mask, cache, past_length)
         if cache is not None:
-            self.recurrent.bind_cache(cache, n_loops)
+            self.recurrent.bind_cache(cache, row_loops)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         seq = inputs_embeds.shape[1]
@@ -1003,17 +1494,60 @@ class MythosModel(MythosPreTrainedModel):
         mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         shared = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids), attention_mask=mask,
                       cache=cache)
+        if plan.criterion == "kl":
+            probe_shared = dict(shared, cache=None if cache is None else _ReadOnlyCache(cache))
+            plan.probe = functools.partial(self._probe, exit_head, probe_shared, kwargs)
 
         hidden = inputs_embeds
         for layer in self.prelude:
             hidden = layer(hidden, **shared, **kwargs)
-        loop = self.recurrent(hidden, n_loops, token_mask=token_mask, **shared, **kwargs)
+        loop = self.recurrent(hidden, plan, token_mask=token_mask, **shared, **kwargs)
         hidden = loop.last_hidden_state
         for layer in self.coda:
             hidden = layer(hidden, **shared, **kwargs)
         return MythosModelOutput(last_hidden_state=self.norm(hidden), **{CACHE_NAME: cache},
-                                 ponder_cost=loop.ponder_cost, aux_loss=loop.aux_loss)
+                                 ponder_cost=loop.ponder_cost, aux_loss=loop.aux_loss, loops_used=loop.loops_used,
+                                 loop_stats=loop.loop_stats)
 
+    def _cache_for(self, cache, use_cache, per_position: bool):
+        """The cache this call uses (a new DynamicCache by default at inference), or None."""
+        if per_position and (cache is not None or use_cache):
+            raise ValueError("Per-position `n_loops` (a [batch, seq] tensor) replays a recorded run's loops in one "
+                             "forward without a cache: pass use_cache=False and no cache, or one budget per row")
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training and not per_position
+        use_cache = use_cache and not (self.gradient_checkpointing and self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        return cache if use_cache else None
+
+    def _loop_plan(self, n_loops, criterion, threshold, output_stats, exit_head, shape, attention_mask, cache,
+                   past_length):
+        """The checked loop arguments as a :class:`MythosLoopPlan`, and the per-row budgets the cache binds to."""
+        threshold = _check_exit(criterion, threshold, self.config, exit_head is not None, cache)
+        budget, most = None, n_loops
+        if _is_budget_list(n_loops):
+            most, budget = _check_loop_budgets(n_loops, self.config, *shape)
+        plan = MythosLoopPlan(most, budget, criterion, threshold, bool(output_stats), past_length=past_length)
+        if plan.adaptive and attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("A prepared 4-D `attention_mask` cannot be combined with per-row `n_loops` or an "
+                                 "`exit_criterion` (positions that stop need their own mask): pass the 2-D mask")
+            plan.key_mask = attention_mask.bool()
+        row_loops = most if budget is None else tuple(budget[:, 0].tolist())
+        return plan, row_loops
+
+    @torch.no_grad()
+    def _probe(self, head, shared, kwargs, h, flat):
+        """The ``"kl"`` criterion's next-token log-probabilities [len(flat), vocab] if the loop stopped at ``h``.
+
+        The coda runs on every position of the call (its attention needs them), reading the cache without writing
+        it; the head runs on the positions ``flat`` (indices into batch * seq) only. Layers are called through
+        ``forward`` so that output recording (``output_hidden_states``) does not see the probe.
+        """
+        for layer in self.coda:
+            h = layer.forward(h, **shared, **kwargs)
+        return F.log_softmax(head(self.norm(h).flatten(0, 1)[flat]).float(), dim=-1)
 
 def _check_labels(labels, input_ids, inputs_embeds, vocab_size: int, ignore_index: int):
     """Labels are integer token ids of the input's shape [batch, seq] (shifted inside), or the ignore index."""
@@ -1052,6 +1586,12 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         """``GenerationMixin.generate``, but a request for more tokens than ``max_seq_len`` holds is refused before
         the first step, instead of by the forward that reaches the limit (after decoding everything up to it)."""
         self._check_generation_length(inputs, generation_config, kwargs)
+        n_loops = kwargs.get("n_loops")
+        if isinstance(n_loops, (list, tuple)):
+            # a tensor, so that generate expands it with the batch (beams, num_return_sequences); the first forward
+            # checks it against the batch size
+            _check_loop_budgets(n_loops, self.config, len(n_loops), 1)
+            kwargs["n_loops"] = torch.tensor(n_loops, device=self.device)
         return super().generate(inputs, generation_config, *args, **kwargs)
 
     def _check_generation_length(self, inputs, generation_config, kwargs):
@@ -1088,7 +1628,11 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        n_loops: int | None = None,
+        n_loops: int | list[int] | torch.LongTensor | None = None,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        output_loop_stats: bool = False,
+        loop_recorder: "MythosLoopRecorder | None" = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MythosCausalLMOutput:
@@ -1096,16 +1640,34 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         cache (`Cache`, *optional*):
             The KV cache, one slot per prelude layer, coda layer and loop iteration (``past_key_values``, its name
             before transformers 5.24, is accepted too).
-        n_loops (`int`, *optional*):
-            Loop iterations of the recurrent block; defaults to ``config.max_loop_iters``. A cache filled with one
-            value refuses another.
+        n_loops (`int`, `list[int]` or `torch.LongTensor`, *optional*):
+            The loop budget: the most loops any position runs; defaults to ``config.max_loop_iters``. One int, one per
+            row (a list or 1-D tensor), or one per position (a [batch, seq] tensor, e.g. a recorded ``loops_used``;
+            no cache). A cache filled with one budget refuses another.
+        exit_criterion (`str`, *optional*):
+            Stop a position before its budget: ``"act"`` (halting mass), ``"delta"`` (relative state change) or
+            ``"kl"`` (change of the next-token distribution). See ``MythosExitRule``.
+        exit_threshold (`float`, *optional*):
+            The criterion's threshold: a position stops once its criterion falls below it (``"act"``: reaches it).
+        output_loop_stats (`bool`, *optional*, defaults to `False`):
+            Whether to return per-loop statistics (`MythosLoopStats`) as ``loop_stats``.
+        loop_recorder (`MythosLoopRecorder`, *optional*):
+            Collects ``loops_used`` (and statistics) of every call; pass it to ``generate`` to read the loops of every
+            generated token.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids for the next-token loss (shifted inside; -100 is ignored).
         """
         if labels is not None:
             _check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size, kwargs.get("ignore_index", -100))
+        if loop_recorder is not None and not isinstance(loop_recorder, MythosLoopRecorder):
+            raise TypeError(f"`loop_recorder` must be a MythosLoopRecorder, got {type(loop_recorder).__name__}")
+        output_loop_stats = output_loop_stats or (loop_recorder is not None and loop_recorder.keep_stats)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, n_loops=n_loops, **kwargs)
+                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, n_loops=n_loops,
+                             exit_criterion=exit_criterion, exit_threshold=exit_threshold,
+                             output_loop_stats=output_loop_stats, exit_head=self.lm_head, **kwargs)
+        if loop_recorder is not None:
+            loop_recorder.record(outputs.loops_used, outputs.loop_stats)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
@@ -1114,7 +1676,7 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         return MythosCausalLMOutput(
             loss=loss, aux_loss=outputs.aux_loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,
-            ponder_cost=outputs.ponder_cost)
+            ponder_cost=outputs.ponder_cost, loops_used=outputs.loops_used, loop_stats=outputs.loop_stats)
 
     def _extra_loss(self, outputs: MythosModelOutput, labels: torch.Tensor, loss_kwargs: dict):
         """The weighted ponder cost plus the weighted balance loss, on the CE's scale.
@@ -1135,4 +1697,41 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         return extra
 
 
-__all__ = ["MythosPreTrainedModel", "MythosModel", "MythosForCausalLM"]
+class MythosLoopRecorder:
+    """Collects the loops used by every forward call it is passed to; pass it to ``generate`` (``loop_recorder=``).
+
+        recorder = MythosLoopRecorder()
+        model.generate(input_ids, n_loops=8, exit_criterion="delta", exit_threshold=0.05, loop_recorder=recorder)
+        recorder.prompt_loops   # [batch, prompt_len]: the prompt's positions (the first call)
+        recorder.token_loops()  # [batch, new_tokens]: the position whose logits chose each generated token
+
+    Under beam search the rows are the beams of each step, before generate reorders them. With
+    ``keep_stats=True`` every call also returns and keeps its :class:`MythosLoopStats` (``stats``).
+    """
+
+    def __init__(self, keep_stats: bool = False):
+        self.keep_stats = keep_stats
+        self.calls: list[torch.Tensor] = []
+        self.stats: list[MythosLoopStats] = []
+
+    def record(self, loops_used: torch.Tensor, stats: MythosLoopStats | None = None) -> None:
+        self.calls.append(loops_used.detach())
+        if self.keep_stats and stats is not None:
+            self.stats.append(stats)
+
+    @property
+    def prompt_loops(self) -> torch.Tensor | None:
+        return self.calls[0] if self.calls else None
+
+    def token_loops(self) -> torch.Tensor:
+        """[batch, calls]: the last position's loops of every call, i.e. of each generated token's prediction."""
+        if not self.calls:
+            raise ValueError("The recorder has seen no forward call: pass it to generate(loop_recorder=...)")
+        return torch.stack([loops[:, -1] for loops in self.calls], dim=1)
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.stats.clear()
+
+
+__all__ = ["MythosPreTrainedModel", "MythosModel", "MythosForCausalLM", "MythosLoopRecorder", "MythosLoopStats"]

@@ -402,7 +402,7 @@ class TestBadInput:
             model(torch.tensor([[1, -1, 2]]))
 
     @pytest.mark.parametrize("n_loops", [0, -2, 1.5, "3", True, np.float64(2.0), np.bool_(True), torch.tensor(2.0),
-                                         torch.tensor(True), torch.tensor([2, 3]), torch.tensor(0)])
+                                         torch.tensor(True), torch.tensor([2, 3, 4, 5, 6]), torch.tensor(0)])
     def test_bad_n_loops(self, model, input_ids, n_loops):
         with pytest.raises(ValueError, match="n_loops"):
             model(input_ids, n_loops=n_loops)
