@@ -184,3 +184,22 @@ def test_early_exit_shows_in_saturation_and_the_histogram():
     assert stats["loops/saturation"] == pytest.approx((real == budgets).double().mean().item())
     assert stats["loops/saturation"] < 1.0, "the threshold is loose enough that some positions exit early"
     assert sum(v for k, v in stats.items() if k.startswith("loops/hist_")) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("criterion, threshold, key, config", [("act", 0.5, "halt_prob", {"use_act": True}),
+                                                               ("kl", 0.01, "kl", {})])
+def test_the_criterions_own_signal_is_averaged_per_loop(criterion, threshold, key, config):
+    model = make_model("gqa", **config)
+    ids = torch.randint(4, 260, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model(ids, n_loops=4, exit_criterion=criterion, exit_threshold=threshold, output_loop_stats=True)
+    acc = LoopStatsAccumulator()
+    acc.add(out.loops_used, out.loop_stats, loop_budgets(4, 4, out.loops_used))
+    stats = acc.summary()
+    values = out.loop_stats.halting_probs if key == "halt_prob" else out.loop_stats.kl
+    for t in range(4):
+        ran = values[t][out.loop_stats.active[t] & ~values[t].isnan()]
+        if ran.numel():
+            assert stats[f"loops/{key}_{t}"] == pytest.approx(ran.double().mean().item())
+        else:
+            assert f"loops/{key}_{t}" not in stats
+    assert any(k.startswith(f"loops/{key}_") for k in stats)
