@@ -8,6 +8,8 @@ argparse does; anything else is a bug and keeps its traceback.
 """
 
 import argparse
+import importlib.util
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -103,6 +105,72 @@ def _push(args):
         print(f"mythos push: warning: {warning.message}", file=sys.stderr)
 
 
+def _check_loops(args):
+    """Every refusal of ``mythos loops`` that needs no model: the flags, the folder, matplotlib for --heatmap."""
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise CommandError(f"--model {str(folder)!r} has no config.json; pass a folder written by save_pretrained")
+    if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        raise CommandError(f"--model {str(folder)!r} has no tokenizer (tokenizer_config.json); save one beside the "
+                           f"weights with tokenizer.save_pretrained({str(folder)!r})")
+    if not args.prompt:
+        raise CommandError("--prompt is empty; pass the text to run")
+    if args.n_loops is not None and args.n_loops < 1:
+        raise CommandError(f"--n-loops must be a positive integer, got {args.n_loops}")
+    if args.exit_threshold is not None and args.exit_criterion is None:
+        raise CommandError(f"--exit-threshold {args.exit_threshold} needs --exit-criterion (act, delta or kl)")
+    if args.exit_criterion is not None and args.exit_threshold is None:
+        raise CommandError(f"--exit-criterion {args.exit_criterion} needs --exit-threshold (a number > 0)")
+    if args.exit_threshold is not None and not (math.isfinite(args.exit_threshold) and args.exit_threshold > 0):
+        raise CommandError(f"--exit-threshold must be a finite number > 0, got {args.exit_threshold}")
+    if args.exit_criterion == "act" and args.exit_threshold > 1:
+        raise CommandError(f"--exit-threshold must be at most 1 for --exit-criterion act (a halting mass), got "
+                           f"{args.exit_threshold}")
+    if args.max_new_tokens < 0:
+        raise CommandError(f"--max-new-tokens must be >= 0 (0: just the prompt), got {args.max_new_tokens}")
+    if args.heatmap is not None:
+        _check_heatmap(Path(args.heatmap))
+
+
+def _check_heatmap(path: Path):
+    if path.suffix.lower() != ".png":
+        raise CommandError(f"--heatmap {str(path)!r} must name a .png file")
+    if path.is_dir():
+        raise CommandError(f"--heatmap {str(path)!r} is a folder; name the .png file to write")
+    if not path.parent.is_dir():
+        raise CommandError(f"--heatmap {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CommandError("--heatmap needs matplotlib: pip install matplotlib (or pip install 'openmythos[demo]')")
+
+
+def _loops(args):
+    _check_loops(args)
+    _load_stack()
+    from transformers import AutoTokenizer
+    from transformers.utils.logging import disable_progress_bar
+
+    from .loop_report import format_table, loop_report, write_heatmap
+    from .modeling_mythos import MythosForCausalLM
+
+    if not sys.stderr.isatty():  # a log or a pipe: keep stderr for the errors
+        disable_progress_bar()
+    model = MythosForCausalLM.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        report = loop_report(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                             n_loops=args.n_loops, exit_criterion=args.exit_criterion,
+                             exit_threshold=args.exit_threshold)
+    except ValueError as error:  # the model's refusals: n_loops above its bound, a prompt too long, ...
+        raise CommandError(error) from None
+    print(format_table(report))
+    if args.heatmap is not None:
+        try:
+            write_heatmap(report, Path(args.heatmap))
+        except OSError as error:
+            raise CommandError(f"--heatmap {args.heatmap!r} could not be written: {error}") from None
+        print(f"heatmap written to {args.heatmap}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mythos", description="OpenMythos looped transformer tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +199,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list exactly what would be uploaded; contact nobody")
     p.set_defaults(func=_push)
+    p = sub.add_parser("loops", help="run a prompt and print the loops every token used, and its state change per "
+                                     "loop (optionally as a heatmap)")
+    p.add_argument("--model", required=True, help="a save_pretrained folder with a tokenizer")
+    p.add_argument("--prompt", required=True, help="the text to run")
+    p.add_argument("--n-loops", type=int, default=None, help="loop budget (default: the config's max_loop_iters)")
+    p.add_argument("--exit-criterion", choices=["act", "delta", "kl"], default=None,
+                   help="stop a position's loop early: act (halting head), delta (state change), kl (prediction)")
+    p.add_argument("--exit-threshold", type=float, default=None, help="the criterion's threshold (> 0; at most 1 for act)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="tokens to generate greedily (0: just the prompt)")
+    p.add_argument("--heatmap", default=None, metavar="PATH.png",
+                   help="also write a tokens x loops heatmap of the state change (needs matplotlib)")
+    p.set_defaults(func=_loops)
     return parser
 
 

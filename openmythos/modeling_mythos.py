@@ -389,8 +389,12 @@ class MythosActivePositions:
         return keys, values
 
     def mask(self, kv_len: int, dtype: torch.dtype, config) -> torch.Tensor:
-        """[rows, 1, width, kv_len]: causal by cache index, padding keys hidden. A query always sees itself, so no
-        row is empty (an empty row gives NaN, and NaN keys would poison every later query)."""
+        """[rows, 1, width, kv_len]: the rows of a prepared 4-D mask (generate makes one for a static cache), or one
+        built causal by cache index with padding keys hidden. A built mask lets a query always see itself, so no row
+        is empty (an empty row gives NaN, and NaN keys would poison every later query)."""
+        if self.key_mask is not None and self.key_mask.dim() == 4:
+            prepared = self.key_mask.expand(self.batch, *self.key_mask.shape[1:])
+            return prepared[self.rows[:, None], 0, self.cols][:, None, :, :kv_len]
         query_pos = (self.past_length + self.cols)[..., None]
         keys = torch.arange(kv_len, device=self.cols.device)
         allowed = keys <= query_pos
@@ -779,7 +783,8 @@ class MythosLoopPlan:
     ``n_loops`` is the most loops any position may run. ``budget`` [batch, seq] gives each position its own (None:
     every position ``n_loops``). ``criterion`` / ``threshold`` stop a position earlier (see ``MythosExitRule``);
     ``probe`` maps a loop state [batch, seq, dim] and flat position indices to log-probabilities (the ``"kl"`` rule).
-    ``key_mask`` [batch, past + seq] is the 2-D padding mask, ``past_length`` the cached tokens before this call.
+    ``key_mask`` is the 2-D padding mask [batch, past + seq] or a prepared 4-D mask, ``past_length`` the cached tokens
+    before this call.
     """
 
     def __init__(self, n_loops: int, budget: torch.Tensor | None = None, criterion: str | None = None,
@@ -1530,10 +1535,7 @@ class MythosModel(MythosPreTrainedModel):
             most, budget = _check_loop_budgets(n_loops, self.config, *shape)
         plan = MythosLoopPlan(most, budget, criterion, threshold, bool(output_stats), past_length=past_length)
         if plan.adaptive and attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError("A prepared 4-D `attention_mask` cannot be combined with per-row `n_loops` or an "
-                                 "`exit_criterion` (positions that stop need their own mask): pass the 2-D mask")
-            plan.key_mask = attention_mask.bool()
+            plan.key_mask = attention_mask.bool() if attention_mask.dim() == 2 else attention_mask
         row_loops = most if budget is None else tuple(budget[:, 0].tolist())
         return plan, row_loops
 

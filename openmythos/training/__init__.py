@@ -2,6 +2,8 @@
 
 - ``recipe``: the loop-count schedule, aux-loss-free MoE balancing, expert-load statistics and the Trainer callback
   that applies them (``MythosTrainingCallback``).
+- ``loop_stats``: loop statistics (loops used, halting saturation, state change, expert balance per loop) in the
+  Trainer's logs (``MythosLoopStatsCallback``).
 - ``optim``: Muon for hidden matrices plus AdamW for the rest (``MuonAdamW``).
 - ``data``: streaming, tokenizing and packing pretraining text (``pretraining_dataset``).
 - ``checkpoints``: Trainer checkpoints that survive a kill or a full disk (``AtomicCheckpointTrainer``).
@@ -23,6 +25,9 @@ _EXPORTS = {
     "routers": "recipe",
     "sample_n_loops": "recipe",
     "update_router_bias": "recipe",
+    "LoopStatsAccumulator": "loop_stats",
+    "MythosLoopStatsCallback": "loop_stats",
+    "loop_budgets": "loop_stats",
     "MuonAdamW": "optim",
     "split_parameters": "optim",
     "SAMPLE_CORPUS": "data",
@@ -44,6 +49,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ binds t
                               latest_complete_checkpoint, remove_partial_checkpoints)
     from .data import SAMPLE_CORPUS, causal_lm_collator, load_text_dataset, pack_documents, pretraining_dataset
     from .distributed import apply_fsdp2
+    from .loop_stats import LoopStatsAccumulator, MythosLoopStatsCallback, loop_budgets
     from .optim import MuonAdamW, split_parameters
     from .recipe import MythosTrainingCallback, expert_load_stats, routers, sample_n_loops, update_router_bias
 

@@ -81,7 +81,7 @@ def record_loop_draws(trainer) -> list[tuple[int, int]]:
 
     def record(module, args):
         if module.training:
-            draws.append((trainer.state.global_step, int(args[1])))
+            draws.append((trainer.state.global_step, args[1].n_loops))  # the MythosLoopPlan
 
     trainer.model.model.recurrent.register_forward_pre_hook(record)
     return draws
