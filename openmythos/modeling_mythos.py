@@ -180,17 +180,17 @@ class MythosGQAttention(nn.Module):
         return x if position_embeddings is None else apply_rotary(x, *position_embeddings)
 
     def _active_forward(self, hidden_states, position_embeddings, cache, slot, active, **kwargs):
+        """Queries and the output projection for the running positions only: returns [running positions, dim]."""
         kv_in, kv_rope = active.kv_inputs(hidden_states, position_embeddings)
         k, v = active.cached(self._heads(self.k_proj(kv_in), kv_rope), self._heads(self.v_proj(kv_in)), cache, slot)
         if active.width == 0:
             return None, None
-        q_in, q_rope = active.query_inputs(hidden_states, position_embeddings)
-        q = self._heads(self.q_proj(q_in), q_rope)
+        q = self._heads(active.pad(self.q_proj(active.gather(hidden_states))), active.query_rope(position_embeddings))
         out, weights = active.attention(self.config)(
             self, q, k, v, active.mask(k.shape[2], q.dtype, self.config),
             dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
         )
-        return self.o_proj(out.reshape(q.shape[0], q.shape[2], -1)), weights
+        return self.o_proj(active.unpad(out.reshape(q.shape[0], q.shape[2], -1))), weights
 
 
 class MythosMLAttention(nn.Module):
@@ -238,13 +238,16 @@ class MythosMLAttention(nn.Module):
         latent, k_rope = self._latent(hidden_states, position_embeddings)
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, slot)
-        return self._attend(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
+        out, weights = self._attend(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
+        return self.o_proj(out), weights
 
-    def _queries(self, hidden_states, position_embeddings):
+    def _queries(self, hidden_states, position_embeddings, project=True):
+        """[B, S, dim] states (or, with ``project=False``, their projected queries) -> rotated query heads."""
         batch, seq = hidden_states.shape[:2]
-        if self.q_lora_rank > 0:
+        q = hidden_states
+        if project and self.q_lora_rank > 0:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-        else:
+        elif project:
             q = self.q_proj(hidden_states)
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -257,13 +260,15 @@ class MythosMLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent).view(batch, 1, seq, self.kv_lora_rank)
         return latent, apply_rotary(k_rope.view(batch, 1, seq, self.qk_rope_head_dim), *position_embeddings)
 
-    def _attend(self, q_nope, q_rope, latent, k_rope, attention_mask, attention=None, **kwargs):
+    def _attend(self, q_nope, q_rope, latent, k_rope, attention_mask, attention=None, queries=None, **kwargs):
+        """Attention output before ``o_proj`` [B, S, heads * v_head_dim]. ``queries``: the call's query count, which
+        decides absorbed vs expanded (default: this one's; running positions only are fewer)."""
         batch, _, seq = q_nope.shape[:3]
         # No mask for several queries means SDPA's top-left causal alignment (prefill into an empty static cache);
         # the absorbed path folds heads into query rows, where that alignment would be wrong: expand instead.
-        if (seq == 1 or attention_mask is not None) and self._absorb(seq, latent.shape[2]):
+        if (seq == 1 or attention_mask is not None) and self._absorb(queries or seq, latent.shape[2]):
             out, weights = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
-            return self.o_proj(out.reshape(batch, seq, -1)), weights
+            return out.reshape(batch, seq, -1), weights
 
         kv_len = latent.shape[2]
         kv = self.kv_b_proj(latent).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
@@ -282,17 +287,21 @@ class MythosMLAttention(nn.Module):
         )
         if pad > 0:
             out = out[..., :self.v_head_dim]
-        return self.o_proj(out.reshape(batch, seq, -1)), weights
+        return out.reshape(batch, seq, -1), weights
 
     def _active_forward(self, hidden_states, position_embeddings, cache, slot, active, **kwargs):
+        """Queries and the output projection for the running positions only: returns [running positions, dim]."""
         kv_in, kv_rope = active.kv_inputs(hidden_states, position_embeddings)
         latent, k_rope = active.cached(*self._latent(kv_in, kv_rope), cache, slot)
         if active.width == 0:
             return None, None
-        q_in, q_rope = active.query_inputs(hidden_states, position_embeddings)
-        q_nope, q_rope = self._queries(q_in, q_rope)
+        x = active.gather(hidden_states)
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank > 0 else self.q_proj(x)
+        q_nope, q_rope = self._queries(active.pad(q), active.query_rope(position_embeddings), project=False)
         mask = active.mask(latent.shape[2], q_nope.dtype, self.config)
-        return self._attend(q_nope, q_rope, latent, k_rope, mask, attention=active.attention(self.config), **kwargs)
+        out, weights = self._attend(q_nope, q_rope, latent, k_rope, mask, attention=active.attention(self.config),
+                                    queries=hidden_states.shape[1], **kwargs)
+        return self.o_proj(active.unpad(out)), weights
 
     def _absorb(self, q_len: int, kv_len: int) -> bool:
         """Decode against a cache in latent space instead of re-expanding every cached latent each step.
@@ -331,6 +340,73 @@ class MythosMLAttention(nn.Module):
         return out.transpose(1, 2), weights
 
 
+class MythosRowsLayer(DynamicLayer):
+    """A loop slot's cache layer that holds only the rows whose loop budget reaches that loop.
+
+    With per-row budgets a row never runs, and never reads, the loops past its budget, so their slots keep no keys
+    or values for it: a batch with budgets [1, ..., 8] caches 36 loop slots' worth of rows, not 64. ``rows`` are the
+    batch rows held, in batch order. Beam search reorders beams within a batch item, which share a budget, so a
+    reorder maps held rows to held rows.
+    """
+
+    def __init__(self, rows: tuple[int, ...]):
+        super().__init__()
+        self.rows = rows
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        held = {row: i for i, row in enumerate(self.rows)}
+        super().reorder_cache(torch.tensor([held[int(beam_idx[row])] for row in self.rows], device=beam_idx.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("A cache filled with per-row n_loops cannot be repeated along the batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("A cache filled with per-row n_loops cannot select batch rows")
+
+
+def _rows_write(cache, keys, values, slot, kv_rows, batch, rows_tuple):
+    """Write this loop's keys/values, computed for batch rows ``kv_rows`` only, to loop slot ``slot``: directly into a
+    :class:`MythosRowsLayer` that holds exactly those rows, else into the full batch with zeros for the other rows.
+    Returns the slot's keys/values for ``kv_rows``."""
+    layer = cache.layers[slot] if slot < len(getattr(cache, "layers", ())) else None
+    if isinstance(layer, MythosRowsLayer) and layer.rows == rows_tuple:
+        return cache.update(keys, values, slot)
+    full_keys = keys.new_zeros((batch, *keys.shape[1:])).index_copy(0, kv_rows, keys)
+    full_values = values.new_zeros((batch, *values.shape[1:])).index_copy(0, kv_rows, values)
+    keys, values = cache.update(full_keys, full_values, slot)
+    return keys.index_select(0, kv_rows), values.index_select(0, kv_rows)
+
+
+class _RowsCache:
+    """The cache as a subset of the batch rows sees it (the attention only calls ``update``)."""
+
+    def __init__(self, cache: Cache, rows: torch.Tensor, rows_tuple: tuple[int, ...], batch: int):
+        self.cache, self.rows, self.rows_tuple, self.batch = cache, rows, rows_tuple, batch
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        return _rows_write(self.cache, keys, values, layer_idx, self.rows, self.batch, self.rows_tuple)
+
+
+class MythosActiveRows:
+    """Some batch rows run a loop iteration, all their positions (per-row budgets, no exit criterion): the block
+    runs on them as a smaller batch, with their rows of the cos/sin tables, the mask and the cache."""
+
+    def __init__(self, rows: list[int], batch: int, seq: int, position_embeddings, attention_mask, cache, device):
+        self.rows_tuple = tuple(rows)
+        self.index = torch.tensor(rows, device=device)
+        self.run = torch.zeros(batch, dtype=torch.bool, device=device).index_fill(0, self.index, True)
+        self.run = self.run[:, None].expand(batch, seq)
+        cos, sin = position_embeddings
+        self.position_embeddings = (cos, sin) if cos.shape[0] == 1 else (cos[self.index], sin[self.index])
+        self.attention_mask = attention_mask
+        if attention_mask is not None and attention_mask.shape[0] > 1:
+            self.attention_mask = attention_mask[self.index]
+        self.cache = None if cache is None else _RowsCache(cache, self.index, self.rows_tuple, batch)
+
+    def scatter(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(like.shape).index_copy(0, self.index, x.to(like.dtype))
+
+
 class MythosActivePositions:
     """The positions that run one loop iteration when others have stopped (an exit criterion, or a smaller budget).
 
@@ -357,7 +433,11 @@ class MythosActivePositions:
         order = torch.sort((~run[self.rows]).to(torch.int8), dim=1, stable=True).indices
         self.cols = order[:, :self.width]
         self.valid = torch.arange(self.width, device=run.device) < counts[self.rows, None]
+        self.padded_index = self.valid.reshape(-1).nonzero().squeeze(1)  # where each running position sits padded
         self.kv_rows = kv_rows
+        if kv_rows is not None:
+            self.kv_rows_tuple = tuple(kv_rows.tolist())
+            self.rows_in_kv = torch.searchsorted(kv_rows, self.rows)  # both sorted, rows within kv_rows
         self.key_mask = key_mask
         self.past_length = past_length
 
@@ -370,22 +450,33 @@ class MythosActivePositions:
             cos, sin = cos[self.kv_rows], sin[self.kv_rows]
         return hidden_states[self.kv_rows], (cos, sin)
 
-    def query_inputs(self, hidden_states, position_embeddings):
-        """The running positions' states and cos/sin tables, gathered to [rows, width, ...]."""
+    def query_rope(self, position_embeddings):
+        """The running positions' cos/sin tables, gathered to [rows, width, rope_dim]."""
         rows, cols = self.rows[:, None], self.cols
-        cos, sin = (table.expand(self.batch, *table.shape[1:])[rows, cols] for table in position_embeddings)
-        return hidden_states[rows, cols], (cos, sin)
+        return tuple(table.expand(self.batch, *table.shape[1:])[rows, cols] for table in position_embeddings)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Running positions' entries [n, ...] -> [rows, width, ...], zeros in the padding."""
+        padded = x.new_zeros((self.valid.numel(), *x.shape[1:]))
+        padded = padded.index_copy(0, self.padded_index, x)
+        return padded.view(*self.valid.shape, *x.shape[1:])
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, width, ...] -> the running positions' entries [n, ...]."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.padded_index)
 
     def cached(self, keys, values, cache, slot):
         """Write this loop's keys/values (zeros for rows outside ``kv_rows``) and return those of the query rows."""
         if cache is None:
             return keys, values  # computed for exactly the query rows
-        if self.kv_rows is not None:
-            keys = keys.new_zeros((self.batch, *keys.shape[1:])).index_copy(0, self.kv_rows, keys)
-            values = values.new_zeros((self.batch, *values.shape[1:])).index_copy(0, self.kv_rows, values)
-        keys, values = cache.update(keys, values, slot)
-        if self.rows.numel() < self.batch:
-            keys, values = keys.index_select(0, self.rows), values.index_select(0, self.rows)
+        if self.kv_rows is None:
+            keys, values = cache.update(keys, values, slot)
+            if self.rows.numel() < self.batch:
+                keys, values = keys.index_select(0, self.rows), values.index_select(0, self.rows)
+            return keys, values
+        keys, values = _rows_write(cache, keys, values, slot, self.kv_rows, self.batch, self.kv_rows_tuple)
+        if self.rows.numel() < self.kv_rows.numel():  # the query rows' places among the written rows
+            keys, values = keys.index_select(0, self.rows_in_kv), values.index_select(0, self.rows_in_kv)
         return keys, values
 
     def mask(self, kv_len: int, dtype: torch.dtype, config) -> torch.Tensor:
@@ -649,7 +740,7 @@ class MythosLoopLayer(_MythosBlock):
                                  active=active, **kwargs)
         if attn is None:
             return None, None
-        attn = self.dropout(attn[active.valid])
+        attn = self.dropout(attn)
         ffn, routing = self.mlp(self.post_attention_layernorm(active.gather(hidden_states) + attn), loop_idx)
         return attn + self.dropout(ffn), routing
 
@@ -793,6 +884,12 @@ class MythosLoopPlan:
         self.output_stats, self.past_length = output_stats, past_length
         self.probe: Callable | None = None
         self.key_mask: torch.Tensor | None = None
+        self.row_loops: tuple[int, ...] | None = None  # per-row budgets, known on the host
+
+    @property
+    def rows_only(self) -> bool:
+        """Whole rows stop together (per-row budgets, no exit criterion): the block can run on a row subset."""
+        return self.criterion is None and self.row_loops is not None
 
     @property
     def adaptive(self) -> bool:
@@ -858,7 +955,10 @@ class MythosExitRule:
 
     def update(self, t: int, h, h_next, run, chosen, chosen_mask) -> torch.Tensor:
         """The positions (of those in ``run``) that stop after loop ``t``. ``chosen`` [n, k] are the experts picked
-        at this loop (None when no position ran), ``chosen_mask`` [n] which of them count (not padding)."""
+        at this loop (None when no position ran), ``chosen_mask`` [n] which of them count (not padding). None:
+        nothing to decide or record (per-row budgets only)."""
+        if self.plan.criterion is None and self.halting is None and not self.plan.output_stats:
+            return None
         nan = torch.full(run.shape, float("nan"), device=run.device)
         stop = torch.zeros_like(run)
         change = relative_change(h, h_next) if self.plan.criterion == "delta" or self.plan.output_stats else None
@@ -977,22 +1077,39 @@ class MythosRecurrence(nn.Module):
                     f"(config.num_hidden_layers). Use a DynamicCache, or n_loops <= "
                     f"{len(layers) - loop_cache_slot(self.config, 0)}.")
             layers.extend(DynamicLayer() for _ in range(needed - len(layers)))
+        if isinstance(n_loops, tuple) and layers is not None and cache.get_seq_length() == 0:
+            self._hold_rows_per_loop(cache, n_loops)
         cache.mythos_n_loops = n_loops
+
+    def _hold_rows_per_loop(self, cache: Cache, row_loops: tuple[int, ...]) -> None:
+        """In a new dynamic cache, make each loop slot a :class:`MythosRowsLayer` holding only the rows that run it."""
+        layers = cache.layers
+        for t in range(max(row_loops)):
+            slot = loop_cache_slot(self.config, t)
+            rows = tuple(row for row, loops in enumerate(row_loops) if loops > t)
+            while len(layers) <= slot and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+                layers.append(DynamicLayer())
+            if len(rows) < len(row_loops) and slot < len(layers) and type(layers[slot]) is DynamicLayer \
+                    and not layers[slot].is_initialized:
+                layers[slot] = MythosRowsLayer(rows)
 
     def step(self, h, e, loop_idx, position_embeddings=None, attention_mask=None, cache=None, active=None, **kwargs):
         """One iteration: returns ``(h_next, routing)``. The block sees ``h + e`` plus the loop-index signal.
 
-        With ``active`` (:class:`MythosActivePositions`) only its running positions move; routing then covers them
-        alone (and is None when none runs).
+        With ``active`` (:class:`MythosActiveRows` or :class:`MythosActivePositions`) only its rows or positions
+        move; routing then covers them alone (and is None when none runs).
         """
         x = h + e
         # CODEPATH: loop_signal_scale=0.1 by default; 0 turns the loop-index signal off (an ablation)
         if self.config.loop_signal_scale > 0:
             x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
+        if isinstance(active, MythosActiveRows):
+            x, position_embeddings, attention_mask, cache = (
+                x.index_select(0, active.index), active.position_embeddings, active.attention_mask, active.cache)
         # the hidden state positional and the rest by keyword, as GradientCheckpointingLayer requires
         delta, routing = self.layer(x, position_embeddings=position_embeddings, attention_mask=attention_mask,
                                     cache=cache, layer_idx=loop_cache_slot(self.config, loop_idx), loop_idx=loop_idx,
-                                    active=active, **kwargs)
+                                    active=active if isinstance(active, MythosActivePositions) else None, **kwargs)
         if delta is None:
             return h, None
         if self.lora is not None:
@@ -1060,7 +1177,12 @@ class MythosRecurrence(nn.Module):
         h = e
         for t in range(plan.n_loops):
             run = (budget > t) & ~stopped
-            active = self._active_positions(run, horizon > t, cache, plan)
+            if plan.rows_only:
+                rows = [row for row, loops in enumerate(plan.row_loops) if loops > t]
+                active = None if len(rows) == batch else MythosActiveRows(
+                    rows, batch, seq, position_embeddings, attention_mask, cache, e.device)
+            else:
+                active = self._active_positions(run, horizon > t, cache, plan)
             h_next, routing = h, None
             if active is not False:
                 with torch.set_grad_enabled(t >= no_grad_loops and torch.is_grad_enabled()):
@@ -1068,7 +1190,8 @@ class MythosRecurrence(nn.Module):
                                                 **kwargs)
             chosen, chosen_mask = self._account(routing, active, run, token_mask, t, t >= no_grad_loops, aux_losses)
             loops_used = loops_used + run.long()
-            stopped = stopped | rule.update(t, h, h_next, run, chosen, chosen_mask)
+            stop = rule.update(t, h, h_next, run, chosen, chosen_mask)
+            stopped = stopped if stop is None else stopped | stop
             h = h_next
         rho = float(self.injection.get_A().detach().max()) if plan.output_stats else None
         return self._output(rule.output(h), rule.halting, token_mask, aux_losses, loops_used, rule.stats(rho))
@@ -1090,13 +1213,20 @@ class MythosRecurrence(nn.Module):
         if routing is None:
             return None, None
         router_logits, chosen = routing
-        chosen_mask = None
-        if token_mask is not None:
-            chosen_mask = token_mask.reshape(-1) if active is None else active.gather(token_mask)
+        chosen_mask = rows_mask = token_mask
+        if isinstance(active, MythosActiveRows):
+            rows_mask = None if token_mask is None else token_mask[active.index]
+            chosen_mask = rows_mask
+        elif active is not None and token_mask is not None:
+            chosen_mask = active.gather(token_mask)
+        chosen_mask = None if chosen_mask is None else chosen_mask.reshape(-1)
         if self.training:
             self.layer.mlp.gate.record_load(chosen, t, chosen_mask)
             # CODEPATH: router_aux_loss_coef=0 by default (bias balancing only); > 0 adds the balance loss
-            if self.config.router_aux_loss_coef > 0 and with_grad:
+            if self.config.router_aux_loss_coef > 0 and with_grad and isinstance(active, MythosActiveRows):
+                aux_losses.append(sequence_balance_loss(router_logits, chosen, len(active.rows_tuple),
+                                                        self.config.n_experts, rows_mask))
+            elif self.config.router_aux_loss_coef > 0 and with_grad:
                 batch, seq = run.shape
                 if active is not None:
                     router_logits = active.scatter(router_logits, router_logits.new_zeros(batch, seq,
@@ -1536,7 +1666,11 @@ class MythosModel(MythosPreTrainedModel):
         plan = MythosLoopPlan(most, budget, criterion, threshold, bool(output_stats), past_length=past_length)
         if plan.adaptive and attention_mask is not None:
             plan.key_mask = attention_mask.bool() if attention_mask.dim() == 2 else attention_mask
-        row_loops = most if budget is None else tuple(budget[:, 0].tolist())
+        row_loops = most
+        if budget is not None:
+            row_loops = tuple(budget[:, 0].tolist())
+            per_row = not (isinstance(n_loops, torch.Tensor) and n_loops.dim() == 2)
+            plan.row_loops = row_loops if per_row else None
         return plan, row_loops
 
     @torch.no_grad()
