@@ -1208,6 +1208,18 @@ class MythosRecurrence(nn.Module):
         kv_rows = None if bool(kv.all()) else kv.nonzero().squeeze(1)
         return MythosActivePositions(run, kv_rows, plan.key_mask, plan.past_length)
 
+    def _balance_loss(self, router_logits, chosen, active, run, token_mask, rows_mask):
+        """The sequence balance loss over the positions that ran this loop."""
+        n_experts = self.config.n_experts
+        if isinstance(active, MythosActiveRows):
+            return sequence_balance_loss(router_logits, chosen, len(active.rows_tuple), n_experts, rows_mask)
+        batch, seq = run.shape
+        if active is not None:  # back to [batch * seq] rows, the stopped positions masked out
+            router_logits = active.scatter(router_logits, router_logits.new_zeros(batch, seq, n_experts)).flatten(0, 1)
+            chosen = active.scatter(chosen, chosen.new_zeros(batch, seq, chosen.shape[-1])).flatten(0, 1)
+        mask = run if token_mask is None else run & token_mask
+        return sequence_balance_loss(router_logits, chosen, batch, n_experts, mask)
+
     def _account(self, routing, active, run, token_mask, t, with_grad, aux_losses):
         """Expert counts and the balance loss of one adaptive loop; returns the chosen experts and which count."""
         if routing is None:
@@ -1223,19 +1235,8 @@ class MythosRecurrence(nn.Module):
         if self.training:
             self.layer.mlp.gate.record_load(chosen, t, chosen_mask)
             # CODEPATH: router_aux_loss_coef=0 by default (bias balancing only); > 0 adds the balance loss
-            if self.config.router_aux_loss_coef > 0 and with_grad and isinstance(active, MythosActiveRows):
-                aux_losses.append(sequence_balance_loss(router_logits, chosen, len(active.rows_tuple),
-                                                        self.config.n_experts, rows_mask))
-            elif self.config.router_aux_loss_coef > 0 and with_grad:
-                batch, seq = run.shape
-                if active is not None:
-                    router_logits = active.scatter(router_logits, router_logits.new_zeros(batch, seq,
-                                                   router_logits.shape[-1])).flatten(0, 1)
-                    chosen = active.scatter(chosen, chosen.new_zeros(batch, seq, chosen.shape[-1])).flatten(0, 1)
-                mask = run if token_mask is None else run & token_mask
-                aux_losses.append(sequence_balance_loss(router_logits, chosen, batch, self.config.n_experts, mask))
-                if active is not None:
-                    chosen = active.gather(chosen.view(batch, seq, -1))
+            if self.config.router_aux_loss_coef > 0 and with_grad:
+                aux_losses.append(self._balance_loss(router_logits, chosen, active, run, token_mask, rows_mask))
         return chosen, chosen_mask
 
 
