@@ -422,18 +422,27 @@ class MythosActivePositions:
     """
 
     def __init__(self, run: torch.Tensor, kv_rows: torch.Tensor | None, key_mask: torch.Tensor | None,
-                 past_length: int):
+                 past_length: int, causal_mask: torch.Tensor | None = None):
         self.run = run
         self.batch = run.shape[0]
         self.flat = run.reshape(-1).nonzero().squeeze(1)  # running positions, row-major: the order of `valid`
-        counts = run.sum(1)
-        self.rows = counts.nonzero().squeeze(1)
-        self.width = int(counts.max())
-        # running positions first, each row's in position order (stable sort)
-        order = torch.sort((~run[self.rows]).to(torch.int8), dim=1, stable=True).indices
-        self.cols = order[:, :self.width]
-        self.valid = torch.arange(self.width, device=run.device) < counts[self.rows, None]
-        self.padded_index = self.valid.reshape(-1).nonzero().squeeze(1)  # where each running position sits padded
+        # one position per row (decoding): the running rows, and the call's own mask rows (None: see every key)
+        self.decoding = run.shape[1] == 1
+        if self.decoding:
+            self.rows = self.flat
+            self.width = min(1, self.rows.numel())
+            self.cols = torch.zeros_like(self.rows)[:, None]
+            self.padded_index = torch.arange(self.rows.numel(), device=run.device)
+            self.causal_mask = causal_mask
+        else:
+            counts = run.sum(1)
+            self.rows = counts.nonzero().squeeze(1)
+            self.width = int(counts.max())
+            # running positions first, each row's in position order (stable sort)
+            order = torch.sort((~run[self.rows]).to(torch.int8), dim=1, stable=True).indices
+            self.cols = order[:, :self.width]
+            valid = torch.arange(self.width, device=run.device) < counts[self.rows, None]
+            self.padded_index = valid.reshape(-1).nonzero().squeeze(1)  # where each running position sits padded
         self.kv_rows = kv_rows
         if kv_rows is not None:
             self.kv_rows_tuple = tuple(kv_rows.tolist())
@@ -457,12 +466,16 @@ class MythosActivePositions:
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Running positions' entries [n, ...] -> [rows, width, ...], zeros in the padding."""
-        padded = x.new_zeros((self.valid.numel(), *x.shape[1:]))
+        if self.decoding:
+            return x[:, None]
+        padded = x.new_zeros((self.rows.numel() * self.width, *x.shape[1:]))
         padded = padded.index_copy(0, self.padded_index, x)
-        return padded.view(*self.valid.shape, *x.shape[1:])
+        return padded.view(self.rows.numel(), self.width, *x.shape[1:])
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, width, ...] -> the running positions' entries [n, ...]."""
+        if self.decoding:
+            return x[:, 0]
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.padded_index)
 
     def cached(self, keys, values, cache, slot):
@@ -483,6 +496,9 @@ class MythosActivePositions:
         """[rows, 1, width, kv_len]: the rows of a prepared 4-D mask (generate makes one for a static cache), or one
         built causal by cache index with padding keys hidden. A built mask lets a query always see itself, so no row
         is empty (an empty row gives NaN, and NaN keys would poison every later query)."""
+        if self.decoding:
+            mask = self.causal_mask
+            return mask if mask is None or mask.shape[0] == 1 else mask.index_select(0, self.rows)
         if self.key_mask is not None and self.key_mask.dim() == 4:
             prepared = self.key_mask.expand(self.batch, *self.key_mask.shape[1:])
             return prepared[self.rows[:, None], 0, self.cols][:, None, :, :kv_len]
@@ -1182,12 +1198,15 @@ class MythosRecurrence(nn.Module):
                 active = None if len(rows) == batch else MythosActiveRows(
                     rows, batch, seq, position_embeddings, attention_mask, cache, e.device)
             else:
-                active = self._active_positions(run, horizon > t, cache, plan)
+                active = self._active_positions(run, horizon > t, cache, plan, attention_mask)
             h_next, routing = h, None
             if active is not False:
                 with torch.set_grad_enabled(t >= no_grad_loops and torch.is_grad_enabled()):
                     h_next, routing = self.step(h, e, t, position_embeddings, attention_mask, cache, active=active,
                                                 **kwargs)
+            idle = active is False or (isinstance(active, MythosActivePositions) and active.width == 0)
+            if idle and not plan.output_stats:
+                continue  # no position ran (the loop only wrote keys/values): nothing to count or decide
             chosen, chosen_mask = self._account(routing, active, run, token_mask, t, t >= no_grad_loops, aux_losses)
             loops_used = loops_used + run.long()
             stop = rule.update(t, h, h_next, run, chosen, chosen_mask)
@@ -1197,7 +1216,7 @@ class MythosRecurrence(nn.Module):
         return self._output(rule.output(h), rule.halting, token_mask, aux_losses, loops_used, rule.stats(rho))
 
     @staticmethod
-    def _active_positions(run, kv_needed, cache, plan):
+    def _active_positions(run, kv_needed, cache, plan, attention_mask):
         """None when every position runs (the plain step), False when this loop has nothing to do (no running
         position, and no keys/values a later token could read), else the :class:`MythosActivePositions`."""
         if bool(run.all()):
@@ -1206,7 +1225,7 @@ class MythosRecurrence(nn.Module):
         if not bool(kv.any()):
             return False
         kv_rows = None if bool(kv.all()) else kv.nonzero().squeeze(1)
-        return MythosActivePositions(run, kv_rows, plan.key_mask, plan.past_length)
+        return MythosActivePositions(run, kv_rows, plan.key_mask, plan.past_length, attention_mask)
 
     def _balance_loss(self, router_logits, chosen, active, run, token_mask, rows_mask):
         """The sequence balance loss over the positions that ran this loop."""
