@@ -87,10 +87,10 @@ def test_quick_adaptive_depth_benchmark_trains_measures_every_criterion_and_judg
             assert 1 <= row["mean_loops"] <= 8 and row["perplexity"] > 1, (name, row)
             assert row["loop_saving"] == pytest.approx(1 - row["mean_loops"] / 8)
             assert 1 <= row["forward"]["mean_loops"] <= 8 and 1 <= row["generate"]["loops_per_token"] <= 8
-            for workload in ("forward", "generate"):
+            for workload in ("forward", "generate", "generate_1"):
                 timing = row[workload]
                 assert timing["ratio"] > 0 and timing["fixed_ms"] > 0 and timing["adaptive_ms"] > 0, (name, timing)
-            assert set(row["missed"]) <= {"loops", "ppl", "forward time", "generate time"}
+            assert set(row["missed"]) <= {"loops", "ppl", "forward time", "8-row generate time", "1-row generate time"}
     for name, verdict in data["verdicts"].items():
         assert verdict["met"] == (verdict["threshold"] is not None) and verdict["line"].startswith(name)
     per_row = data["per_row"]
