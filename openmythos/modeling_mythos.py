@@ -173,6 +173,10 @@ class MythosGQAttention(nn.Module):
         )
         return self.o_proj(out.reshape(batch, seq, -1)), weights
 
+    def keys_values(self, hidden_states, position_embeddings):
+        """What this attention caches for ``hidden_states`` (normalised): rotated keys and values."""
+        return self._heads(self.k_proj(hidden_states), position_embeddings), self._heads(self.v_proj(hidden_states))
+
     def _heads(self, projected, position_embeddings=None):
         """[B, S, heads * head_dim] -> [B, heads, S, head_dim], rotated when given the cos/sin tables."""
         batch, seq = projected.shape[:2]
@@ -252,6 +256,10 @@ class MythosMLAttention(nn.Module):
         q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, *position_embeddings)
+
+    def keys_values(self, hidden_states, position_embeddings):
+        """What this attention caches for ``hidden_states`` (normalised): the latent and the rope key."""
+        return self._latent(hidden_states, position_embeddings)
 
     def _latent(self, hidden_states, position_embeddings):
         """The cached pair: the normalised latent [B, 1, S, kv_lora_rank] and the rotated rope key."""
@@ -761,6 +769,25 @@ class MythosLoopLayer(_MythosBlock):
         return attn + self.dropout(ffn), routing
 
 
+def write_frozen_keys_values(layer: "MythosLoopLayer", states, position_embeddings, cache, slots, rows) -> None:
+    """Write the keys/values of stopped positions for several loop slots in one projection: ``states`` [loops, batch,
+    seq, dim] are the block inputs of loops ``slots`` (frozen state + that loop's signal); ``rows[i]`` the batch rows
+    slot ``slots[i]`` takes (None: all). This is what those loops would write one by one, when no position runs them.
+    """
+    loops, batch = states.shape[:2]
+    cos, sin = position_embeddings
+    if cos.shape[0] > 1:
+        cos, sin = cos.repeat(loops, 1, 1), sin.repeat(loops, 1, 1)
+    keys, values = layer.self_attn.keys_values(layer.input_layernorm(states.flatten(0, 1)), (cos, sin))
+    for i, (slot, slot_rows) in enumerate(zip(slots, rows)):
+        k, v = keys[i * batch:(i + 1) * batch], values[i * batch:(i + 1) * batch]
+        if slot_rows is None:
+            cache.update(k, v, slot)
+        else:
+            _rows_write(cache, k.index_select(0, slot_rows), v.index_select(0, slot_rows), slot, slot_rows, batch,
+                        tuple(slot_rows.tolist()))
+
+
 class MythosInjection(nn.Module):
     """Stable diagonal input injection (Parcae): A = exp(dt * A_c), A_c = -exp(log_A), dt = exp(log_dt).
 
@@ -1212,8 +1239,28 @@ class MythosRecurrence(nn.Module):
             stop = rule.update(t, h, h_next, run, chosen, chosen_mask)
             stopped = stopped if stop is None else stopped | stop
             h = h_next
+            if cache is not None and plan.criterion is not None and not plan.output_stats and t + 1 < plan.n_loops \
+                    and not bool(((budget > t + 1) & ~stopped).any()):
+                # every position has stopped: the loops left only write keys/values, all from the same frozen states
+                self._write_frozen_loops(h, e, t + 1, plan.n_loops, horizon, cache, position_embeddings)
+                break
         rho = float(self.injection.get_A().detach().max()) if plan.output_stats else None
         return self._output(rule.output(h), rule.halting, token_mask, aux_losses, loops_used, rule.stats(rho))
+
+    @torch.no_grad()
+    def _write_frozen_loops(self, h, e, first, n_loops, horizon, cache, position_embeddings):
+        """Loops ``first`` to ``n_loops - 1`` when no position runs them: their keys/values in one projection."""
+        x = h + e
+        loops = range(first, n_loops)
+        # CODEPATH: loop_signal_scale=0.1 by default; 0 turns the loop-index signal off (an ablation)
+        if self.config.loop_signal_scale > 0:
+            states = torch.stack([x + loop_signal(x, t, self.config.loop_signal_scale) for t in loops])
+        else:
+            states = x.expand(len(loops), *x.shape)
+        every_row = [bool((horizon > t).all()) for t in loops]
+        rows = [None if full else (horizon > t).nonzero().squeeze(1) for t, full in zip(loops, every_row)]
+        slots = [loop_cache_slot(self.config, t) for t in loops]
+        write_frozen_keys_values(self.layer, states, position_embeddings, cache, slots, rows)
 
     @staticmethod
     def _active_positions(run, kv_needed, cache, plan, attention_mask):

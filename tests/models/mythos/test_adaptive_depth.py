@@ -345,3 +345,23 @@ def test_hidden_states_are_full_size_under_exit(model, ids):
     # recorded
     assert len(out.hidden_states) == 1 + 1 + int(out.loops_used.max()) + 1
     assert all(h.shape == (3, 10, model.config.dim) for h in out.hidden_states)
+
+
+def test_frozen_loops_written_at_once_equal_loop_by_loop(model, ids, monkeypatch):
+    """Once every position of a cached call has stopped, the loops left only write keys/values from frozen states;
+    they are written in one projection. That equals running them one by one (statistics on: the loop-by-loop path)."""
+    threshold = clear_threshold(model, ids, "delta")
+    recurrence = type(model.model.recurrent)
+    calls = []
+    write = recurrence._write_frozen_loops
+    monkeypatch.setattr(recurrence, "_write_frozen_loops", lambda self, *a: calls.append(a[2]) or write(self, *a))
+    kwargs = dict(n_loops=6, exit_criterion="delta", exit_threshold=threshold, max_new_tokens=6, do_sample=False,
+                  output_scores=True, return_dict_in_generate=True)
+    at_once = model.generate(ids[:1], **kwargs)
+    batched = len(calls)
+    assert batched, "no call stopped every position before its budget: the test would be vacuous"
+    one_by_one = model.generate(ids[:1], loop_recorder=MythosLoopRecorder(keep_stats=True), **kwargs)
+    assert len(calls) == batched  # with statistics kept, every loop ran one by one
+    assert torch.equal(at_once.sequences, one_by_one.sequences)
+    for a, b in zip(at_once.scores, one_by_one.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
