@@ -35,6 +35,15 @@ def test_readme_python_quick_start_runs_as_written(tmp_path):
     assert (tmp_path / "mythos-demo" / "model.safetensors").exists()
 
 
+def test_readme_adaptive_depth_example_runs_as_written():
+    code = [block for block in re.findall(r"```python\n(.*?)```", README, re.S) if "MythosLoopRecorder" in block]
+    assert len(code) == 1
+    namespace = {}
+    exec(compile(code[0], "README.md (adaptive depth)", "exec"), namespace)
+    assert namespace["out"].loops_used.shape == (2, 12) and (namespace["out"].loops_used[0] <= 2).all()
+    assert namespace["recorder"].token_loops().shape == (2, 16)
+
+
 def test_quickstart_command_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "openmythos.cli", "quickstart", "--n-loops", "1", "5"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
