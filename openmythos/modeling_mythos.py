@@ -1002,7 +1002,8 @@ class MythosExitRule:
         nothing to decide or record (per-row budgets only)."""
         if self.plan.criterion is None and self.halting is None and not self.plan.output_stats:
             return None
-        nan = torch.full(run.shape, float("nan"), device=run.device)
+        keeps_nan = self.plan.output_stats or self.plan.criterion == "kl"
+        nan = torch.full(run.shape, float("nan"), device=run.device) if keeps_nan else None
         stop = torch.zeros_like(run)
         change = relative_change(h, h_next) if self.plan.criterion == "delta" or self.plan.output_stats else None
         if self.plan.criterion == "delta":

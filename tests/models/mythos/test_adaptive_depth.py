@@ -365,3 +365,13 @@ def test_frozen_loops_written_at_once_equal_loop_by_loop(model, ids, monkeypatch
     assert torch.equal(at_once.sequences, one_by_one.sequences)
     for a, b in zip(at_once.scores, one_by_one.scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_loop_slots_hold_only_the_rows_that_run_them(model, ids):
+    """With per-row budgets, loop slot t of a new dynamic cache keeps keys/values for the rows whose budget passes t
+    only: budgets [1, 3, 6] cache 3 + 2 + 2 + 1 + 1 + 1 = 10 row-slots, not 3 * 6 = 18."""
+    cache = model(ids, n_loops=BUDGETS, use_cache=True).past_key_values
+    slot = model.config.prelude_layers + model.config.coda_layers
+    rows = [cache.layers[slot + t].keys.shape[0] for t in range(6)]
+    assert rows == [3, 2, 2, 1, 1, 1]
+    assert all(cache.layers[i].keys.shape[0] == 3 for i in range(slot))
