@@ -859,9 +859,15 @@ class MythosHalting(nn.Module):
         return torch.sigmoid(h.float() @ self.weight.float() + self.bias.float() + offset)
 
 
-@functools.lru_cache(maxsize=256)
 def _loop_embedding(loop_idx: int, dim: int, device: torch.device) -> torch.Tensor:
-    """Unit-RMS sinusoidal embedding of a loop index (fp32, cached: it depends on nothing learned)."""
+    """Unit-RMS sinusoidal embedding of a loop index (fp32). It depends on nothing learned: eager calls reuse one
+    tensor per (loop, dim, device); a compiled graph computes it from constants (dynamo refuses an lru_cache)."""
+    if is_torchdynamo_compiling():
+        return _loop_embedding_uncached(loop_idx, dim, device)
+    return _loop_embedding_cached(loop_idx, dim, device)
+
+
+def _loop_embedding_uncached(loop_idx: int, dim: int, device: torch.device) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / max(half, 1))
     angles = loop_idx * freqs
@@ -869,6 +875,9 @@ def _loop_embedding(loop_idx: int, dim: int, device: torch.device) -> torch.Tens
     if emb.shape[-1] < dim:
         emb = F.pad(emb, (0, dim - emb.shape[-1]))
     return (emb / emb.pow(2).mean().sqrt()).float().to(device)
+
+
+_loop_embedding_cached = functools.lru_cache(maxsize=256)(_loop_embedding_uncached)
 
 
 def loop_signal(x: torch.Tensor, loop_idx: int, scale: float) -> torch.Tensor:
@@ -1106,7 +1115,8 @@ class MythosRecurrence(nn.Module):
     def bind_cache(self, cache: Cache, n_loops: int | tuple[int, ...]) -> None:
         """Bind ``cache`` to ``n_loops`` (one int, or one per row) and make sure it has a slot for every loop."""
         used = getattr(cache, "mythos_n_loops", None)
-        if cache.get_seq_length() > 0 and used is not None and _per_row(used, n_loops) != _per_row(n_loops, used):
+        # the cache's length last: a StaticCache's is a tensor, and reading it is a host sync
+        if used is not None and _per_row(used, n_loops) != _per_row(n_loops, used) and cache.get_seq_length() > 0:
             raise ValueError(
                 f"This cache was filled with n_loops={_loops_text(used)}; it cannot serve n_loops={_loops_text(n_loops)}"
                 f" because loop iterations past a row's first budget would see a different history. Pass "
@@ -1123,7 +1133,8 @@ class MythosRecurrence(nn.Module):
             layers.extend(DynamicLayer() for _ in range(needed - len(layers)))
         if isinstance(n_loops, tuple) and layers is not None and cache.get_seq_length() == 0:
             self._hold_rows_per_loop(cache, n_loops)
-        cache.mythos_n_loops = n_loops
+        if used != n_loops:
+            cache.mythos_n_loops = n_loops
 
     def _hold_rows_per_loop(self, cache: Cache, row_loops: tuple[int, ...]) -> None:
         """In a new dynamic cache, make each loop slot a :class:`MythosRowsLayer` holding only the rows that run it."""
@@ -1330,7 +1341,7 @@ class MythosPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     # hidden_states: the embeddings, then the state after every prelude layer, every loop iteration (the injection's
     # output) and every coda layer, in the order they run (before the final norm).
@@ -1523,8 +1534,9 @@ def _cache_layer(cache: Cache):
     return layers[0] if layers else None
 
 
-def _check_cache_fits(cache: Cache, batch: int, past_length, seq: int):
-    """The cache must hold rows for this batch, and a static one room for the new tokens."""
+def _check_cache_fits(cache: Cache, batch: int, past_length: int | None, seq: int):
+    """The cache must hold rows for this batch, and a static one room for the new tokens (``past_length`` None: the
+    cached length is not known on the host, so that is not checked)."""
     layer = _cache_layer(cache)
     keys = getattr(layer, "keys", None)
     if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[0] != batch:
@@ -1532,29 +1544,39 @@ def _check_cache_fits(cache: Cache, batch: int, past_length, seq: int):
             f"The cache (`cache` / `past_key_values`) holds batch size {keys.shape[0]}, but the input has batch size "
             f"{batch}. Pass a cache filled with the same batch, or none (cache=None) to start a new one.")
     capacity = getattr(layer, "max_cache_len", None)
-    if capacity is not None and not getattr(layer, "is_sliding", False) and past_length + seq > capacity:
+    if capacity is not None and past_length is not None and not getattr(layer, "is_sliding", False) \
+            and past_length + seq > capacity:
         raise ValueError(
             f"This {type(cache).__name__} holds at most max_cache_len={capacity} tokens, but this call needs "
-            f"{int(past_length)} cached + {seq} new = {int(past_length) + seq}. Create it with a larger max_cache_len "
-            f"(e.g. StaticCache(config=model.config, max_cache_len={int(past_length) + seq})), or use a DynamicCache.")
+            f"{past_length} cached + {seq} new = {past_length + seq}. Create it with a larger max_cache_len "
+            f"(e.g. StaticCache(config=model.config, max_cache_len={past_length + seq})), or use a DynamicCache.")
 
 
-def _check_attention_mask(attention_mask: torch.Tensor, batch: int, total: int):
-    """A 2-D mask is [batch, past + new tokens] of 1 (attend) / 0 (padding); a 4-D mask is taken as prepared."""
+def _check_attention_mask(attention_mask: torch.Tensor, batch: int, total: int | None, check_values: bool = True):
+    """A 2-D mask is [batch, past + new tokens] of 1 (attend) / 0 (padding); a 4-D mask is taken as prepared.
+    ``total`` None: the cached length is not known on the host (a compiled step), so only the batch is checked."""
     if attention_mask.dim() == 4:
         return
     if attention_mask.dim() != 2:
         raise ValueError(f"`attention_mask` must be 2-D [batch, past + new tokens] (or a prepared 4-D mask), "
                          f"got shape {tuple(attention_mask.shape)}")
-    if tuple(attention_mask.shape) != (batch, total):
-        raise ValueError(f"`attention_mask` must have shape [batch, past + new tokens] = {(batch, total)}, "
+    if attention_mask.shape[0] != batch or (total is not None and attention_mask.shape[1] != total):
+        expected = (batch, "past + new tokens" if total is None else total)
+        raise ValueError(f"`attention_mask` must have shape [batch, past + new tokens] = {expected}, "
                          f"got {tuple(attention_mask.shape)}")
-    if attention_mask.dtype != torch.bool and not is_torchdynamo_compiling():
+    if attention_mask.dtype != torch.bool and check_values:
         # anything else (an additive 0/-inf mask, say) would be read as "attend" wherever it is non-zero
         bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
         if bad.numel() > 0:
             raise ValueError(f"A 2-D `attention_mask` must hold only 0 (padding) and 1 (token), or bools; got "
                              f"{bad.numel()} other values: {sorted(set(bad.unique().tolist()))[:5]}")
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int):
+    low, high = torch.aminmax(input_ids)
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"`input_ids` must lie in [0, vocab_size={vocab_size}), got values from {int(low)} to "
+                         f"{int(high)}")
 
 
 def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int):
@@ -1583,6 +1605,7 @@ class MythosModel(MythosPreTrainedModel):
         self.norm = MythosRMSNorm(config.dim, eps=config.rms_norm_eps)
         self.rotary_emb = MythosRotary(config)
         self.gradient_checkpointing = False
+        self._generating = 0  # generate() calls under way, which checked their prompt (see _validate_inputs)
         self.post_init()
 
     def spectral_radius(self) -> float:
@@ -1620,19 +1643,22 @@ class MythosModel(MythosPreTrainedModel):
         batch, seq = shape
         if batch == 0 or seq == 0:
             raise ValueError(f"Empty input: got shape {tuple(shape)}; batch size and sequence length must be >= 1")
-        if past_length + seq > self.config.max_seq_len:
+        # Checks that read tensor values cost a host sync each. They run on every eager call, except the decode steps
+        # of generate(), which checked the prompt once before its first step and feeds back only its own tokens; a
+        # compiled call skips them too (a StaticCache's length is a tensor there).
+        host_checks = not is_torchdynamo_compiling() and not self._generating
+        known_past = past_length if isinstance(past_length, int) else int(past_length) if host_checks else None
+        if known_past is not None and known_past + seq > self.config.max_seq_len:
             raise ValueError(
-                f"Sequence too long: {past_length} cached + {seq} new = {past_length + seq} tokens exceeds "
+                f"Sequence too long: {known_past} cached + {seq} new = {known_past + seq} tokens exceeds "
                 f"max_seq_len={self.config.max_seq_len}")
-        if input_ids is not None and not is_torchdynamo_compiling():
-            low, high = torch.aminmax(input_ids)
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), "
-                                 f"got values from {int(low)} to {int(high)}")
+        if input_ids is not None and host_checks:
+            _check_token_ids(input_ids, self.config.vocab_size)
         if cache is not None:
-            _check_cache_fits(cache, batch, past_length, seq)
+            _check_cache_fits(cache, batch, known_past, seq)
         if attention_mask is not None:
-            _check_attention_mask(attention_mask, batch, past_length + seq)
+            _check_attention_mask(attention_mask, batch, None if known_past is None else known_past + seq,
+                                  check_values=host_checks)
         if position_ids is not None:
             _check_position_ids(position_ids, batch, seq)
 
@@ -1690,7 +1716,8 @@ class MythosModel(MythosPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq:].bool()
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device).unsqueeze(0)
+            # a StaticCache's length is a tensor: add it, so that no host sync (or graph break) reads it
+            position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_length).unsqueeze(0)
         elif position_ids.dim() == 1:  # [seq]: the same positions for every row
             position_ids = position_ids.unsqueeze(0)
         # positional: the cache argument's name changed in transformers 5.24
@@ -1790,13 +1817,42 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         """``GenerationMixin.generate``, but a request for more tokens than ``max_seq_len`` holds is refused before
         the first step, instead of by the forward that reaches the limit (after decoding everything up to it)."""
         self._check_generation_length(inputs, generation_config, kwargs)
+        self._check_prompt(inputs, kwargs)
         n_loops = kwargs.get("n_loops")
         if isinstance(n_loops, (list, tuple)):
             # a tensor, so that generate expands it with the batch (beams, num_return_sequences); the first forward
             # checks it against the batch size
             _check_loop_budgets(n_loops, self.config, len(n_loops), 1)
             kwargs["n_loops"] = torch.tensor(n_loops, device=self.device)
-        return super().generate(inputs, generation_config, *args, **kwargs)
+        # the prompt is checked: the steps skip the checks that read tensor values (a host sync each, see
+        # MythosModel._validate_inputs), since they see only the prompt again and the tokens generate picked
+        self.model._generating += 1
+        try:
+            return super().generate(inputs, generation_config, *args, **kwargs)
+        finally:
+            self.model._generating -= 1
+
+    def _check_prompt(self, inputs, kwargs):
+        """What the steps of generate no longer check: the prompt's token ids, its 2-D attention mask's values, and
+        room for the whole generation in a StaticCache passed in."""
+        prompt = kwargs.get("input_ids", inputs)
+        if isinstance(prompt, torch.Tensor) and not prompt.is_floating_point() and prompt.dtype != torch.bool \
+                and prompt.numel() > 0:
+            _check_token_ids(prompt, self.config.vocab_size)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype != torch.bool:
+            _check_attention_mask(mask, mask.shape[0], None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        new_tokens = kwargs.get("max_new_tokens")
+        if isinstance(cache, Cache) and isinstance(prompt, torch.Tensor) and prompt.dim() == 2 \
+                and isinstance(new_tokens, numbers.Integral):
+            layer = _cache_layer(cache)
+            capacity, needed = getattr(layer, "max_cache_len", None), prompt.shape[1] + new_tokens - 1
+            if capacity is not None and not getattr(layer, "is_sliding", False) and needed > capacity:
+                raise ValueError(
+                    f"This {type(cache).__name__} holds at most max_cache_len={capacity} tokens, but a prompt of "
+                    f"{prompt.shape[1]} tokens and max_new_tokens={new_tokens} need {needed}. Create it with "
+                    f"max_cache_len >= {needed}, or pass no cache (generate makes one).")
 
     def _check_generation_length(self, inputs, generation_config, kwargs):
         """Prompt + ``max_new_tokens`` (from the call, else the generation config in effect), or an explicit
