@@ -25,6 +25,7 @@ MYTHOS_FORMAT_VERSION = 1
 
 ATTN_TYPES = ("mla", "gqa")
 LOOP_SAMPLINGS = ("fixed", "poisson_lognormal")
+LOOP_KV_SHARINGS = ("none", "first", "last")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -184,6 +185,16 @@ class MythosConfig(PreTrainedConfig):
         It saves FLOPs at every size (re-expanding costs ``cache_len * kv_lora_rank * n_heads * (qk_nope + v)``
         multiply-adds a step, absorbing ``n_heads * kv_lora_rank * (qk_nope + v)`` plus a wider attention), so it
         is on by default (measurements: benchmarks/README.md); ``False`` always re-expands.
+    loop_kv_sharing (`str`, defaults to ``"none"``):
+        Which loop's keys/values a loop iteration reads for the tokens before it. ``"none"``: its own loop's (every
+        loop has its own cache slot, so the cache grows with ``n_loops``). ``"first"``: the first loop's, for every
+        loop (Mixture-of-Recursions' recursion-wise sharing). ``"last"``: the last loop each earlier token ran, i.e.
+        its final state's (Huginn's cache reuse; tokens are then processed one at a time through the loop, so a
+        no-cache forward or a prefill costs one loop step per token: meant for inference, train with ``"first"``).
+        A position always sees its own keys/values of the current loop. With sharing the cache holds one loop slot,
+        whatever ``n_loops`` is (a static cache serves any ``n_loops``), and the no-cache forward, training and
+        cached decoding follow the same rule, so they agree exactly. Exit criteria and per-row budgets need
+        ``"none"``.
     use_act (`bool`, defaults to `False`):
         Adaptive Computation Time halting. The output is the ACT-weighted mix
         of the loop states; every loop still runs so that the KV cache stays complete.
@@ -250,7 +261,7 @@ class MythosConfig(PreTrainedConfig):
 
     ``num_hidden_layers`` is derived, not set: ``prelude_layers + coda_layers + max_loop_iters``, one KV-cache slot
     per prelude layer, per coda layer and per loop iteration (the loop slots come last so that a dynamic cache can
-    grow when ``n_loops > max_loop_iters``).
+    grow when ``n_loops > max_loop_iters``); with ``loop_kv_sharing`` it is ``prelude_layers + coda_layers + 1``.
     """
 
     model_type = "mythos"
@@ -287,6 +298,7 @@ class MythosConfig(PreTrainedConfig):
     dropout: int | float = _checked(real("in [0, 1)", lambda x: 0 <= x < 1), 0.0)
     dense_ffn_dim: int | None = _checked(integer(1, optional=True), None)
     mla_absorb: bool = _checked(boolean(), True)
+    loop_kv_sharing: str = _checked(choice(LOOP_KV_SHARINGS), "none")
     use_act: bool = _checked(boolean(), False)
     act_ponder_weight: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.01)
     loop_signal_scale: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.1)
@@ -321,21 +333,31 @@ class MythosConfig(PreTrainedConfig):
         self.validate_token_ids()
         if saved_layers is not None and saved_layers != self.num_hidden_layers:
             raise ValueError(
-                f"`num_hidden_layers` is derived (prelude_layers + coda_layers + max_loop_iters = "
-                f"{self.num_hidden_layers}) but the config says {saved_layers}"
+                f"`num_hidden_layers` is derived ({self._slots_text} = {self.num_hidden_layers}) but the config "
+                f"says {saved_layers}"
             )
 
     @property
+    def loop_cache_slots(self) -> int:
+        """KV-cache slots of the loop: one per loop iteration up to ``max_loop_iters``, or one with sharing."""
+        return self.max_loop_iters if self.loop_kv_sharing == "none" else 1
+
+    @property
+    def _slots_text(self) -> str:
+        loops = "max_loop_iters" if self.loop_kv_sharing == "none" else "1 (loop_kv_sharing)"
+        return f"prelude_layers + coda_layers + {loops}"
+
+    @property
     def num_hidden_layers(self) -> int:
-        """KV-cache slots: one per prelude layer, per coda layer and per loop iteration up to ``max_loop_iters``."""
-        return self.prelude_layers + self.coda_layers + self.max_loop_iters
+        """KV-cache slots: one per prelude layer, per coda layer and per loop slot (``loop_cache_slots``)."""
+        return self.prelude_layers + self.coda_layers + self.loop_cache_slots
 
     @num_hidden_layers.setter
     def num_hidden_layers(self, value):
         if value != self.num_hidden_layers:
             raise ValueError(
-                f"`num_hidden_layers` is derived from prelude_layers + coda_layers + max_loop_iters "
-                f"({self.num_hidden_layers}); set those fields instead of num_hidden_layers={value}"
+                f"`num_hidden_layers` is derived from {self._slots_text} ({self.num_hidden_layers}); set those "
+                f"fields instead of num_hidden_layers={value}"
             )
 
     @property

@@ -156,8 +156,9 @@ class MythosGQAttention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, active=None,
-                **kwargs):
-        """``active`` (a :class:`MythosActivePositions`) runs the queries of some positions only; see there."""
+                shared=None, **kwargs):
+        """``active`` (a :class:`MythosActivePositions`) runs the queries of some positions only; see there.
+        ``shared`` (a :class:`MythosSharedKV`) gives the looped block's keys/values under ``loop_kv_sharing``."""
         slot = self.layer_idx if layer_idx is None else layer_idx
         if active is not None:
             return self._active_forward(hidden_states, position_embeddings, cache, slot, active, **kwargs)
@@ -165,9 +166,12 @@ class MythosGQAttention(nn.Module):
         q = self._heads(self.q_proj(hidden_states), position_embeddings)
         k = self._heads(self.k_proj(hidden_states), position_embeddings)
         v = self._heads(self.v_proj(hidden_states))
-        if cache is not None:
+        attention = _attention_interface(self.config)
+        if shared is not None:
+            k, v, attention_mask, attention = shared.keys_values(k, v, attention_mask, attention, q.dtype)
+        elif cache is not None:
             k, v = cache.update(k, v, slot)
-        out, weights = _attention_interface(self.config)(
+        out, weights = attention(
             self, q, k, v, attention_mask,
             dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
         )
@@ -233,14 +237,18 @@ class MythosMLAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.dim, bias=False)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, active=None,
-                **kwargs):
-        """``active`` (a :class:`MythosActivePositions`) runs the queries of some positions only; see there."""
+                shared=None, **kwargs):
+        """``active`` (a :class:`MythosActivePositions`) runs the queries of some positions only; see there.
+        ``shared`` (a :class:`MythosSharedKV`) gives the looped block's keys/values under ``loop_kv_sharing``."""
         slot = self.layer_idx if layer_idx is None else layer_idx
         if active is not None:
             return self._active_forward(hidden_states, position_embeddings, cache, slot, active, **kwargs)
         q_nope, q_rope = self._queries(hidden_states, position_embeddings)
         latent, k_rope = self._latent(hidden_states, position_embeddings)
-        if cache is not None:
+        if shared is not None:
+            latent, k_rope, attention_mask, kwargs["attention"] = shared.keys_values(
+                latent, k_rope, attention_mask, _attention_interface(self.config), q_nope.dtype)
+        elif cache is not None:
             latent, k_rope = cache.update(latent, k_rope, slot)
         out, weights = self._attend(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
         return self.o_proj(out), weights
@@ -541,6 +549,83 @@ class MythosActivePositions:
         return flat.index_copy(0, self.flat, x.to(like.dtype)).view_as(like)
 
 
+class MythosSharedKV:
+    """The keys/values the looped block's attention reads under ``config.loop_kv_sharing`` ("first" or "last").
+
+    A position at loop t attends to the earlier positions' shared keys/values and to its own of loop t (never to its
+    own of another loop): the columns are ``[shared (strictly earlier cache indices) | own (the diagonal)]``.
+
+    - ``"first"``: loop 0 attends and writes as without sharing; every later loop reads what loop 0 wrote (the cache
+      slot, or loop 0's keys/values when there is no cache).
+    - ``"last"``: positions go through the loop one at a time (:meth:`MythosRecurrence._scan`), each reading the
+      earlier positions' final keys/values, and writing its own after its last loop.
+
+    ``key_mask`` is the 2-D padding mask [batch, past + seq] or a prepared 4-D mask; ``past_length`` the cached tokens
+    before this call; ``offset`` the position within the call that runs now (the scan).
+    """
+
+    def __init__(self, config: MythosConfig, cache: Cache | None, key_mask, past_length, n_loops: int):
+        self.mode, self.config, self.n_loops = config.loop_kv_sharing, config, n_loops
+        self.slot = loop_cache_slot(config, 0)
+        self.cache = cache
+        self.local = DynamicLayer() if cache is None else None  # "last" without a cache keeps the finals here
+        self.key_mask, self.past_length = key_mask, past_length
+        self.loop, self.offset = 0, 0
+        self.first = None  # "first": loop 0's keys/values (what the slot holds after loop 0)
+
+    def keys_values(self, keys, values, attention_mask, attention, dtype):
+        """This loop's ``(keys, values, mask, attention function)`` for the new ``keys``/``values`` [B, h, S, d]."""
+        if self.mode == "first" and self.loop == 0:
+            if self.cache is not None:
+                keys, values = self.cache.update(keys, values, self.slot)
+            self.first = (keys, values)
+            return keys, values, attention_mask, attention
+        if self.mode == "first":
+            past_keys, past_values = self.first
+        else:
+            layer = self.local
+            if layer is None:  # a lazy cache adds the slot on its first write
+                layer = self.cache.layers[self.slot] if self.slot < len(self.cache.layers) else None
+            ready = layer is not None and layer.is_initialized and layer.keys is not None
+            past_keys = layer.keys if ready else keys[:, :, :0]
+            past_values = layer.values if ready else values[:, :, :0]
+        mask = self._mask(keys.shape[0], past_keys.shape[2], keys.shape[2], keys.device, dtype)
+        own_keys, own_values = keys, values
+        keys, values = torch.cat((past_keys, own_keys), dim=2), torch.cat((past_values, own_values), dim=2)
+        if self.mode == "last" and self.loop == self.n_loops - 1:  # after reading the slot: it is updated in place
+            if self.cache is not None:
+                self.cache.update(own_keys, own_values, self.slot)
+            else:
+                self.local.update(own_keys, own_values)
+        # CODEPATH: eager or sdpa models run their own kernel; others (flash-attention) cannot take this mask
+        if self.config._attn_implementation not in ("eager", "sdpa"):
+            attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return keys, values, mask, attention
+
+    def _mask(self, batch, shared_len, seq, device, dtype):
+        """[batch, 1, seq, shared_len + seq]: shared keys at strictly earlier cache indices (padding hidden), then the
+        diagonal of the own keys, so no row is ever empty."""
+        queries = self.past_length + self.offset + torch.arange(seq, device=device)
+        columns = torch.arange(shared_len, device=device)
+        allowed = (columns < queries[:, None])[None, None]  # [1, 1, seq, shared_len]
+        key_mask = self.key_mask
+        if key_mask is not None and key_mask.dim() == 4:
+            given = key_mask[:, :, self.offset:self.offset + seq]
+            given = given if given.dtype == torch.bool else given == 0  # an additive mask: 0 is "attend"
+            if given.shape[-1] < shared_len:
+                given = F.pad(given, (0, shared_len - given.shape[-1]), value=False)
+            allowed = allowed & given[..., :shared_len]
+        elif key_mask is not None:
+            if key_mask.shape[1] < shared_len:  # a static cache's unused tail (masked as later anyway)
+                key_mask = F.pad(key_mask, (0, shared_len - key_mask.shape[1]), value=False)
+            allowed = allowed & key_mask[:, None, None, :shared_len]
+        own = torch.eye(seq, dtype=torch.bool, device=device)[None, None]
+        allowed = torch.cat((allowed.expand(batch, 1, seq, shared_len), own.expand(batch, 1, seq, seq)), dim=-1)
+        if self.config._attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return allowed
+
+
 class MythosMLP(nn.Module):
     """Dense SwiGLU feed-forward."""
 
@@ -558,9 +643,10 @@ def loop_cache_slot(config: MythosConfig, loop_idx: int) -> int:
     """The KV-cache slot of loop iteration ``loop_idx``; every slot rule in the package uses this one function.
 
     Slots are ``[prelude..., coda..., loop 0, loop 1, ...]``: the loop slots come last, so a dynamic cache can simply
-    grow when ``n_loops > max_loop_iters``.
+    grow when ``n_loops > max_loop_iters``. With ``loop_kv_sharing`` every loop uses the one loop slot.
     """
-    return config.prelude_layers + config.coda_layers + loop_idx
+    # CODEPATH: loop_kv_sharing="none" by default (a slot per loop); "first" / "last" checkpoints share one slot
+    return config.prelude_layers + config.coda_layers + (loop_idx if config.loop_kv_sharing == "none" else 0)
 
 
 def loop_row(table: torch.Tensor, loop_idx: int) -> torch.Tensor:
@@ -1122,7 +1208,7 @@ class MythosRecurrence(nn.Module):
                 f" because loop iterations past a row's first budget would see a different history. Pass "
                 f"n_loops={_loops_text(used)}, or start a new cache (cache=None).")
         most = max(n_loops) if isinstance(n_loops, tuple) else n_loops
-        needed = loop_cache_slot(self.config, most)
+        needed = loop_cache_slot(self.config, most - 1) + 1
         layers = getattr(cache, "layers", None)
         if layers is not None and getattr(cache, "layer_class_to_replicate", None) is None and len(layers) < needed:
             if not all(type(layer) is DynamicLayer for layer in layers):
@@ -1148,7 +1234,8 @@ class MythosRecurrence(nn.Module):
                     and not layers[slot].is_initialized:
                 layers[slot] = MythosRowsLayer(rows)
 
-    def step(self, h, e, loop_idx, position_embeddings=None, attention_mask=None, cache=None, active=None, **kwargs):
+    def step(self, h, e, loop_idx, position_embeddings=None, attention_mask=None, cache=None, active=None, shared=None,
+             **kwargs):
         """One iteration: returns ``(h_next, routing)``. The block sees ``h + e`` plus the loop-index signal.
 
         With ``active`` (:class:`MythosActiveRows` or :class:`MythosActivePositions`) only its rows or positions
@@ -1164,7 +1251,8 @@ class MythosRecurrence(nn.Module):
         # the hidden state positional and the rest by keyword, as GradientCheckpointingLayer requires
         delta, routing = self.layer(x, position_embeddings=position_embeddings, attention_mask=attention_mask,
                                     cache=cache, layer_idx=loop_cache_slot(self.config, loop_idx), loop_idx=loop_idx,
-                                    active=active if isinstance(active, MythosActivePositions) else None, **kwargs)
+                                    active=active if isinstance(active, MythosActivePositions) else None,
+                                    **({} if shared is None else {"shared": shared}), **kwargs)
         if delta is None:
             return h, None
         if self.lora is not None:
@@ -1185,23 +1273,71 @@ class MythosRecurrence(nn.Module):
         plan = n_loops if isinstance(n_loops, MythosLoopPlan) else MythosLoopPlan(n_loops)
         if plan.adaptive or plan.output_stats:
             return self._adaptive_forward(e, plan, position_embeddings, attention_mask, cache, token_mask, **kwargs)
-        config, n_loops = self.config, plan.n_loops
+        n_loops, shared = plan.n_loops, None
+        # CODEPATH: loop_kv_sharing="none" by default; "first" / "last" read one shared loop slot
+        if self.config.loop_kv_sharing != "none":
+            shared = MythosSharedKV(self.config, cache, plan.key_mask, plan.past_length, n_loops)
+            # CODEPATH: loop_kv_sharing="last" checkpoints run a call of several positions one position at a time
+            if self.config.loop_kv_sharing == "last" and e.shape[1] > 1:
+                return self._scan(e, shared, position_embeddings, token_mask, **kwargs)
+        h, halting, routing = self._loops(e, n_loops, position_embeddings, attention_mask, cache, shared, **kwargs)
+        aux_losses = self._count_routing(routing, token_mask, e.shape[0], self._no_grad_loops(n_loops))
+        loops_used = torch.full(e.shape[:2], n_loops, dtype=torch.long, device=e.device)
+        return self._output(h if halting is None else halting.mixed, halting, token_mask, aux_losses, loops_used)
+
+    def _loops(self, e, n_loops, position_embeddings, attention_mask, cache, shared, **kwargs):
+        """The fixed-depth loop: returns the last state, the halting state (or None) and, in training, every loop's
+        routing (router logits, chosen experts)."""
         no_grad_loops = self._no_grad_loops(n_loops)
         halting = MythosHaltingState(e) if self.halt is not None else None
-        aux_losses = []
+        routing = []
         h = e
         for t in range(n_loops):
+            if shared is not None:
+                shared.loop = t
             with torch.set_grad_enabled(t >= no_grad_loops and torch.is_grad_enabled()):
-                h, (router_logits, chosen) = self.step(h, e, t, position_embeddings, attention_mask, cache, **kwargs)
+                h, route = self.step(h, e, t, position_embeddings, attention_mask, cache, shared=shared, **kwargs)
             if self.training:
-                self.layer.mlp.gate.record_load(chosen, t, token_mask)
-                # CODEPATH: router_aux_loss_coef=0 by default (bias balancing only); > 0 adds the balance loss
-                if config.router_aux_loss_coef > 0 and t >= no_grad_loops:
-                    aux_losses.append(
-                        sequence_balance_loss(router_logits, chosen, h.shape[0], config.n_experts, token_mask))
+                routing.append(route)
             if halting is not None:
-                halting.update(h, self.halt(h, n_loops), config.act_threshold, last=t == n_loops - 1)
-        loops_used = torch.full(e.shape[:2], n_loops, dtype=torch.long, device=e.device)
+                halting.update(h, self.halt(h, n_loops), self.config.act_threshold, last=t == n_loops - 1)
+        return h, halting, routing
+
+    def _count_routing(self, routing, token_mask, batch, no_grad_loops):
+        """Training: each loop's expert load, and the balance losses of the loops that build a graph."""
+        aux_losses = []
+        for t, (router_logits, chosen) in enumerate(routing):
+            self.layer.mlp.gate.record_load(chosen, t, token_mask)
+            # CODEPATH: router_aux_loss_coef=0 by default (bias balancing only); > 0 adds the balance loss
+            if self.config.router_aux_loss_coef > 0 and t >= no_grad_loops:
+                aux_losses.append(
+                    sequence_balance_loss(router_logits, chosen, batch, self.config.n_experts, token_mask))
+        return aux_losses
+
+    def _scan(self, e, shared, position_embeddings, token_mask, **kwargs):
+        """``loop_kv_sharing="last"`` over several positions: each position runs all its loops before the next one
+        starts, since it reads the earlier positions' final keys/values (what cached decoding reads)."""
+        batch, seq = e.shape[:2]
+        states, haltings, routings = [], [], []
+        for p in range(seq):
+            shared.offset = p
+            h, halting, routing = self._loops(e[:, p:p + 1], shared.n_loops,
+                                              tuple(table[:, p:p + 1] for table in position_embeddings), None,
+                                              shared.cache, shared, **kwargs)
+            states.append(h)
+            haltings.append(halting)
+            routings.append(routing)
+        halting = None
+        if haltings[0] is not None:
+            halting = MythosHaltingState.__new__(MythosHaltingState)
+            for name in ("mixed", "cumulative", "running", "ponder"):
+                setattr(halting, name, torch.cat([getattr(state, name) for state in haltings], dim=1))
+        routing = [  # each loop's routing over the whole call, rows in (batch, position) order as the plain loop's
+            tuple(torch.stack([r[t][i].view(batch, -1) for r in routings], dim=1).flatten(0, 1) for i in range(2))
+            for t in range(len(routings[0]))]
+        aux_losses = self._count_routing(routing, token_mask, batch, self._no_grad_loops(shared.n_loops))
+        loops_used = torch.full((batch, seq), shared.n_loops, dtype=torch.long, device=e.device)
+        h = torch.cat(states, dim=1)
         return self._output(h if halting is None else halting.mixed, halting, token_mask, aux_losses, loops_used)
 
     def _no_grad_loops(self, n_loops: int) -> int:
@@ -1702,6 +1838,8 @@ class MythosModel(MythosPreTrainedModel):
             n_loops = _check_n_loops(self.config.max_loop_iters if n_loops is None else n_loops, self.config)
         cache = self._cache_for(cache, use_cache, isinstance(n_loops, torch.Tensor) and n_loops.dim() == 2)
         past_length = cache.get_seq_length() if cache is not None else 0
+        if isinstance(past_length, torch.Tensor):  # a StaticCache's own counter, which its writes advance in place
+            past_length = past_length.clone()
         self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, past_length)
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         plan, row_loops = self._loop_plan(n_loops, exit_criterion, exit_threshold, output_loop_stats, exit_head,
@@ -1759,7 +1897,14 @@ class MythosModel(MythosPreTrainedModel):
         if _is_budget_list(n_loops):
             most, budget = _check_loop_budgets(n_loops, self.config, *shape)
         plan = MythosLoopPlan(most, budget, criterion, threshold, bool(output_stats), past_length=past_length)
-        if plan.adaptive and attention_mask is not None:
+        sharing = self.config.loop_kv_sharing
+        if sharing != "none" and (plan.adaptive or plan.output_stats):
+            given = ("exit_criterion" if criterion is not None else "per-row or per-position n_loops"
+                     if budget is not None else "output_loop_stats")
+            raise ValueError(
+                f"{given} needs loop_kv_sharing='none'; this model has loop_kv_sharing={sharing!r}, where one n_loops "
+                f"(an int) runs every position. Pass a single int n_loops, or use a model with loop_kv_sharing='none'.")
+        if (plan.adaptive or sharing != "none") and attention_mask is not None:
             plan.key_mask = attention_mask.bool() if attention_mask.dim() == 2 else attention_mask
         row_loops = most
         if budget is not None:

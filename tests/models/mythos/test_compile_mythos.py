@@ -76,3 +76,11 @@ def test_generate_refuses_a_bad_prompt_and_a_static_cache_too_small_before_any_s
     with pytest.raises(ValueError, match="max_cache_len=14"):
         model.generate(input_ids, past_key_values=small, max_new_tokens=4)
     assert model.model._generating == 0
+
+
+@pytest.mark.parametrize("sharing", ["first", "last"])
+def test_compiled_static_generate_with_kv_sharing_equals_eager(sharing, input_ids):
+    """With sharing the static cache has one loop slot, and the step stays one graph."""
+    from conftest import make_model
+
+    compiled_equals_eager(make_model("gqa", loop_kv_sharing=sharing), input_ids, "aot_eager")
