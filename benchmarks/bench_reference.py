@@ -79,17 +79,24 @@ def build_models(attn: str, with_variants: bool, seed: int = 0, size: str = "sma
     # never halts, so it runs every loop. With the default 0.99 it stops after 2-3 loops and n_loops is a no-op.
     ref = open_mythos.OpenMythos(open_mythos.MythosConfig(**fields, act_threshold=float("inf")))
     torch.manual_seed(seed)
-    cfg = openmythos.MythosConfig(**fields)  # use_act=False by default: every loop runs
+    # One config object per model: from_config(cfg, attn_implementation=...) writes its choice onto the object it is
+    # given, so a shared config would switch every model built from it to the last variant's implementation.
     ours = {}
-    base = transformers.AutoModelForCausalLM.from_config(cfg)
+    base = transformers.AutoModelForCausalLM.from_config(openmythos.MythosConfig(**fields))  # use_act off: all loops
     ours["ours"] = base
     if with_variants:
         for name, kwargs in OUR_VARIANTS.items():
             if name == "ours":
                 continue
-            model = transformers.AutoModelForCausalLM.from_config(cfg, **kwargs)
+            model = transformers.AutoModelForCausalLM.from_config(openmythos.MythosConfig(**fields), **kwargs)
             model.load_state_dict(base.state_dict())
             ours[name] = model
+    for name, model in ours.items():  # each model runs what its name says (see the note on configs above)
+        asked = OUR_VARIANTS[name]
+        used = implementations(model)
+        wrong = {key: (value, used[key]) for key, value in asked.items() if used[key] != value}
+        if wrong or (name != "ours" and used == implementations(base)):
+            raise RuntimeError(f"{name} runs {used}, not what it asks for ({asked})")
     # Both are built in fp32 (torch's default dtype). Never call .to(dtype) on the reference: it casts its complex
     # RoPE tables to real, which silently switches its RoPE off.
     for model in [ref, *ours.values()]:
@@ -99,6 +106,12 @@ def build_models(attn: str, with_variants: bool, seed: int = 0, size: str = "sma
     if not (ref.freqs_cis.is_complex() and ref.freqs_cis_mla.is_complex()):
         raise RuntimeError("the reference's RoPE tables are not complex: its RoPE would be off")
     return ref, ours
+
+
+def implementations(model) -> dict:
+    """The attention and experts kernels a model of ours runs, as printed beside its numbers."""
+    return {"attn_implementation": model.config._attn_implementation,
+            "experts_implementation": getattr(model.config, "_experts_implementation", None)}
 
 
 def count_params(model) -> int:
@@ -159,7 +172,7 @@ def ours_train_step(model, ids):
 # ------------------------------------------------------------------------------------------------- checks
 def loop_counters(ref, ours) -> dict:
     counters = {"ref": LoopCounter(ref.recurrent.block)}
-    counters.update({name: LoopCounter(model.model.recurrent) for name, model in ours.items()})
+    counters.update({name: LoopCounter(model.model.recurrent.layer) for name, model in ours.items()})
     return counters
 
 
@@ -239,7 +252,8 @@ def bench_attn(attn, args):
     vocab = SIZES[args.size]["common"]["vocab_size"]
     seq_ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen)
     prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen)
-    result = {"params": {"ref": count_params(ref), **{n: count_params(m) for n, m in ours.items()}}}
+    result = {"params": {"ref": count_params(ref), **{n: count_params(m) for n, m in ours.items()}},
+              "implementations": {n: implementations(m) for n, m in ours.items()}}
 
     for model in [ref, *ours.values()]:
         model.eval()
@@ -312,7 +326,10 @@ def print_report(results, args):
             for name, v in t.items():
                 ratios = "" if name == "ref" else (f"   {t['ref']['median_ms'] / v['median_ms']:>18.2f}"
                                                    f" {t['ref']['min_ms'] / v['min_ms']:>16.2f}")
-                print(f"  {workload:<11} {name:<20} {v['median_ms']:>7.1f} ms {v['min_ms']:>7.1f} ms{ratios}")
+                used = res.get("implementations", {}).get(name)
+                kernels = "" if used is None else (f"   [attn={used['attn_implementation']}, "
+                                                   f"experts={used['experts_implementation']}]")
+                print(f"  {workload:<11} {name:<20} {v['median_ms']:>7.1f} ms {v['min_ms']:>7.1f} ms{ratios}{kernels}")
 
 
 def cpu_model() -> str:

@@ -40,6 +40,8 @@ def test_quick_benchmark_writes_every_measure_for_both_attention_types(tmp_path)
     assert data["meta"]["threads"] == 1 and data["meta"]["n_loops"] == 4 and data["meta"]["dtype"] == "float32"
     assert set(data["attn"]) == {"mla", "gqa"}
     for attn, res in data["attn"].items():
+        # one config per model: each runs its own kernels (a shared config once made every model eager)
+        assert res["implementations"]["ours"] == {"attn_implementation": "sdpa", "experts_implementation": "grouped_mm"}
         params = res["params"]
         # same architecture: the reference only adds its ACT head (dim + 1) and a recurrent-input norm (dim)
         assert params["ref"] - params["ours"] == 2 * 256 + 1, (attn, params)

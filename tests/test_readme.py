@@ -44,6 +44,14 @@ def test_readme_adaptive_depth_example_runs_as_written():
     assert namespace["recorder"].token_loops().shape == (2, 16)
 
 
+def test_readme_kv_sharing_example_runs_as_written():
+    code = [block for block in re.findall(r"```python\n(.*?)```", README, re.S) if "loop_kv_sharing" in block]
+    assert len(code) == 1
+    namespace = {}
+    exec(compile(code[0], "README.md (KV sharing)", "exec"), namespace)
+    assert namespace["tokens"].shape == (1, 16)
+
+
 def test_quickstart_command_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "openmythos.cli", "quickstart", "--n-loops", "1", "5"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
