@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                  "default 9)")
     p.add_argument("--dim", type=int, default=None, help="hidden size of every model (default 96; context: 64)")
     p.add_argument("--heads", type=int, default=4, help="attention heads of every model")
+    p.add_argument("--loop-kv-sharing", choices=("none", "first", "last"), default="none",
+                   help="the looped model's cross-loop KV sharing (config.loop_kv_sharing; 'last' trains one token "
+                        "at a time, slowly)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps for the looped model (default 1500; "
                                                               "context: 1200)")
     p.add_argument("--baseline-steps", type=int, default=None, help="optimizer steps per dense model "

@@ -40,6 +40,7 @@ def looped_config(args, tokenizer, max_seq_len: int) -> MythosConfig:
         n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=args.dim, lora_rank=0,
         loop_signal_scale=0.0, rope_theta=10000.0, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        loop_kv_sharing=getattr(args, "loop_kv_sharing", "none"),
     )
 
 
