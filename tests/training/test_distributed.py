@@ -55,7 +55,9 @@ def assert_same_state(sharded_state, reference):
     state = reference.state_dict()
     assert sorted(sharded_state) == sorted(state)
     for name, value in state.items():
-        torch.testing.assert_close(sharded_state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 sums in another order (reduce-scatter over 2 ranks vs one process), through Adam's normalised steps:
+        # measured up to 1.9e-6 on weights of size ~0.07 on an AVX-512 machine
+        torch.testing.assert_close(sharded_state[name], value, rtol=1e-5, atol=5e-6, msg=name)
 
 
 def test_apply_fsdp2_shards_each_prelude_and_coda_layer_the_looped_block_once_and_the_root(two_rank_run):
