@@ -100,3 +100,71 @@ def test_quick_adaptive_depth_benchmark_trains_measures_every_criterion_and_judg
     assert per_row["row_loops"] == per_row["generate_row_loops"] == per_row["n_loops"] == list(range(1, 9))
     assert per_row["mean_loops"] == 4.5
     assert per_row["forward"]["ratio"] > 0 and per_row["generate"]["ratio"] > 0
+
+
+RUN = ROOT / "benchmarks" / "run.py"
+
+
+def _run_benchmark(tmp_path, *flags, hide_reference=False):
+    out = tmp_path / "run.json"
+    env = dict(os.environ)
+    if hide_reference:  # CI has no reference: the same run must work, with its column left out
+        (tmp_path / "open_mythos.py").write_text("raise ImportError('hidden for this test')\n")
+        env["PYTHONPATH"] = str(tmp_path)
+    result = subprocess.run([sys.executable, str(RUN), "--quick", *flags, "--json", str(out)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_one_command_benchmark_runs_every_section_for_both_attention_types(tmp_path):
+    stdout, data = _run_benchmark(tmp_path, hide_reference=True)
+    assert "reference not installed" in stdout and "load average" in stdout
+    machine = data["machine"]
+    assert machine["threads"] == 1 and machine["dtype"] == "float32" and machine["reference"] is None
+    assert machine["matmul_peak_gflops"] > 0 and machine["read_bandwidth_gbs"] > 0
+    assert set(data["runs"]) == {"small/mla", "small/gqa"}
+    for key, run in data["runs"].items():
+        models = run["models"]
+        # one config per model: each prints and runs its own kernels; compiled generate was checked against eager
+        assert set(models["kernels"]) == {"ours", "ours+compile", "peer"}, key
+        assert models["kernels"]["ours"] == "attn=sdpa, experts=grouped_mm"
+        assert set(models["timings"]) == {"forward", "generate_p16", "train_step"}
+        for workload, timing in models["timings"].items():
+            assert all(t["median_ms"] > 0 for t in timing.values()), (key, workload)
+            assert all(mb >= 0 for mb in models["peak_memory_mb"][workload].values())
+        assert models["peak_memory_mb"]["train_step"]["ours"] > 0  # activations kept for backward
+        assert set(models["compile_s"]) == {"forward", "generate_p16", "train_step"}
+        # equal compute: the unrolled peer caches exactly what our default (one slot per loop) caches
+        assert models["kv_bytes_per_token"]["peer"] == models["kv_bytes_per_token"]["ours"], key
+        assert set(run["context"]["decode_ms"]) == {"64", "128"}
+        loops = run["loops"]["kv_bytes_per_token"]
+        assert set(loops) == {"1", "2"}
+        for sharing in ("ours[first]", "ours[last]"):  # flat in n_loops with sharing, growing without
+            assert loops["1"][sharing] == loops["2"][sharing] == loops["1"]["ours"], (key, sharing)
+        assert loops["2"]["ours"] > loops["1"]["ours"] and loops["2"]["ours"] == loops["2"]["peer"]
+        roofline = run["roofline"]
+        for name, share in roofline["matmul_peak_fraction"].items():
+            assert 0 < share["forward"] <= 1 and 0 < share["train_step"] <= 1, (key, name, share)
+        assert roofline["flops"]["ours"]["train_step"] > 2 * roofline["flops"]["ours"]["forward"] > 0
+        decode = roofline["decode"]
+        assert decode["weight_bytes"] > 0 and 0 < decode["floor_fraction"] <= 1
+    # MLA caches the latent plus one shared rope key per token and slot: (32 + 16) fp32 numbers x 6 slots
+    assert data["runs"]["small/mla"]["models"]["kv_bytes_per_token"]["ours"] == (32 + 16) * 4 * 6
+
+
+@needs_reference
+def test_one_command_benchmark_times_the_reference_beside_ours(tmp_path):
+    stdout, data = _run_benchmark(tmp_path, "--sections", "models", "--attn", "gqa")
+    models = data["runs"]["small/gqa"]["models"]
+    assert set(models["kernels"]) == {"ours", "ours+compile", "ref", "peer"}
+    assert data["machine"]["reference"] == "0.5.0"
+    assert all(t["ref"]["median_ms"] > 0 for t in models["timings"].values())
+    assert "ref/ours+compile" in stdout
+
+
+def test_one_command_benchmark_refuses_bad_arguments_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(RUN), "--loop-counts", "0", "4"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--loop-counts must all be >= 1" in result.stderr
+    assert "Traceback" not in result.stderr
