@@ -84,3 +84,66 @@ def test_compiled_static_generate_with_kv_sharing_equals_eager(sharing, input_id
     from conftest import make_model
 
     compiled_equals_eager(make_model("gqa", loop_kv_sharing=sharing), input_ids, "aot_eager")
+
+
+def test_training_forward_and_loss_have_no_graph_breaks(model, input_ids):
+    """Expert-load counting is a fixed-shape scatter-add (bincount and boolean indexing broke the graph 6 times)."""
+    model.train()
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0
+    assert graph_breaks(lambda ids: model(ids, labels=ids, attention_mask=mask, n_loops=2, use_cache=False).loss,
+                        input_ids) == (0, [])
+
+
+def test_expert_counts_leave_out_padding_and_match_a_bincount(model, input_ids):
+    gate = model.model.recurrent.layer.mlp.gate
+    gate.expert_load.zero_()
+    index = torch.randint(0, gate.n_experts, (input_ids.numel(), gate.top_k))
+    mask = torch.ones_like(input_ids)
+    mask[1, 4:] = 0
+    gate.record_load(index, 1, mask)
+    kept = index[mask.reshape(-1).bool()].flatten()
+    assert torch.equal(gate.expert_load[1], torch.bincount(kept, minlength=gate.n_experts))
+    assert gate.expert_load[0].sum() == 0 and gate.expert_load[1].sum() == kept.numel() < index.numel()
+
+
+def test_gathered_experts_equal_the_plain_path(model):
+    """The compiled decode path (a gather and a reduction) against the plain per-expert loop, repeats included."""
+    experts = model.model.recurrent.layer.mlp.experts
+    torch.manual_seed(2)
+    for tokens in (1, 2, 3):
+        hidden = torch.randn(tokens, experts.hidden_dim)
+        index = torch.randint(0, experts.num_experts, (tokens, 2))
+        index[0] = index[0, 0]  # one token routed twice to the same expert
+        weights = torch.rand(tokens, 2)
+        torch.testing.assert_close(experts.gathered_forward(hidden, index, weights),
+                                   experts.plain_forward(hidden, index, weights), atol=1e-6, rtol=1e-5)
+
+
+def _graph_ops(fn, *args):
+    """The call targets of every graph dynamo makes for ``fn`` (backend: run the graph as it is)."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return targets
+
+
+@torch.no_grad()
+def test_compiled_decode_gathers_experts_and_a_compiled_prefill_keeps_grouped_mm(model, input_ids):
+    experts = model.model.recurrent.layer.mlp.experts
+    decode = torch.randn(2, experts.hidden_dim)  # 2 tokens x top-2 = 4 routed rows <= 8 experts: gather
+    index = torch.tensor([[0, 1], [1, 5]])
+    weights = torch.rand(2, 2)
+    ops = _graph_ops(experts, decode, index, weights)
+    assert ops and not [op for op in ops if "mm" in op or "linear" in op], ops  # no matmul kernel, no host sync
+    eager = experts(decode, index, weights)  # eager keeps the grouped_mm kernel
+    torch.testing.assert_close(torch.compile(experts, backend="aot_eager", fullgraph=True)(decode, index, weights),
+                               eager, atol=1e-6, rtol=1e-5)
+    prefill = torch.randn(24, experts.hidden_dim)  # 48 routed rows: transformers' grouped_mm as before
+    ops = " ".join(_graph_ops(experts, prefill, torch.randint(0, 8, (24, 2)), torch.rand(24, 2)))
+    assert "grouped_mm" in ops
