@@ -264,21 +264,26 @@ def read_bandwidth_gbs(reps: int, mb: int = 512) -> float:
     return x.numel() * 4 / min(times) / 1e9
 
 
-def decode_weight_bytes(model, prompt, n_loops=N_LOOPS) -> int:
-    """Bytes of weights one cached decode step must read at least once: each module's parameters once per call of it
-    (the looped layer's every loop), routed experts only for the experts the step chose."""
+def decode_weight_bytes(model, prompt, n_loops=N_LOOPS) -> tuple[int, int]:
+    """Bytes of weights one cached decode step reads: each module's parameters once per call of it (the looped
+    layer's every loop), routed experts only for the experts the step chose; and the same counting every weight once
+    (the shared block re-read from cache). Their floors bracket a step that streams weights from memory."""
     from openmythos.modeling_mythos import MythosExperts
     state = Runner("ours", model).prefill(prompt, n_loops)
     total = [0]
+    distinct = {}  # each weight (or expert) once: the floor if every re-read came from cache
     handles = []
 
     def leaf_hook(module, args, output):
-        total[0] += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+        for p in module.parameters(recurse=False):
+            total[0] += p.numel() * p.element_size()
+            distinct[id(p)] = p.numel() * p.element_size()
 
     def experts_hook(module, args, output):
-        index = args[1]
+        chosen = torch.unique(args[1]).tolist()
         per_expert = sum(p[0].numel() * p.element_size() for p in module.parameters(recurse=False))
-        total[0] += per_expert * int(torch.unique(index).numel())
+        total[0] += per_expert * len(chosen)
+        distinct.update({(id(module), e): per_expert for e in chosen})
 
     for module in model.modules():
         if isinstance(module, MythosExperts):
@@ -292,7 +297,8 @@ def decode_weight_bytes(model, prompt, n_loops=N_LOOPS) -> int:
             handle.remove()
     # a tied LM head is the embedding module, which ran once for one row; the head reads all of it
     embed = model.get_input_embeddings().weight
-    return total[0] + (embed.numel() * embed.element_size() if model.config.tie_word_embeddings else 0)
+    head = embed.numel() * embed.element_size() if model.config.tie_word_embeddings else 0
+    return total[0] + head, sum(distinct.values()) + head
 
 
 # -------------------------------------------------------------------------------------------------- sections
@@ -351,7 +357,7 @@ def section_models(size, attn, args, inputs):
             continue
         state = runner.prefill(prompts[0])
         result["kv_bytes_per_token"][name] = cache_bytes(state) / prompts[0].numel()
-    return result
+    return result, runners
 
 
 def check_generate_matches(runners, prompts, new_tokens):
@@ -404,7 +410,20 @@ def section_loops(size, attn, args, inputs):
     return {"prompt_len": args.loops_prompt, "decode_ms": rows, "kv_bytes_per_token": kv}
 
 
-def section_roofline(size, attn, args, inputs, machine, models=None):
+def compiled_decode_ms(runner, prompt, new_tokens, reps):
+    """ms per decode step of compiled static-cache generate: (generate n+1 tokens - generate 1 token) / n, best of
+    ``reps`` (the first token comes from the eager prefill; the graph for this prompt length is compiled already)."""
+    def best(tokens):
+        times = []
+        for _ in range(max(reps, 2)):
+            start = time.perf_counter()
+            runner.generate(prompt, tokens)
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return 1e3 * (best(new_tokens) - best(1)) / (new_tokens - 1)
+
+
+def section_roofline(size, attn, args, inputs, machine, models=None, compiled=None):
     """Matmul-peak fractions of forward and train step, from the models section's timings when it ran (so that
     nothing compiles twice), else timed here without the compiled column; and the decode bandwidth floor."""
     runners = runners_for(size, attn, args, with_compiled=False)
@@ -433,13 +452,21 @@ def section_roofline(size, attn, args, inputs, machine, models=None):
                        for w in ("forward", "train_step")} for name in flops}
     # memory-bandwidth floor of a decode step (batch 2 in the full run)
     prompt = inputs["prompts"][0]
-    weight_bytes = decode_weight_bytes(runners["ours"].model, prompt)
-    floor_ms = weight_bytes / (machine["read_bandwidth_gbs"] * 1e9) * 1e3
-    step = decode_times({"ours": runners["ours"]}, prompt, args.decode_steps)["ours"]
+    weight_bytes, distinct_bytes = decode_weight_bytes(runners["ours"].model, prompt)
+    bandwidth = machine["read_bandwidth_gbs"] * 1e9
+    floor_ms, distinct_floor_ms = 1e3 * weight_bytes / bandwidth, 1e3 * distinct_bytes / bandwidth
+    step = decode_times({"ours": runners["ours"]}, prompt, args.decode_steps)["ours"]["median_ms"]
+    decode = {"batch": prompt.shape[0], "weight_bytes": weight_bytes, "distinct_weight_bytes": distinct_bytes,
+              "floor_ms": floor_ms, "distinct_floor_ms": distinct_floor_ms,
+              "step_ms": {"ours": step}, "floor_fraction": {"ours": floor_ms / step},
+              "distinct_floor_fraction": {"ours": distinct_floor_ms / step}}
+    if compiled is not None and args.new_tokens > 1:
+        step = compiled_decode_ms(compiled, prompt, args.new_tokens, args.reps)
+        decode["step_ms"]["ours+compile"] = step
+        decode["floor_fraction"]["ours+compile"] = floor_ms / step
+        decode["distinct_floor_fraction"]["ours+compile"] = distinct_floor_ms / step
     return {"flops": flops, "forward": timings["forward"], "train_step": timings["train_step"],
-            "matmul_peak_fraction": fraction,
-            "decode": {"weight_bytes": weight_bytes, "floor_ms": floor_ms, "step_ms": step["median_ms"],
-                       "floor_fraction": floor_ms / step["median_ms"], "batch": prompt.shape[0]}}
+            "matmul_peak_fraction": fraction, "decode": decode}
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -501,9 +528,12 @@ def print_roofline(size, attn, res, machine):
               f" | {f['train_step'] / 1e9:.2f} | {res['train_step'][name]['median_ms']:.1f} | "
               f"{share['train_step']:.0%} |")
     d = res["decode"]
-    print(f"  batch-{d['batch']} decode step (ours, eager): reads >= {d['weight_bytes'] / 1e6:.1f} MB of weights; floor "
-          f"{d['floor_ms']:.2f} ms at {machine['read_bandwidth_gbs']:.1f} GB/s; step {d['step_ms']:.2f} ms = "
-          f"{d['floor_fraction']:.0%} of the floor's speed")
+    print(f"  batch-{d['batch']} decode step: reads {d['weight_bytes'] / 1e6:.1f} MB of weights "
+          f"({d['distinct_weight_bytes'] / 1e6:.1f} MB distinct); at {machine['read_bandwidth_gbs']:.1f} GB/s the "
+          f"floor is {d['floor_ms']:.2f} ms ({d['distinct_floor_ms']:.2f} ms if re-reads hit cache)")
+    for name, step in d["step_ms"].items():
+        print(f"    {name}: {step:.2f} ms per step = {d['floor_fraction'][name]:.0%} of the floor's speed "
+              f"({d['distinct_floor_fraction'][name]:.0%} of the distinct-bytes floor)")
 
 
 def cpu_model() -> str:
@@ -600,8 +630,9 @@ def main(argv=None):
               f"{[p.shape[1] for p in inputs['prompts']]} x{batch} rows +{args.new_tokens} tokens; {N_LOOPS} loops")
         for attn in args.attn:
             run = results["runs"].setdefault(f"{size}/{attn}", {})
+            models_runners = {}
             if "models" in args.sections:
-                run["models"] = section_models(size, attn, args, inputs)
+                run["models"], models_runners = section_models(size, attn, args, inputs)
                 print_models(size, attn, run["models"], args)
             if "context" in args.sections:
                 run["context"] = section_context(size, attn, args, inputs)
@@ -610,7 +641,8 @@ def main(argv=None):
                 run["loops"] = section_loops(size, attn, args, inputs)
                 print_loops(size, attn, run["loops"])
             if "roofline" in args.sections:
-                run["roofline"] = section_roofline(size, attn, args, inputs, machine, run.get("models"))
+                run["roofline"] = section_roofline(size, attn, args, inputs, machine, run.get("models"),
+                                                   models_runners.get("ours+compile"))
                 print_roofline(size, attn, run["roofline"], machine)
             sys.stdout.flush()
     machine["load_average_at_end"] = os.getloadavg()[0]

@@ -148,7 +148,9 @@ def test_one_command_benchmark_runs_every_section_for_both_attention_types(tmp_p
             assert 0 < share["forward"] <= 1 and 0 < share["train_step"] <= 1, (key, name, share)
         assert roofline["flops"]["ours"]["train_step"] > 2 * roofline["flops"]["ours"]["forward"] > 0
         decode = roofline["decode"]
-        assert decode["weight_bytes"] > 0 and 0 < decode["floor_fraction"] <= 1
+        assert 0 < decode["distinct_weight_bytes"] < decode["weight_bytes"]  # the loop re-reads its block's weights
+        assert set(decode["step_ms"]) == {"ours", "ours+compile"}
+        assert all(0 < f for f in decode["floor_fraction"].values())
     # MLA caches the latent plus one shared rope key per token and slot: (32 + 16) fp32 numbers x 6 slots
     assert data["runs"]["small/mla"]["models"]["kv_bytes_per_token"]["ours"] == (32 + 16) * 4 * 6
 
