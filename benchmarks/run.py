@@ -1,7 +1,7 @@
 """One benchmark command: openmythos (eager and compiled) against the reference and an unrolled peer, in one process.
 
-    .venv/bin/python benchmarks/run.py                 # full run: small and medium, every section (20-40 min here)
-    .venv/bin/python benchmarks/run.py --quick         # smoke run (about a minute; CI runs it, nothing is timed-asserted)
+    .venv/bin/python benchmarks/run.py              # full run: small and medium, every section (15 min on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick      # smoke run (under a minute; CI runs it, no time is asserted)
     .venv/bin/python benchmarks/run.py --sizes medium --sections models --json runs/bench.json
 
 Models, each built from its own config object, fp32, with the kernels it runs printed beside every number:
@@ -519,13 +519,14 @@ def print_loops(size, attn, res):
 
 
 def print_roofline(size, attn, res, machine):
-    print(f"\n## {size} {attn.upper()}: fraction of the fp32 matmul peak ({machine['matmul_peak_gflops']:.1f} GFLOP/s)")
+    peak = machine["matmul_peak_gflops"]
+    print(f"\n## {size} {attn.upper()}: fraction of the fp32 matmul peak ({peak:.1f} GFLOP/s)")
     print("  | model | forward GFLOP | forward ms | forward share | train GFLOP | train ms | train share |")
     print("  |---|---|---|---|---|---|---|")
     for name, share in res["matmul_peak_fraction"].items():
         f = res["flops"][name]
-        print(f"  | {name} | {f['forward'] / 1e9:.2f} | {res['forward'][name]['median_ms']:.1f} | {share['forward']:.0%}"
-              f" | {f['train_step'] / 1e9:.2f} | {res['train_step'][name]['median_ms']:.1f} | "
+        print(f"  | {name} | {f['forward'] / 1e9:.2f} | {res['forward'][name]['median_ms']:.1f} | "
+              f"{share['forward']:.0%} | {f['train_step'] / 1e9:.2f} | {res['train_step'][name]['median_ms']:.1f} | "
               f"{share['train_step']:.0%} |")
     d = res["decode"]
     print(f"  batch-{d['batch']} decode step: reads {d['weight_bytes'] / 1e6:.1f} MB of weights "
