@@ -10,7 +10,7 @@ Models, each built from its own config object, fp32, with the kernels it runs pr
   compiled static-cache decoding (``cache_implementation="static"`` with a ``CompileConfig``).
 - ``ref``: the reference implementation (PyPI ``open-mythos`` 0.5.0, ``pip install --no-deps open-mythos==0.5.0``);
   its column is left out, with a note, where it is not installed.
-- ``peer``: the same compute unrolled in a stock transformers model: prelude + n_loops + coda layers of
+- ``peer`` (and ``peer+compile``, compiled like ours): the same compute unrolled in a stock transformers model: prelude + n_loops + coda layers of
   ``DeepseekV3ForCausalLM`` for MLA (dense first and last layers, MoE between), of ``Qwen2MoeForCausalLM`` for GQA
   (DeepSeek-V3 has no GQA; ``mlp_only_layers`` makes its first and last layers dense). Same widths, experts, top-k,
   shared-expert width and tied embeddings. It has no input injection, loop signal or depth-wise LoRA, so it does
@@ -316,6 +316,10 @@ def runners_for(size, attn, args, with_compiled=True):
     if ref is not None:
         runners["ref"] = Runner("ref", ref)
     runners["peer"] = Runner("peer", build_peer(size, attn))
+    if with_compiled and args.compile_backend != "none":  # the peer compiled the same way, for a like-for-like ratio
+        compiled_peer = build_peer(size, attn)
+        compiled_peer.load_state_dict(runners["peer"].model.state_dict())
+        runners["peer+compile"] = Runner("peer+compile", compiled_peer, compile_backend=args.compile_backend)
     return runners
 
 
@@ -325,14 +329,16 @@ def section_models(size, attn, args, inputs):
     result = {"kernels": {n: kernels(r.model) for n, r in runners.items()},
               "params": {n: param_count(r.model) for n, r in runners.items()}, "timings": {}, "compile_s": {},
               "peak_memory_mb": {}, "kv_bytes_per_token": {}}
-    if "ours+compile" in runners:  # first calls compile; timed separately so that the table shows their cost
-        compiled = runners["ours+compile"]
+    for kind in ("ours+compile", "peer+compile"):  # first calls compile; timed apart, so the table shows their cost
+        if kind not in runners:
+            continue
+        compiled = runners[kind]
         for name, fn in [("forward", lambda: compiled.forward(ids)),
                          *[(f"generate_p{p.shape[1]}", lambda p=p: compiled.generate(p, args.new_tokens))
                            for p in prompts]]:
             start = time.perf_counter()
             fn()
-            result["compile_s"][name] = time.perf_counter() - start
+            result["compile_s"].setdefault(kind, {})[name] = time.perf_counter() - start
     check_generate_matches(runners, prompts, args.new_tokens)
 
     def timed(label, make):
@@ -345,15 +351,16 @@ def section_models(size, attn, args, inputs):
         timed(f"generate_p{prompt.shape[1]}", lambda r, p=prompt: (lambda: r.generate(p, args.new_tokens)))
     for runner in runners.values():
         runner.model.train()
-    if "ours+compile" in runners:
-        start = time.perf_counter()
-        runners["ours+compile"].train_step(ids)
-        result["compile_s"]["train_step"] = time.perf_counter() - start
+    for kind in ("ours+compile", "peer+compile"):
+        if kind in runners:
+            start = time.perf_counter()
+            runners[kind].train_step(ids)
+            result["compile_s"][kind]["train_step"] = time.perf_counter() - start
     timed("train_step", lambda r: (lambda: r.train_step(ids)))
     for runner in runners.values():
         runner.model.eval()
     for name, runner in runners.items():
-        if name == "ours+compile":
+        if name.endswith("+compile"):
             continue
         state = runner.prefill(prompts[0])
         result["kv_bytes_per_token"][name] = cache_bytes(state) / prompts[0].numel()
@@ -368,8 +375,9 @@ def check_generate_matches(runners, prompts, new_tokens):
             if out.shape != (prompt.shape[0], prompt.shape[1] + new_tokens):
                 raise RuntimeError(f"{name}: generate returned {tuple(out.shape)} for a {tuple(prompt.shape)} prompt "
                                    f"and {new_tokens} new tokens")
-        if "ours+compile" in outputs and not torch.equal(outputs["ours+compile"], outputs["ours"]):
-            raise RuntimeError("compiled static-cache generate gave other tokens than eager generate")
+        for kind in ("ours", "peer"):
+            if f"{kind}+compile" in outputs and not torch.equal(outputs[f"{kind}+compile"], outputs[kind]):
+                raise RuntimeError(f"{kind}: compiled static-cache generate gave other tokens than eager generate")
 
 
 def decode_times(runners, prompt, steps, n_loops=N_LOOPS):
@@ -445,8 +453,9 @@ def section_roofline(size, attn, args, inputs, machine, models=None, compiled=No
                                             args.reps, args.warmup)
         for runner in runners.values():
             runner.model.eval()
-    if "ours+compile" in timings["forward"]:
-        flops["ours+compile"] = flops["ours"]  # the same arithmetic (FlopCounterMode cannot see into compiled code)
+    for kind in ("ours", "peer"):  # the same arithmetic (FlopCounterMode cannot see into compiled code)
+        if f"{kind}+compile" in timings["forward"]:
+            flops[f"{kind}+compile"] = flops[kind]
     peak = machine["matmul_peak_gflops"]
     fraction = {name: {w: flops[name][w] / (timings[w][name]["median_ms"] / 1e3) / 1e9 / peak
                        for w in ("forward", "train_step")} for name in flops}
@@ -479,10 +488,11 @@ def print_models(size, attn, res, args):
     print(f"\n## {size} {attn.upper()}: workloads (median ms; peak MB allocated during the call)")
     for name in names:
         print(f"  {name:<13} {res['params'][name]:>10,} params  [{res['kernels'][name]}]")
-    if res["compile_s"]:
-        print("  first compiled calls (compile + run): "
-              + ", ".join(f"{k} {v:.0f} s" for k, v in res["compile_s"].items()))
-    header = "  | workload | " + " | ".join(names) + " | ref/ours+compile | ref/ours | ours/peer | ours+compile/peer |"
+    for kind, seconds in res["compile_s"].items():
+        print(f"  first compiled calls of {kind} (compile + run): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    header = ("  | workload | " + " | ".join(names)
+              + " | ref/ours+compile | ref/ours | ours/peer | ours+compile/peer | ours+compile/peer+compile |")
     print(header)
     print("  |" + "---|" * (header.count("|") - 1))
     for label, t in res["timings"].items():
@@ -490,7 +500,8 @@ def print_models(size, attn, res, args):
         med = {n: t[n]["median_ms"] for n in names}
         print(f"  | {label} | {cells} | {fmt_ratio(med.get('ref'), med.get('ours+compile'))} | "
               f"{fmt_ratio(med.get('ref'), med.get('ours'))} | {fmt_ratio(med.get('ours'), med.get('peer'))} | "
-              f"{fmt_ratio(med.get('ours+compile'), med.get('peer'))} |")
+              f"{fmt_ratio(med.get('ours+compile'), med.get('peer'))} | "
+              f"{fmt_ratio(med.get('ours+compile'), med.get('peer+compile'))} |")
     kv = res["kv_bytes_per_token"]
     print("  KV cache bytes per token: " + ", ".join(f"{n} {v:.0f}" for n, v in kv.items()))
 

@@ -127,14 +127,15 @@ def test_one_command_benchmark_runs_every_section_for_both_attention_types(tmp_p
     for key, run in data["runs"].items():
         models = run["models"]
         # one config per model: each prints and runs its own kernels; compiled generate was checked against eager
-        assert set(models["kernels"]) == {"ours", "ours+compile", "peer"}, key
+        assert set(models["kernels"]) == {"ours", "ours+compile", "peer", "peer+compile"}, key
         assert models["kernels"]["ours"] == "attn=sdpa, experts=grouped_mm"
         assert set(models["timings"]) == {"forward", "generate_p16", "train_step"}
         for workload, timing in models["timings"].items():
             assert all(t["median_ms"] > 0 for t in timing.values()), (key, workload)
             assert all(mb >= 0 for mb in models["peak_memory_mb"][workload].values())
         assert models["peak_memory_mb"]["train_step"]["ours"] > 0  # activations kept for backward
-        assert set(models["compile_s"]) == {"forward", "generate_p16", "train_step"}
+        for kind in ("ours+compile", "peer+compile"):
+            assert set(models["compile_s"][kind]) == {"forward", "generate_p16", "train_step"}
         # equal compute: the unrolled peer caches exactly what our default (one slot per loop) caches
         assert models["kv_bytes_per_token"]["peer"] == models["kv_bytes_per_token"]["ours"], key
         assert set(run["context"]["decode_ms"]) == {"64", "128"}
@@ -159,7 +160,7 @@ def test_one_command_benchmark_runs_every_section_for_both_attention_types(tmp_p
 def test_one_command_benchmark_times_the_reference_beside_ours(tmp_path):
     stdout, data = _run_benchmark(tmp_path, "--sections", "models", "--attn", "gqa")
     models = data["runs"]["small/gqa"]["models"]
-    assert set(models["kernels"]) == {"ours", "ours+compile", "ref", "peer"}
+    assert set(models["kernels"]) == {"ours", "ours+compile", "ref", "peer", "peer+compile"}
     assert data["machine"]["reference"] == "0.5.0"
     assert all(t["ref"]["median_ms"] > 0 for t in models["timings"].values())
     assert "ref/ours+compile" in stdout
