@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -196,21 +195,7 @@ def cache_bytes(state) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- measures
-def interleaved(fns: dict, reps: int, warmup: int) -> dict:
-    """Median and minimum ms of each callable, run round-robin; the first rotates every round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times = {name: [] for name in names}
-    for rep in range(reps):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "reps": len(t)}
-            for name, t in times.items()}
+interleaved = refbench.interleaved  # median and minimum ms of each callable, run round-robin
 
 
 def peak_memory_mb(fn) -> float:
