@@ -10,11 +10,11 @@ Models, each built from its own config object, fp32, with the kernels it runs pr
   compiled static-cache decoding (``cache_implementation="static"`` with a ``CompileConfig``).
 - ``ref``: the reference implementation (PyPI ``open-mythos`` 0.5.0, ``pip install --no-deps open-mythos==0.5.0``);
   its column is left out, with a note, where it is not installed.
-- ``peer`` (and ``peer+compile``, compiled like ours): the same compute unrolled in a stock transformers model: prelude + n_loops + coda layers of
-  ``DeepseekV3ForCausalLM`` for MLA (dense first and last layers, MoE between), of ``Qwen2MoeForCausalLM`` for GQA
-  (DeepSeek-V3 has no GQA; ``mlp_only_layers`` makes its first and last layers dense). Same widths, experts, top-k,
-  shared-expert width and tied embeddings. It has no input injection, loop signal or depth-wise LoRA, so it does
-  slightly less work than ours.
+- ``peer`` (and ``peer+compile``, compiled like ours): the same compute unrolled in a stock transformers model,
+  prelude + n_loops + coda layers of ``DeepseekV3ForCausalLM`` for MLA (dense first and last layers, MoE between),
+  of ``Qwen2MoeForCausalLM`` for GQA (DeepSeek-V3 has no GQA; ``mlp_only_layers`` makes its first and last layers
+  dense). Same widths, experts, top-k, shared-expert width and tied embeddings. It has no input injection, loop
+  signal or depth-wise LoRA, so it does slightly less work than ours.
 
 Sections (``--sections``): ``models`` (forward, greedy generate from prompts of 16 and 128 tokens +32 tokens, train
 step, peak memory, KV bytes per token), ``context`` (decode ms per token against prompt length), ``loops`` (decode ms
@@ -71,9 +71,9 @@ def build_reference(size, attn, seed=0):
     if refbench.open_mythos is None:
         return None
     torch.manual_seed(seed)
-    f = {k: v for k, v in fields(size, attn).items()}
     # ACT threshold above any reachable halting mass: the reference then runs every loop (bench_reference.py)
-    model = refbench.open_mythos.OpenMythos(refbench.open_mythos.MythosConfig(**f, act_threshold=float("inf")))
+    config = refbench.open_mythos.MythosConfig(**fields(size, attn), act_threshold=float("inf"))
+    model = refbench.open_mythos.OpenMythos(config)
     if not (model.freqs_cis.is_complex() and model.freqs_cis_mla.is_complex()):
         raise RuntimeError("the reference's RoPE tables are not complex: its RoPE would be off")
     return model.eval()
@@ -111,14 +111,10 @@ def build_peer(size, attn, n_loops=N_LOOPS, seed=0):
 
 
 def kernels(model) -> str:
-    if model is None or not hasattr(model, "config") or not hasattr(model.config, "_attn_implementation"):
+    if not hasattr(getattr(model, "config", None), "_attn_implementation"):
         return "reference (plain PyTorch)"
     return (f"attn={model.config._attn_implementation}, "
             f"experts={getattr(model.config, '_experts_implementation', None)}")
-
-
-def param_count(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 # ------------------------------------------------------------------------------------------------ workloads
@@ -138,18 +134,21 @@ class Runner:
     def is_ref(self):
         return self.kind == "ref"
 
+    def _depth(self, n_loops=N_LOOPS) -> dict:
+        """The loop-count argument: ours take ``n_loops``; a peer's depth is its layer count."""
+        return {"n_loops": n_loops} if self.kind.startswith("ours") else {}
+
     def forward(self, ids):
         with torch.no_grad():
             if self.is_ref:
                 return self.model(ids, n_loops=N_LOOPS)
             model = self.model if self.compiled is None else self.compiled
-            extra = {"n_loops": N_LOOPS} if self.kind.startswith("ours") else {}
-            return model(input_ids=ids, use_cache=False, **extra).logits
+            return model(input_ids=ids, use_cache=False, **self._depth()).logits
 
     def generate(self, prompt, new_tokens):
         if self.is_ref:
             return refbench.ref_generate(self.model, prompt, new_tokens)
-        extra = {"n_loops": N_LOOPS} if self.kind.startswith("ours") else {}
+        extra = self._depth()
         if self.compile_config is not None:
             extra.update(cache_implementation="static", compile_config=self.compile_config)
         return self.model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -159,8 +158,7 @@ class Runner:
         if self.is_ref:
             return refbench.ref_train_step(self.model, ids)
         model = self.model if self.compiled is None else self.compiled
-        extra = {"n_loops": N_LOOPS} if self.kind.startswith("ours") else {}
-        loss = model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False, **self._depth()).loss
         loss.backward()
         self.model.zero_grad(set_to_none=True)
         return loss
@@ -172,17 +170,15 @@ class Runner:
                 cache = {}
                 self.model(prompt, n_loops=n_loops, kv_cache=cache, start_pos=0)
                 return {"cache": cache, "pos": prompt.shape[1]}
-            extra = {"n_loops": n_loops} if self.kind.startswith("ours") else {}
-            out = self.model(input_ids=prompt, use_cache=True, **extra)
-            return {"cache": getattr(out, CACHE_NAME, None) or out.past_key_values, "pos": prompt.shape[1]}
+            out = self.model(input_ids=prompt, use_cache=True, **self._depth(n_loops))
+            return {"cache": getattr(out, CACHE_NAME), "pos": prompt.shape[1]}
 
     def decode_step(self, state, token, n_loops=N_LOOPS):
         with torch.no_grad():
             if self.is_ref:
                 self.model(token, n_loops=n_loops, kv_cache=state["cache"], start_pos=state["pos"])
             else:
-                extra = {"n_loops": n_loops} if self.kind.startswith("ours") else {}
-                self.model(input_ids=token, use_cache=True, **{CACHE_NAME: state["cache"]}, **extra)
+                self.model(input_ids=token, use_cache=True, **{CACHE_NAME: state["cache"]}, **self._depth(n_loops))
             state["pos"] += 1
 
 
@@ -288,9 +284,10 @@ def decode_weight_bytes(model, prompt, n_loops=N_LOOPS) -> tuple[int, int]:
 
 # -------------------------------------------------------------------------------------------------- sections
 def runners_for(size, attn, args, with_compiled=True):
+    compile_too = with_compiled and args.compile_backend != "none"
     ours = build_ours(size, attn)
     runners = {"ours": Runner("ours", ours)}
-    if with_compiled and args.compile_backend != "none":
+    if compile_too:
         # every model's forward is one code object to dynamo: start each size and attention type with a clean
         # slate, so that earlier models' graphs do not count against the recompile limit of this one
         torch._dynamo.reset()
@@ -301,7 +298,7 @@ def runners_for(size, attn, args, with_compiled=True):
     if ref is not None:
         runners["ref"] = Runner("ref", ref)
     runners["peer"] = Runner("peer", build_peer(size, attn))
-    if with_compiled and args.compile_backend != "none":  # the peer compiled the same way, for a like-for-like ratio
+    if compile_too:  # the peer compiled the same way, for a like-for-like ratio
         compiled_peer = build_peer(size, attn)
         compiled_peer.load_state_dict(runners["peer"].model.state_dict())
         runners["peer+compile"] = Runner("peer+compile", compiled_peer, compile_backend=args.compile_backend)
@@ -312,7 +309,7 @@ def section_models(size, attn, args, inputs):
     runners = runners_for(size, attn, args)
     ids, prompts = inputs["ids"], inputs["prompts"]
     result = {"kernels": {n: kernels(r.model) for n, r in runners.items()},
-              "params": {n: param_count(r.model) for n, r in runners.items()}, "timings": {}, "compile_s": {},
+              "params": {n: refbench.count_params(r.model) for n, r in runners.items()}, "timings": {}, "compile_s": {},
               "peak_memory_mb": {}, "kv_bytes_per_token": {}}
     for kind in ("ours+compile", "peer+compile"):  # first calls compile; timed apart, so the table shows their cost
         if kind not in runners:
@@ -533,10 +530,6 @@ def print_roofline(size, attn, res, machine):
               f"({d['distinct_floor_fraction'][name]:.0%} of the distinct-bytes floor)")
 
 
-def cpu_model() -> str:
-    return refbench.cpu_model()
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -597,7 +590,7 @@ def main(argv=None):
         ref_version = None
     machine = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {cpu_model()}".strip(), "cpu_count": os.cpu_count(),
+        "machine": f"{platform.machine()} {refbench.cpu_model()}".strip(), "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg()[0], "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "openmythos": openmythos.__version__,
         "reference": ref_version, "threads": args.threads, "dtype": "float32", "n_loops": N_LOOPS,

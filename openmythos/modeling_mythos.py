@@ -722,7 +722,7 @@ def grouped_mm_fits(experts: nn.Module) -> bool:
     return experts.hidden_dim % per_16_bytes == 0 and experts.intermediate_dim % per_16_bytes == 0
 
 
-def gathers_under_compile(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+def gathers_under_compile(experts: nn.Module, top_k_index: torch.Tensor) -> bool:
     """Whether a compiled ``grouped_mm`` call runs :meth:`MythosExperts.gathered_forward` instead.
 
     Under ``torch.compile``, transformers' ``grouped_mm`` runs an opaque per-expert loop of matmuls (with a host
@@ -744,8 +744,7 @@ def _grouped_mm_falls_back_when_misaligned(experts_class):
     @functools.wraps(dispatch)
     def forward(self, hidden_states, top_k_index, top_k_weights):
         # CODEPATH: compiled decode (few routed rows, non-bf16 weights) gathers; eager calls never do
-        if self.config._experts_implementation == "grouped_mm" and gathers_under_compile(self, hidden_states,
-                                                                                          top_k_index):
+        if self.config._experts_implementation == "grouped_mm" and gathers_under_compile(self, top_k_index):
             return self.gathered_forward(hidden_states, top_k_index, top_k_weights)
         # CODEPATH: grouped_mm is the default kernel; sizes it cannot take (e.g. dim=30) run the plain path
         if self.config._experts_implementation == "grouped_mm" and not grouped_mm_fits(self):
@@ -791,8 +790,9 @@ class MythosExperts(nn.Module):
 
     def gathered_forward(self, hidden_states, top_k_index, top_k_weights):
         """Each routed row times its own expert's matrices, as a gather and a reduction (no matmul kernel, no host
-        sync). Exact, and cheap for few rows: it reads ``top_k_index.numel()`` expert matrices. Used only under
-        ``torch.compile``, where inductor fuses the gather into the reduction (``gathers_under_compile``)."""
+        sync). The same arithmetic as ``plain_forward`` (tested), and cheap for few rows: it reads
+        ``top_k_index.numel()`` expert matrices. Used only under ``torch.compile``, where inductor fuses the gather into
+        the reduction (``gathers_under_compile``)."""
         tokens, k = top_k_index.shape
         experts = top_k_index.reshape(-1)
         rows = hidden_states[:, None, :].expand(tokens, k, self.hidden_dim).reshape(tokens * k, self.hidden_dim)
