@@ -203,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "loop (optionally as a heatmap)")
     p.add_argument("--model", required=True, help="a save_pretrained folder with a tokenizer")
     p.add_argument("--prompt", required=True, help="the text to run")
-    p.add_argument("--n-loops", type=int, default=None, help="loop budget (default: the config's max_loop_iters)")
+    p.add_argument("--n-loops", type=int, default=None, help="loop budget (default: the config's n_loops, else max_loop_iters)")
     p.add_argument("--exit-criterion", choices=["act", "delta", "kl"], default=None,
                    help="stop a position's loop early: act (halting head), delta (state change), kl (prediction)")
     p.add_argument("--exit-threshold", type=float, default=None, help="the criterion's threshold (> 0; at most 1 for act)")

@@ -142,9 +142,14 @@ class MythosConfig(PreTrainedConfig):
     max_seq_len (`int`, defaults to 4096):
         Longest sequence, cache included (alias ``max_position_embeddings``).
     max_loop_iters (`int`, defaults to 16):
-        Loop iterations used when ``n_loops`` is not given, and the number of
-        loop-indexed parameters (depth-wise LoRA scales). ``n_loops`` may exceed it at inference: loop indices past
+        The number of loop-indexed parameters (depth-wise LoRA scales, router-bias rows), and the loop count
+        used when neither a call nor ``n_loops`` gives one. ``n_loops`` may exceed it at inference: loop indices past
         the last one reuse the last depth-wise LoRA scale (the loop-index signal is defined for every index).
+    n_loops (`int`, *optional*):
+        The default inference depth: the loop budget of a forward or ``generate`` call that passes none, in [1,
+        ``loop_limit``]. It changes no parameter shape, so ``from_pretrained(path, n_loops=8)`` picks a depth for
+        a loaded checkpoint (and ``generation_config.n_loops`` one for ``generate``). ``None`` (the default) means
+        ``max_loop_iters``; read the effective value as ``config.default_n_loops``.
     prelude_layers (`int`, defaults to 2):
         Dense blocks run once before the loop.
     coda_layers (`int`, defaults to 2):
@@ -280,6 +285,7 @@ class MythosConfig(PreTrainedConfig):
     n_kv_heads: int = _checked(integer(1), 4)
     max_seq_len: int = _checked(integer(1), 4096)
     max_loop_iters: int = _checked(integer(1), 16)
+    n_loops: int | None = _checked(integer(1, optional=True), None)
     prelude_layers: int = _checked(integer(0), 2)
     coda_layers: int = _checked(integer(0), 2)
     attn_type: str = _checked(choice(ATTN_TYPES), "mla")
@@ -361,6 +367,11 @@ class MythosConfig(PreTrainedConfig):
             )
 
     @property
+    def default_n_loops(self) -> int:
+        """The loop budget of a call that passes none: ``n_loops``, or ``max_loop_iters`` when it is unset."""
+        return self.n_loops if self.n_loops is not None else self.max_loop_iters
+
+    @property
     def loop_limit(self) -> int:
         """The most loops any call (or training draw) may run: ``max_inference_loops``, default
         ``8 * max_loop_iters``."""
@@ -418,6 +429,9 @@ class MythosConfig(PreTrainedConfig):
                 f"loop count), or None for 8 * max_loop_iters; got {self.max_inference_loops!r}"
             )
         bound = f"<= {self.loop_limit} (`max_inference_loops`, default 8 * max_loop_iters; raise it to allow more)"
+        if self.n_loops is not None and self.n_loops > self.loop_limit:
+            raise ValueError(f"`n_loops` must be an integer >= 1 and {bound}, or None for max_loop_iters; got "
+                             f"{self.n_loops!r}")
         if self.mean_train_loops is not None and not 1 <= self.mean_train_loops <= self.loop_limit:
             raise ValueError(f"`mean_train_loops` must be a number >= 1 and {bound}, got {self.mean_train_loops!r}")
         if self.max_train_loops is not None and self.max_train_loops > self.loop_limit:

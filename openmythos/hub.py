@@ -112,7 +112,7 @@ def render_card(config, *, repo_id: str = "your-name/your-mythos-model", model_n
         "total_params": f"{counts.total:,} ({format_count(counts.total)})",
         "active_params": f"{counts.active:,} ({format_count(counts.active)})",
         "training": training or "No training details were recorded for this checkpoint.",
-        "default_loops": config.max_loop_iters,
+        "default_loops": config.default_n_loops,
         "loops_advice": loops_advice,
         "format_version": config.mythos_format_version,
     }

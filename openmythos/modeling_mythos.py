@@ -1037,6 +1037,8 @@ class MythosHaltingState:
 
 
 EXIT_CRITERIA = ("act", "delta", "kl")
+# forward's loop controls that a GenerationConfig may carry (see MythosForCausalLM._prepare_generation_config)
+GENERATION_LOOP_FIELDS = ("n_loops", "exit_criterion", "exit_threshold")
 
 
 class MythosLoopPlan:
@@ -1854,7 +1856,7 @@ class MythosModel(MythosPreTrainedModel):
             The KV cache, one slot per prelude layer, coda layer and loop iteration (``past_key_values``, its name
             before transformers 5.24, is accepted too).
         n_loops (`int`, `list[int]` or `torch.LongTensor`, *optional*):
-            The loop budget: the most loops any position runs; defaults to ``config.max_loop_iters``. One int, one per
+            The loop budget: the most loops any position runs; defaults to ``config.default_n_loops``. One int, one per
             row (a list or 1-D tensor), or one per position (a [batch, seq] tensor, e.g. a recorded ``loops_used``;
             no cache). A cache filled with one budget refuses another.
         exit_criterion (`str`, *optional*):
@@ -1868,7 +1870,7 @@ class MythosModel(MythosPreTrainedModel):
             The LM head the ``"kl"`` criterion reads (MythosForCausalLM passes its own).
         """
         if not _is_budget_list(n_loops):
-            n_loops = _check_n_loops(self.config.max_loop_iters if n_loops is None else n_loops, self.config)
+            n_loops = _check_n_loops(self.config.default_n_loops if n_loops is None else n_loops, self.config)
         cache = self._cache_for(cache, use_cache, isinstance(n_loops, torch.Tensor) and n_loops.dim() == 2)
         past_length = cache.get_seq_length() if cache is not None else 0
         if isinstance(past_length, torch.Tensor):  # a StaticCache's own counter, which its writes advance in place
@@ -1996,12 +1998,6 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         the first step, instead of by the forward that reaches the limit (after decoding everything up to it)."""
         self._check_generation_length(inputs, generation_config, kwargs)
         self._check_prompt(inputs, kwargs)
-        n_loops = kwargs.get("n_loops")
-        if isinstance(n_loops, (list, tuple)):
-            # a tensor, so that generate expands it with the batch (beams, num_return_sequences); the first forward
-            # checks it against the batch size
-            _check_loop_budgets(n_loops, self.config, len(n_loops), 1)
-            kwargs["n_loops"] = torch.tensor(n_loops, device=self.device)
         # the prompt is checked: the steps skip the checks that read tensor values (a host sync each, see
         # MythosModel._validate_inputs), since they see only the prompt again and the tokens generate picked
         self.model._generating += 1
@@ -2009,6 +2005,29 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
             return super().generate(inputs, generation_config, *args, **kwargs)
         finally:
             self.model._generating -= 1
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        """``GenerationMixin._prepare_generation_config``, then the loop controls move to the model kwargs.
+
+        A generation config may carry ``n_loops``, ``exit_criterion`` and ``exit_threshold`` (``GenerationConfig``
+        keeps unknown fields, and saves and loads them in ``generation_config.json``): that is how a server or an
+        evaluation harness that only forwards a generation config chooses the depth of a request. A value passed to
+        ``generate`` itself wins over the generation config's; the config's ``n_loops`` applies when neither gives
+        one.
+        """
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for name in GENERATION_LOOP_FIELDS:
+            if name in generation_config.__dict__:  # `update` absorbed a call's value into this (private) copy
+                value = generation_config.__dict__.pop(name)
+                if value is not None and name not in model_kwargs:
+                    model_kwargs[name] = value
+        n_loops = model_kwargs.get("n_loops")
+        if isinstance(n_loops, (list, tuple)):
+            # a tensor, so that generate expands it with the batch (beams, num_return_sequences); the first forward
+            # checks it against the batch size
+            _check_loop_budgets(n_loops, self.config, len(n_loops), 1)
+            model_kwargs["n_loops"] = torch.tensor(n_loops, device=self.device)
+        return generation_config, model_kwargs
 
     def _check_prompt(self, inputs, kwargs):
         """What the steps of generate no longer check: the prompt's token ids, its 2-D attention mask's values, and
@@ -2079,7 +2098,7 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
             The KV cache, one slot per prelude layer, coda layer and loop iteration (``past_key_values``, its name
             before transformers 5.24, is accepted too).
         n_loops (`int`, `list[int]` or `torch.LongTensor`, *optional*):
-            The loop budget: the most loops any position runs; defaults to ``config.max_loop_iters``. One int, one per
+            The loop budget: the most loops any position runs; defaults to ``config.default_n_loops``. One int, one per
             row (a list or 1-D tensor), or one per position (a [batch, seq] tensor, e.g. a recorded ``loops_used``;
             no cache). A cache filled with one budget refuses another.
         exit_criterion (`str`, *optional*):

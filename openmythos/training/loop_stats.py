@@ -198,7 +198,7 @@ class MythosLoopStatsCallback(TrainerCallback):
         loops_used = getattr(outputs, "loops_used", None)
         if not self._counted(module, kwargs) or loops_used is None:
             return
-        budgets = loop_budgets(kwargs.get("n_loops"), _config_of(module).max_loop_iters, loops_used)
+        budgets = loop_budgets(kwargs.get("n_loops"), _config_of(module).default_n_loops, loops_used)
         mask = _attention_mask(args, kwargs)
         if mask is not None:
             mask = mask[:, -loops_used.shape[1]:]
