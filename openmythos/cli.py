@@ -49,6 +49,12 @@ def _demo(args, demo_argv):
     return 0
 
 
+def _serve(args, serve_argv):
+    from .serving import serve  # checks its dependencies, then loads the stack
+
+    return serve(serve_argv)
+
+
 def _check_export(args):
     """Every refusal of ``mythos export``, before the checkpoint is loaded."""
     from .hub import _check_card_inputs, check_export_target
@@ -184,6 +190,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="train a looped model and dense baselines on multi-hop reasoning; `mythos demo --help` "
                             "lists its flags")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("serve", add_help=False,
+                       help="serve a checkpoint with transformers serve (OpenAI-compatible API); takes the options of "
+                            "`transformers serve`, listed by `mythos serve --help`")
+    p.set_defaults(func=_serve)
     p = sub.add_parser("export", help="write a Hub-ready folder (weights, remote code, tokenizer, model card)")
     p.add_argument("folder", help="output folder (not inside the --from folder)")
     p.add_argument("--from", dest="checkpoint", required=True, help="a save_pretrained / Trainer checkpoint folder")
@@ -216,9 +226,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     parser = _parser()
-    # the demo owns its flags (openmythos.demo.parse_args); every other command takes only its own
+    # the demo owns its flags (openmythos.demo.parse_args), serve those of `transformers serve`; every other command
+    # takes only its own
     args, extra = parser.parse_known_args(argv)
-    if args.func is _demo:
+    if args.func in (_demo, _serve):
         return args.func(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -1,0 +1,92 @@
+"""``mythos serve``: transformers' OpenAI-compatible server (``transformers serve``) for a Mythos checkpoint.
+
+``transformers serve DIR`` cannot load this model by itself (checked on transformers 5.24):
+
+- without ``import openmythos`` nothing knows ``model_type="mythos"``, so no tokenizer is found for DIR;
+- even with the Auto classes registered (or ``--trust-remote-code`` on an exported folder), the server looks the
+  model class up by name in the ``transformers`` namespace (``getattr(transformers, config.architectures[0])``), where
+  a plugin's class is not.
+
+So this launcher registers the Auto classes, makes ``transformers.MythosForCausalLM`` name our class, and then hands
+every argument to transformers' own ``serve`` command unchanged: ``mythos serve DIR --host 127.0.0.1 --port 8000``
+takes exactly the options of ``transformers serve``.
+
+A request chooses its depth with the ``generation_config`` field that transformers serve accepts (a JSON string):
+``{"generation_config": "{\\"n_loops\\": 2}"}``. ``n_loops``, ``exit_criterion`` and ``exit_threshold`` in a
+generation config reach ``MythosForCausalLM.generate`` (see ``GENERATION_LOOP_FIELDS`` in modeling_mythos.py).
+docs/serving.md says what works and what does not.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+SERVE_DEPENDENCIES = ("fastapi", "uvicorn", "openai", "pydantic", "starlette", "rich")
+
+
+def missing_serve_dependencies() -> list[str]:
+    return [name for name in SERVE_DEPENDENCIES if importlib.util.find_spec(name) is None]
+
+
+def expose_to_transformers_serve():
+    """Register the Auto classes and bind ``transformers.MythosForCausalLM``, the name transformers serve looks up."""
+    import transformers
+
+    from . import _load
+
+    _load()
+    from .modeling_mythos import MythosForCausalLM
+
+    setattr(transformers, MythosForCausalLM.__name__, MythosForCausalLM)
+
+
+def _answer_refused_requests_with_400():
+    """A request the model refuses (a ValueError, e.g. ``n_loops=0`` or an exit criterion it cannot run) gets a 400
+    with the model's message; transformers serve would answer a bare 500 "Internal Server Error"."""
+    from fastapi.responses import JSONResponse
+    from transformers.cli.serving import server
+
+    build_server = server.build_server
+    if getattr(build_server, "_mythos_refusals", False):
+        return
+
+    def build_server_with_refusals(*args, **kwargs):
+        app = build_server(*args, **kwargs)
+
+        @app.exception_handler(ValueError)
+        async def refused(_request, error: ValueError):
+            return JSONResponse({"error": {"message": str(error), "type": "invalid_request_error"}}, status_code=400)
+
+        return app
+
+    build_server_with_refusals._mythos_refusals = True
+    server.build_server = build_server_with_refusals  # Serve() imports it by name when it starts
+
+
+def serve(argv: list[str]) -> int:
+    """Run ``transformers serve`` with ``argv`` (its own options) after making the Mythos classes loadable."""
+    model = argv[0] if argv and not argv[0].startswith("-") else None
+    if model is not None and model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
+        # transformers would take it for a Hub repo id and fail with a traceback
+        print(f"mythos serve: error: {model!r} is not a folder; pass a save_pretrained folder (with its tokenizer) "
+              f"or a Hub repo id", file=sys.stderr)
+        return 2
+    missing = missing_serve_dependencies()
+    if missing:
+        print(f"mythos serve: error: missing {', '.join(missing)}; install them with "
+              f"pip install \"openmythos[serve]\"", file=sys.stderr)
+        return 2
+    expose_to_transformers_serve()
+    _answer_refused_requests_with_400()
+    from transformers.cli.transformers import app
+
+    # typer exits through SystemExit with the command's status; `--help` and option errors are its own.
+    try:
+        app(["serve", *argv], prog_name="mythos")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1:]))

@@ -1,0 +1,175 @@
+"""``mythos serve`` (transformers' OpenAI-compatible ``transformers serve`` with the Mythos classes registered): a real
+server in a subprocess on 127.0.0.1, sent completions and chat requests through the ``openai`` client, one at a time
+and concurrently, some choosing their own loop budget in the request's ``generation_config``. Every answer must be the
+text of local greedy ``generate`` on the same checkpoint."""
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from conftest import make_model
+from transformers import AutoModelForCausalLM
+
+from openmythos import MythosTokenizer
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+PROMPTS = ["The loop ", "Once upon a time", "2 + 2 = ", "abc"]
+NEW_TOKENS = 8
+
+
+def save_serving_checkpoint(folder: Path, attn_type: str):
+    """A random tiny model whose greedy tokens are printable ASCII (so the server's text names its tokens one to one),
+    saved with the byte tokenizer and a chat template."""
+    model = make_model(attn_type, vocab_size=260, eos_token_id=2, pad_token_id=0)
+    printable = set(range(4 + 0x20, 4 + 0x7F))
+    with torch.no_grad():
+        # a zero row scores 0, below the best of ~95 random printable scores: no special or non-ASCII token wins
+        for token in range(model.config.vocab_size):
+            if token not in printable:
+                model.model.embed_tokens.weight[token] = 0
+                model.lm_head.weight[token] = 0
+    model.save_pretrained(folder)
+    tokenizer = MythosTokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, log: Path, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"mythos serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"mythos serve was not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module", params=["mla", "gqa"])
+def served(request, tmp_path_factory):
+    """(openai client, local model, tokenizer) for a checkpoint served by ``mythos serve DIR`` on a free port; the
+    server is stopped when the module's tests for it are done, whatever happened."""
+    folder = tmp_path_factory.mktemp(f"serve-{request.param}")
+    save_serving_checkpoint(folder / "ckpt", request.param)
+    port, log = free_port(), folder / "server.log"
+    command = [sys.executable, "-m", "openmythos.cli", "serve", str(folder / "ckpt"),
+               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until_healthy(process, port, log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = AutoModelForCausalLM.from_pretrained(folder / "ckpt").eval()
+        yield client, model, MythosTokenizer.from_pretrained(folder / "ckpt"), str(folder / "ckpt")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def local_tokens(model, tokenizer, prompt=None, messages=None, **loop_options) -> list[int]:
+    if messages is not None:
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, **loop_options)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def complete(client, name, prompt, **loop_options):
+    extra = {"generation_config": json.dumps(loop_options)} if loop_options else None
+    answer = client.completions.create(model=name, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
+                                       extra_body=extra)
+    return answer.choices[0].text, answer.usage.completion_tokens
+
+
+def chat(client, name, messages, **loop_options):
+    extra = {"generation_config": json.dumps(loop_options)} if loop_options else None
+    answer = client.chat.completions.create(model=name, messages=messages, max_tokens=NEW_TOKENS, temperature=0,
+                                            extra_body=extra)
+    return answer.choices[0].message.content, answer.usage.completion_tokens
+
+
+def test_completion_equals_local_greedy_generate(served):
+    client, model, tokenizer, name = served
+    for prompt in PROMPTS[:2]:
+        expected = local_tokens(model, tokenizer, prompt)
+        assert complete(client, name, prompt) == (tokenizer.decode(expected), NEW_TOKENS)
+
+
+def test_chat_equals_local_greedy_generate_over_the_chat_template(served):
+    client, model, tokenizer, name = served
+    messages = [{"role": "user", "content": "How deep is the loop?"}]
+    expected = local_tokens(model, tokenizer, messages=messages)
+    assert chat(client, name, messages) == (tokenizer.decode(expected), NEW_TOKENS)
+
+
+def test_a_request_chooses_its_loop_budget_in_generation_config(served):
+    client, model, tokenizer, name = served
+    prompt = PROMPTS[0]
+    default = local_tokens(model, tokenizer, prompt)
+    one_loop = local_tokens(model, tokenizer, prompt, n_loops=1)
+    assert one_loop != default  # otherwise this test could not tell whether the budget reached the model
+    assert complete(client, name, prompt, n_loops=1)[0] == tokenizer.decode(one_loop)
+    assert complete(client, name, prompt)[0] == tokenizer.decode(default)  # the next request is back to the default
+    messages = [{"role": "user", "content": prompt}]
+    assert chat(client, name, messages, n_loops=2)[0] == tokenizer.decode(
+        local_tokens(model, tokenizer, messages=messages, n_loops=2))
+
+
+def test_concurrent_requests_with_mixed_budgets_each_equal_local_generate(served):
+    client, model, tokenizer, name = served
+    # (endpoint, prompt, loop options): budgets from 1 to past max_loop_iters, the default, and an exit criterion
+    requests = [("completion", PROMPTS[0], {"n_loops": 1}), ("completion", PROMPTS[1], {}),
+                ("completion", PROMPTS[2], {"n_loops": 6}), ("chat", PROMPTS[3], {"n_loops": 3}),
+                ("completion", PROMPTS[0], {"n_loops": 4, "exit_criterion": "delta", "exit_threshold": 0.5}),
+                ("chat", PROMPTS[1], {}), ("completion", PROMPTS[3], {"n_loops": 2}), ("chat", PROMPTS[2], {"n_loops": 1})]
+
+    def send(request):
+        endpoint, prompt, options = request
+        if endpoint == "chat":
+            return chat(client, name, [{"role": "user", "content": prompt}], **options)[0]
+        return complete(client, name, prompt, **options)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(send, requests))
+    for (endpoint, prompt, options), answer in zip(requests, answers):
+        chat_messages = [{"role": "user", "content": prompt}] if endpoint == "chat" else None
+        expected = local_tokens(model, tokenizer, None if chat_messages else prompt, chat_messages, **options)
+        assert answer == tokenizer.decode(expected), (endpoint, prompt, options)
+
+
+def test_a_refused_loop_budget_is_a_400_naming_n_loops_and_the_server_goes_on(served):
+    client, model, tokenizer, name = served
+    with pytest.raises(openai.BadRequestError, match="n_loops"):
+        complete(client, name, PROMPTS[0], n_loops=0)
+    with pytest.raises(openai.BadRequestError, match="exit_criterion"):
+        complete(client, name, PROMPTS[0], exit_criterion="sometimes")
+    assert complete(client, name, PROMPTS[0], n_loops=1)[0] == tokenizer.decode(
+        local_tokens(model, tokenizer, PROMPTS[0], n_loops=1))
