@@ -16,32 +16,13 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from conftest import make_model
+from toy_checkpoint import CHAT_TEMPLATE, save_toy_checkpoint
 from transformers import AutoModelForCausalLM
 
 from openmythos import MythosTokenizer
 
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 PROMPTS = ["The loop ", "Once upon a time", "2 + 2 = ", "abc"]
 NEW_TOKENS = 8
-
-
-def save_serving_checkpoint(folder: Path, attn_type: str):
-    """A random tiny model whose greedy tokens are printable ASCII (so the server's text names its tokens one to one),
-    saved with the byte tokenizer and a chat template."""
-    model = make_model(attn_type, vocab_size=260, eos_token_id=2, pad_token_id=0)
-    printable = set(range(4 + 0x20, 4 + 0x7F))
-    with torch.no_grad():
-        # a zero row scores 0, below the best of ~95 random printable scores: no special or non-ASCII token wins
-        for token in range(model.config.vocab_size):
-            if token not in printable:
-                model.model.embed_tokens.weight[token] = 0
-                model.lm_head.weight[token] = 0
-    model.save_pretrained(folder)
-    tokenizer = MythosTokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
 
 
 def free_port() -> int:
@@ -70,7 +51,7 @@ def served(request, tmp_path_factory):
     """(openai client, local model, tokenizer) for a checkpoint served by ``mythos serve DIR`` on a free port; the
     server is stopped when the module's tests for it are done, whatever happened."""
     folder = tmp_path_factory.mktemp(f"serve-{request.param}")
-    save_serving_checkpoint(folder / "ckpt", request.param)
+    save_toy_checkpoint(folder / "ckpt", request.param, chat_template=CHAT_TEMPLATE)
     port, log = free_port(), folder / "server.log"
     command = [sys.executable, "-m", "openmythos.cli", "serve", str(folder / "ckpt"),
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
