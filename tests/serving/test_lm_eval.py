@@ -2,11 +2,13 @@
 
     lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True,n_loops=8 --tasks ... --include_path TASKS
 
-over a local YAML task pair the test writes (multiple-choice loglikelihood, short greedy generation). Its scores and its
-per-sample loglikelihoods and generations must equal a direct computation with the model at 8 loops, and must not be
-those of the checkpoint's default depth (4): so ``n_loops=8`` in ``--model_args`` reached the config's default depth.
+over the YAML task pair of examples/lm_eval_tasks.py (multiple-choice loglikelihood, short greedy generation), on data
+the test writes. Its scores and its per-sample loglikelihoods and generations must equal a direct computation with the
+model at 8 loops, and must not be those of the checkpoint's default depth (4): so ``n_loops=8`` in ``--model_args``
+reached the config's default depth.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,41 +23,23 @@ from transformers import AutoModelForCausalLM
 from openmythos import MythosTokenizer
 from openmythos.cli import main as mythos
 
+ROOT = Path(__file__).resolve().parents[2]
 EVAL_LOOPS = 8
 QUESTIONS = ["Q: 1+1=", "Which is larger?", "Name a colour:", "abc", "The loop ran", "Pick one"]
 CHOICES = ["alpha", "beta", "gamma"]
 GEN_PROMPTS = ["Q: 3+4=", "Hello world", "1 2 3", "The cat"]
 MAX_GEN_TOKS = 8
 
-MC_TASK = """task: mythos_toy_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-"""
-GEN_TASK = """task: mythos_toy_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: {max_gen_toks}
-  do_sample: false
-metric_list:
-  - metric: exact_match
-"""
+
+def load_example(name):
+    """examples/lm_eval_tasks.py writes the task files: the test runs the YAML that users run."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TASKS = load_example("lm_eval_tasks")
 
 
 def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
@@ -72,13 +56,16 @@ def greedy(model, tokenizer, prompt: str, **loop_options) -> str:
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=MAX_GEN_TOKS, do_sample=False, **loop_options)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:]).split("\n")[0]
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    for stop in TASKS.STOP:  # where lm-eval cuts a generation: before the first of the task's `until` strings
+        text = text.split(stop)[0]
+    return text
 
 
 def run_lm_eval(model_dir: Path, tasks_dir: Path, output: Path, home: Path) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
                "--model_args", f"pretrained={model_dir},trust_remote_code=True,n_loops={EVAL_LOOPS}",
-               "--tasks", "mythos_toy_mc,mythos_toy_gen", "--include_path", str(tasks_dir),
+               "--tasks", "mythos_cloze,mythos_next_word", "--include_path", str(tasks_dir),
                "--device", "cpu", "--batch_size", "4", "--output_path", str(output), "--log_samples"]
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
@@ -98,19 +85,14 @@ def test_lm_eval_scores_equal_the_direct_computation_at_the_requested_depth(attn
 
     # the task data: gold answers spread over the choices; generation targets are, for the first two prompts, the
     # 8-loop greedy text and, for the others, the 4-loop one, so the score tells which depth ran
-    mc_docs = [{"question": q, "choices": CHOICES, "answer": i % len(CHOICES)} for i, q in enumerate(QUESTIONS)]
+    mc_docs = [{"context": q, "choices": CHOICES, "answer": i % len(CHOICES)} for i, q in enumerate(QUESTIONS)]
     gen_docs = [{"prompt": p, "target": greedy(deep if i < 2 else default, tokenizer, p)}
                 for i, p in enumerate(GEN_PROMPTS)]
-    (tmp_path / "mc.json").write_text(json.dumps(mc_docs))
-    (tmp_path / "gen.json").write_text(json.dumps(gen_docs))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "mythos_toy_mc.yaml").write_text(MC_TASK.format(data=tmp_path / "mc.json"))
-    (tasks / "mythos_toy_gen.yaml").write_text(GEN_TASK.format(data=tmp_path / "gen.json", max_gen_toks=MAX_GEN_TOKS))
+    tasks = TASKS.write_tasks(tmp_path / "tasks", mc_docs, gen_docs, max_gen_toks=MAX_GEN_TOKS)
 
     # the direct computation, at 8 loops and at the default 4
     def scores(model):
-        lls = [[loglikelihood(model, tokenizer, d["question"], " " + c) for c in CHOICES] for d in mc_docs]
+        lls = [[loglikelihood(model, tokenizer, d["context"], " " + c) for c in CHOICES] for d in mc_docs]
         acc = sum(max(range(len(CHOICES)), key=row.__getitem__) == d["answer"] for row, d in zip(lls, mc_docs))
         texts = [greedy(model, tokenizer, d["prompt"]) for d in gen_docs]
         exact = sum(text == d["target"] for text, d in zip(texts, gen_docs))
@@ -127,15 +109,15 @@ def test_lm_eval_scores_equal_the_direct_computation_at_the_requested_depth(attn
     results = json.loads(results_file.read_text())
     assert results["config"]["model_args"]["n_loops"] == EVAL_LOOPS
     assert results["config"]["model_num_parameters"] == sum(p.numel() for p in default.parameters())
-    assert results["results"]["mythos_toy_mc"]["acc,none"] == pytest.approx(acc, abs=1e-12)
-    assert results["results"]["mythos_toy_gen"]["exact_match,none"] == pytest.approx(exact_match, abs=1e-12)
+    assert results["results"]["mythos_cloze"]["acc,none"] == pytest.approx(acc, abs=1e-12)
+    assert results["results"]["mythos_next_word"]["exact_match,none"] == pytest.approx(exact_match, abs=1e-12)
 
     # per sample: each choice's loglikelihood and each generated text
     def samples(task):
         (path,) = (tmp_path / "out").rglob(f"samples_{task}_*.jsonl")
         return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
 
-    for sample, row in zip(samples("mythos_toy_mc"), lls):
+    for sample, row in zip(samples("mythos_cloze"), lls):
         logged = [float(ll) for ll, _greedy in sample["filtered_resps"]]
         assert logged == pytest.approx(row, abs=1e-4), sample["doc"]
-    assert [sample["filtered_resps"][0] for sample in samples("mythos_toy_gen")] == texts
+    assert [sample["filtered_resps"][0] for sample in samples("mythos_next_word")] == texts
