@@ -1,13 +1,16 @@
-"""Write two small lm-evaluation-harness tasks over the corpus this package ships, for a toy checkpoint:
+"""Write three small lm-evaluation-harness tasks over the corpus this package ships, for a toy checkpoint:
 
 - ``mythos_cloze`` (multiple choice, loglikelihood): the first half of a corpus sentence, then which of three words
   comes next (the true one and two other words of the corpus); metric ``acc``.
 - ``mythos_next_word`` (greedy generation): the same prefixes; the model writes until a space or punctuation, and
   ``exact_match`` compares that with the true next word.
+- ``mythos_corpus`` (rolling loglikelihood): each paragraph of the corpus; metrics ``bits_per_byte``,
+  ``byte_perplexity``, ``word_perplexity``. A toy checkpoint trained on this corpus is scored on text it saw: this
+  measures fit, and shows small effects of depth that the two 24-question tasks are too coarse to show.
 
     python examples/lm_eval_tasks.py --output-dir runs/lm_eval_tasks
     lm_eval --model hf --model_args pretrained=runs/hub,trust_remote_code=True,n_loops=8 \\
-        --tasks mythos_cloze,mythos_next_word --include_path runs/lm_eval_tasks --device cpu
+        --tasks mythos_cloze,mythos_next_word,mythos_corpus --include_path runs/lm_eval_tasks --device cpu
 
 Each task is a YAML file over a JSON file beside it; docs/evaluation.md shows a depth sweep over them.
 """
@@ -49,6 +52,20 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """
+CORPUS_TASK = """task: mythos_corpus
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+  - metric: byte_perplexity
+  - metric: word_perplexity
+"""
 
 
 def corpus_docs(limit: int = 24) -> tuple[list[dict], list[dict]]:
@@ -69,10 +86,19 @@ def corpus_docs(limit: int = 24) -> tuple[list[dict], list[dict]]:
     return cloze, next_word
 
 
-def write_tasks(folder: Path, cloze_docs: list[dict], next_word_docs: list[dict], max_gen_toks: int = 16) -> Path:
-    """Write both tasks' YAML files and their JSON data into ``folder`` (for ``lm_eval --include_path folder``)."""
+def paragraph_docs() -> list[dict]:
+    return [{"text": p.strip()} for p in Path(SAMPLE_CORPUS).read_text().split("\n\n") if p.strip()]
+
+
+def write_tasks(folder: Path, cloze_docs: list[dict], next_word_docs: list[dict], max_gen_toks: int = 16,
+                paragraphs: list[dict] | None = None) -> Path:
+    """Write the tasks' YAML files and their JSON data into ``folder`` (for ``lm_eval --include_path folder``);
+    ``mythos_corpus`` only when ``paragraphs`` are given."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    if paragraphs is not None:
+        (folder / "corpus.json").write_text(json.dumps(paragraphs, indent=1))
+        (folder / "mythos_corpus.yaml").write_text(CORPUS_TASK.format(data=folder / "corpus.json"))
     (folder / "cloze.json").write_text(json.dumps(cloze_docs, indent=1))
     (folder / "next_word.json").write_text(json.dumps(next_word_docs, indent=1))
     (folder / "mythos_cloze.yaml").write_text(CLOZE_TASK.format(data=folder / "cloze.json"))
@@ -87,8 +113,10 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=24, help="how many corpus sentences to use")
     args = parser.parse_args(argv)
     cloze, next_word = corpus_docs(args.limit)
-    folder = write_tasks(args.output_dir, cloze, next_word)
-    print(json.dumps({"folder": str(folder), "cloze": len(cloze), "next_word": len(next_word)}))
+    paragraphs = paragraph_docs()
+    folder = write_tasks(args.output_dir, cloze, next_word, paragraphs=paragraphs)
+    print(json.dumps({"folder": str(folder), "cloze": len(cloze), "next_word": len(next_word),
+                      "corpus": len(paragraphs)}))
 
 
 if __name__ == "__main__":

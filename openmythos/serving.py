@@ -18,6 +18,7 @@ docs/serving.md says what works and what does not.
 """
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -63,6 +64,33 @@ def _answer_refused_requests_with_400():
     server.build_server = build_server_with_refusals  # Serve() imports it by name when it starts
 
 
+def _refuse_request_depth_with_continuous_batching():
+    """With ``--continuous-batching``, transformers serve (5.23, 5.24) builds its batching manager from the first
+    request's generation config and passes later requests only ``max_new_tokens`` and ``eos_token_id``: a request's
+    ``n_loops`` would be dropped, or silently become every later request's depth. Refuse such a request instead."""
+    from transformers.cli.serving.utils import BaseHandler
+
+    from .modeling_mythos import GENERATION_LOOP_FIELDS
+
+    build = BaseHandler._build_generation_config
+    if getattr(build, "_mythos_refusals", False):
+        return
+
+    def build_generation_config(self, body, model_generation_config, use_cb=False):
+        if use_cb and body.get("generation_config") is not None:
+            asked = [name for name in GENERATION_LOOP_FIELDS if name in json.loads(body["generation_config"])]
+            if asked:
+                raise ValueError(
+                    f"{', '.join(f'`{name}`' for name in asked)} in a request's generation_config cannot be honoured "
+                    f"with --continuous-batching: transformers serve passes each request only max_new_tokens and "
+                    f"eos_token_id. Serve without --continuous-batching for per-request depth, or set the depth for "
+                    f"every request with the checkpoint's config n_loops")
+        return build(self, body, model_generation_config, use_cb=use_cb)
+
+    build_generation_config._mythos_refusals = True
+    BaseHandler._build_generation_config = build_generation_config
+
+
 def serve(argv: list[str]) -> int:
     """Run ``transformers serve`` with ``argv`` (its own options) after making the Mythos classes loadable."""
     model = argv[0] if argv and not argv[0].startswith("-") else None
@@ -78,6 +106,7 @@ def serve(argv: list[str]) -> int:
         return 2
     expose_to_transformers_serve()
     _answer_refused_requests_with_400()
+    _refuse_request_depth_with_continuous_batching()
     from transformers.cli.transformers import app
 
     # typer exits through SystemExit with the command's status; `--help` and option errors are its own.

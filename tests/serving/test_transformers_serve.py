@@ -4,6 +4,7 @@ and concurrently, some choosing their own loop budget in the request's ``generat
 text of local greedy ``generate`` on the same checkpoint."""
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import socket
@@ -46,23 +47,19 @@ def wait_until_healthy(process: subprocess.Popen, port: int, log: Path, timeout:
     raise AssertionError(f"mythos serve was not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module", params=["mla", "gqa"])
-def served(request, tmp_path_factory):
-    """(openai client, local model, tokenizer) for a checkpoint served by ``mythos serve DIR`` on a free port; the
-    server is stopped when the module's tests for it are done, whatever happened."""
-    folder = tmp_path_factory.mktemp(f"serve-{request.param}")
-    save_toy_checkpoint(folder / "ckpt", request.param, chat_template=CHAT_TEMPLATE)
-    port, log = free_port(), folder / "server.log"
-    command = [sys.executable, "-m", "openmythos.cli", "serve", str(folder / "ckpt"),
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+@contextlib.contextmanager
+def running_server(checkpoint: Path, log: Path, *options: str):
+    """An openai client for ``mythos serve CHECKPOINT`` on 127.0.0.1 and a free port; the server is stopped on exit,
+    whatever happened."""
+    port = free_port()
+    command = [sys.executable, "-m", "openmythos.cli", "serve", str(checkpoint),
+               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_until_healthy(process, port, log)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        model = AutoModelForCausalLM.from_pretrained(folder / "ckpt").eval()
-        yield client, model, MythosTokenizer.from_pretrained(folder / "ckpt"), str(folder / "ckpt")
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
     finally:
         process.terminate()
         try:
@@ -70,6 +67,16 @@ def served(request, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module", params=["mla", "gqa"])
+def served(request, tmp_path_factory):
+    """(openai client, local model, tokenizer, model name) for a checkpoint served by ``mythos serve DIR``."""
+    folder = tmp_path_factory.mktemp(f"serve-{request.param}")
+    checkpoint = save_toy_checkpoint(folder / "ckpt", request.param, chat_template=CHAT_TEMPLATE)
+    with running_server(checkpoint, folder / "server.log") as client:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        yield client, model, MythosTokenizer.from_pretrained(checkpoint), str(checkpoint)
 
 
 def local_tokens(model, tokenizer, prompt=None, messages=None, **loop_options) -> list[int]:
@@ -154,3 +161,14 @@ def test_a_refused_loop_budget_is_a_400_naming_n_loops_and_the_server_goes_on(se
         complete(client, name, PROMPTS[0], exit_criterion="sometimes")
     assert complete(client, name, PROMPTS[0], n_loops=1)[0] == tokenizer.decode(
         local_tokens(model, tokenizer, PROMPTS[0], n_loops=1))
+
+
+def test_continuous_batching_refuses_a_request_depth_it_would_drop(tmp_path):
+    """transformers serve's continuous batching passes each request only max_new_tokens and eos_token_id; a request
+    naming its own loop budget is refused with a 400 before any generation, instead of running at another depth."""
+    save_toy_checkpoint(tmp_path / "ckpt", "gqa", chat_template=CHAT_TEMPLATE)
+    with running_server(tmp_path / "ckpt", tmp_path / "server.log", "--continuous-batching") as client:
+        for options in ({"n_loops": 2}, {"exit_criterion": "delta", "exit_threshold": 0.1}):
+            with pytest.raises(openai.BadRequestError, match="continuous-batching") as refused:
+                complete(client, str(tmp_path / "ckpt"), PROMPTS[0], **options)
+            assert next(iter(options)) in str(refused.value)
