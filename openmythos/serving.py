@@ -31,12 +31,14 @@ def missing_serve_dependencies() -> list[str]:
 
 def expose_to_transformers_serve():
     """Register the Auto classes and bind ``transformers.MythosForCausalLM``, the name transformers serve looks up."""
-    import transformers
-
     from . import _load
 
     _load()
     from .modeling_mythos import MythosForCausalLM
+
+    # Imported only now: loading the stack can replace the `transformers` entry of sys.modules (seen in the `mythos`
+    # command), and the server reads the name from the module it imports, i.e. the current entry.
+    import transformers
 
     setattr(transformers, MythosForCausalLM.__name__, MythosForCausalLM)
 

@@ -63,7 +63,8 @@ def test_quickstart_command_runs(tmp_path):
 def test_readme_training_and_hub_commands_run(tmp_path):
     """The toy pretraining, export and dry-run push lines of the README, run as written (venv paths mapped)."""
     lines = [line.strip() for block in re.findall(r"```bash\n(.*?)\n```", README, re.S) for line in block.splitlines()]
-    wanted = [line for line in lines if "pretrain.py --toy" in line or line.startswith(".venv/bin/mythos ")]
+    wanted = [line for line in lines if "pretrain.py --toy" in line
+              or (line.startswith(".venv/bin/mythos ") and not line.startswith(".venv/bin/mythos serve "))]
     assert len(wanted) == 3, wanted
     bindir = Path(sys.executable).parent
     for line in wanted:
@@ -96,3 +97,83 @@ def test_readme_demo_tables_are_the_recorded_default_runs(marker, folder, argv):
     assert settings == {k: v for k, v in defaults.items() if k != "output_dir"}
     assert format_table(results["accuracy"], argparse.Namespace(**defaults)) == recorded
     assert (ROOT / folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_readme_serving_and_evaluation_commands_run(tmp_path):
+    """The README's `mythos serve` + curl lines (on a free port instead of 8000, the server stopped afterwards) and its
+    lm_eval lines, run as written on a toy checkpoint at runs/toy and its export at runs/hub."""
+    import json
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    import torch
+    from conftest import make_model
+    from transformers import AutoModelForCausalLM
+
+    from openmythos import MythosTokenizer
+    from openmythos.cli import main as mythos
+
+    blocks = [block for block in re.findall(r"```bash\n(.*?)\n```", README, re.S)
+              if "mythos serve" in block or "lm_eval " in block]
+    assert len(blocks) == 2, blocks
+    serve_block, eval_block = ([line.split("  #")[0].strip() for line in block.splitlines()] for block in blocks)
+    assert serve_block[0] == '.venv/bin/pip install -e ".[serve,eval]"'
+    setup = (ROOT / "setup.py").read_text()
+    assert '"serve": [' in setup and '"eval": [' in setup
+
+    runs = tmp_path / "runs"
+    make_model("mla", vocab_size=260).save_pretrained(runs / "toy")
+    MythosTokenizer().save_pretrained(runs / "toy")
+    assert mythos(["export", str(runs / "hub"), "--from", str(runs / "toy")]) == 0
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+
+    def as_run_here(line, port=None):
+        line = re.sub(r"(?<![\w/])\.venv/bin/", f"{bindir}/", line)
+        line = re.sub(r"(?<![\w/])examples/", f"{ROOT}/examples/", line)
+        return line if port is None else line.replace(":8000", f":{port}").replace("--port 8000", f"--port {port}")
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve_line, curl_line = serve_block[1], serve_block[2]
+    assert serve_line.endswith("&") and curl_line.startswith("curl ")
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(as_run_here(serve_line[:-1], port), shell=True, cwd=tmp_path, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(600):
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        answer = subprocess.run(as_run_here(curl_line, port), shell=True, capture_output=True, text=True, timeout=300)
+        assert answer.returncode == 0, answer.stderr
+        completion = json.loads(answer.stdout)
+    finally:
+        os.killpg(server.pid, 15)  # the shell and the server it started: this test's own process group
+        server.wait(timeout=30)
+        log.close()
+    request = json.loads(re.search(r"-d '(.*)'$", curl_line).group(1))
+    loop_options = json.loads(request["generation_config"])
+    model = AutoModelForCausalLM.from_pretrained(runs / "toy").eval()
+    tokenizer = MythosTokenizer.from_pretrained(runs / "toy")
+    ids = tokenizer(request["prompt"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**ids, max_new_tokens=request["max_tokens"], do_sample=False, **loop_options)
+    assert completion["usage"]["completion_tokens"] == request["max_tokens"]
+    assert completion["choices"][0]["text"] == tokenizer.decode(expected[0, ids["input_ids"].shape[1]:],
+                                                                skip_special_tokens=True)
+
+    for line in eval_block:
+        result = subprocess.run(as_run_here(line), shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, (line, result.stderr[-3000:])
+    assert "n_loops': 8" in result.stdout
+    for task in ("mythos_cloze", "mythos_next_word", "mythos_corpus"):
+        assert f"|{task}" in result.stdout

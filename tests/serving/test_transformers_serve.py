@@ -52,7 +52,8 @@ def running_server(checkpoint: Path, log: Path, *options: str):
     """An openai client for ``mythos serve CHECKPOINT`` on 127.0.0.1 and a free port; the server is stopped on exit,
     whatever happened."""
     port = free_port()
-    command = [sys.executable, "-m", "openmythos.cli", "serve", str(checkpoint),
+    # the console script, as users run it (the package loads lazily there, unlike under `python -m`)
+    command = [str(Path(sys.executable).parent / "mythos"), "serve", str(checkpoint),
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as out:
