@@ -138,7 +138,8 @@ def test_concurrent_requests_with_mixed_budgets_each_equal_local_generate(served
     requests = [("completion", PROMPTS[0], {"n_loops": 1}), ("completion", PROMPTS[1], {}),
                 ("completion", PROMPTS[2], {"n_loops": 6}), ("chat", PROMPTS[3], {"n_loops": 3}),
                 ("completion", PROMPTS[0], {"n_loops": 4, "exit_criterion": "delta", "exit_threshold": 0.5}),
-                ("chat", PROMPTS[1], {}), ("completion", PROMPTS[3], {"n_loops": 2}), ("chat", PROMPTS[2], {"n_loops": 1})]
+                ("chat", PROMPTS[1], {}), ("completion", PROMPTS[3], {"n_loops": 2}),
+                ("chat", PROMPTS[2], {"n_loops": 1})]
 
     def send(request):
         endpoint, prompt, options = request

@@ -1,5 +1,6 @@
-"""The small local checkpoint the serving and evaluation tests run: a random tiny model whose greedy tokens are printable
-ASCII (so text names its tokens one to one), saved with the byte tokenizer and, optionally, a chat template."""
+"""The small local checkpoint the serving and evaluation tests run: a random tiny model whose greedy tokens are
+printable ASCII (so text names its tokens one to one), saved with the byte tokenizer and, optionally, a chat
+template."""
 
 from pathlib import Path
 
