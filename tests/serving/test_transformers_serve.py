@@ -174,3 +174,13 @@ def test_continuous_batching_refuses_a_request_depth_it_would_drop(tmp_path):
             with pytest.raises(openai.BadRequestError, match="continuous-batching") as refused:
                 complete(client, str(tmp_path / "ckpt"), PROMPTS[0], **options)
             assert next(iter(options)) in str(refused.value)
+
+
+def test_a_missing_checkpoint_folder_is_one_line_before_anything_loads(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    result = subprocess.run([str(Path(sys.executable).parent / "mythos"), "serve", str(missing), "--port", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"mythos serve: error: {str(missing)!r} is not a folder; pass a save_pretrained folder (with its tokenizer) "
+        f"or a Hub repo id"]
