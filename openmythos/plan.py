@@ -389,11 +389,12 @@ def plan(config, gpus: int, gpu_memory: int | None = None, *, batch: int = 1, se
         raise ValueError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if gpu_memory is not None and gpu_memory <= 0:
         raise ValueError(f"`gpu_memory` must be a positive number of bytes, got {gpu_memory!r}")
+    chosen = [default_layout(name, config, gpus, tp, ep) for name in layouts]
+    for layout in chosen:  # every refusal before the (slow, for a large preset) parameter count
+        _check_layout(layout, config)
     groups = parameter_groups(config) if groups is None else groups
     result = Plan(config_name, n_loops, batch, seq_len, context, precision, groups)
-    for name in layouts:
-        layout = default_layout(name, config, gpus, tp, ep)
-        _check_layout(layout, config)
+    for layout in chosen:
         result.layouts.append(_layout_plan(config, groups, layout, precision, n_loops, batch, seq_len, context,
                                            checkpointing, optimizer, gpu_memory))
     return result

@@ -112,9 +112,20 @@ def test_precision_and_memory_refuse_unknown_values():
     assert parse_memory("80GB") == 80 * 10**9 and parse_memory("96GiB") == 96 * 2**30
 
 
+# what the `mythos` console script does (the package then defers torch until a command needs it)
+CONSOLE_SCRIPT = """
+import sys
+sys.argv = ["mythos", *{argv!r}]
+from openmythos.cli import main
+code = main()
+print("heavy modules:", sorted(m for m in ("torch", "transformers") if m in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def _mythos(*argv):
-    return subprocess.run([sys.executable, "-m", "openmythos.cli", *argv], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT.format(argv=list(argv))], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
 
 
 def test_plan_command_prints_memory_traffic_and_fit_for_the_three_layouts():
@@ -127,16 +138,18 @@ def test_plan_command_prints_memory_traffic_and_fit_for_the_three_layouts():
     assert "fsdp: no" in out and "fsdp+ep+tp: yes" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--gpus", "64", "--gpu-memory", "80XB"], "--gpu-memory must be a positive size"),
-    (["--gpus", "0"], "--gpus must be a positive integer"),
-    (["--gpus", "64", "--tp", "3"], "--tp must divide"),
-    (["--gpus", "64", "--ep", "3"], "--ep must divide"),
+@pytest.mark.parametrize("argv, message, torch_loaded", [
+    (["--gpus", "64", "--gpu-memory", "80XB"], "--gpu-memory must be a positive size", False),
+    (["--gpus", "0"], "--gpus must be a positive integer", False),
+    (["--gpus", "64", "--tp", "3"], "--tp must divide", True),
+    (["--gpus", "64", "--ep", "3"], "--ep must divide", True),
 ])
-def test_plan_command_refuses_bad_flags_in_one_line(argv, message):
+def test_plan_command_refuses_bad_flags_in_one_line(argv, message, torch_loaded):
     result = _mythos("plan", "--preset", "mythos_100b", *argv)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    error, loaded = result.stderr.splitlines()
+    assert error.startswith("mythos plan: error: ") and message in error, result.stderr
+    assert ("'torch'" in loaded) == torch_loaded  # flags checked before the model stack is imported
 
 
 def test_readme_layout_table_is_what_the_plan_prints_now():
