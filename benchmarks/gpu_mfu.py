@@ -80,19 +80,27 @@ def build(args, attn: str):
     from openmythos import MythosForCausalLM
 
     config = openmythos.PRESETS[args.preset]()
-    with torch.device("cuda"):  # initialised on the GPU: a 1B-parameter init on the CPU takes longer than the step
+    with torch.device(args.device):  # initialised in place: a 1B-parameter init on the CPU takes longer than a step
         return MythosForCausalLM._from_config(config, attn_implementation=attn, torch_dtype=torch.bfloat16)
+
+
+def _sync(device: str):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def train(args) -> dict:
     import torch
 
+    cuda = args.device == "cuda"
     results = {}
     for attn in args.attn:
         torch.manual_seed(0)
         model = build(args, attn).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        ids = torch.randint(4, model.config.vocab_size, (args.batch, args.seq_len), device="cuda")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        ids = torch.randint(4, model.config.vocab_size, (args.batch, args.seq_len), device=args.device)
 
         def step():
             model(ids, labels=ids, n_loops=args.n_loops).loss.backward()
@@ -101,21 +109,23 @@ def train(args) -> dict:
 
         for _ in range(args.warmup):
             step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        _sync(args.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
-        torch.cuda.synchronize()
+        _sync(args.device)
         seconds = (time.perf_counter() - start) / args.steps
         flops = model_flops(model.config, args.batch, args.seq_len, args.n_loops)
-        peak = peak_tflops(torch.cuda.get_device_name(), args.peak_tflops)
+        peak = peak_tflops(torch.cuda.get_device_name() if cuda else "cpu", args.peak_tflops)
         results[attn] = {"step_s": seconds, "model_tflops_per_step": flops / 1e12,
                          "achieved_tflops": flops / seconds / 1e12,
                          "mfu": flops / seconds / 1e12 / peak if peak else None,
-                         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+                         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
         del model, optimizer
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return results
 
 
@@ -125,14 +135,14 @@ def decode(args) -> dict:
     results = {}
     model = build(args, args.attn[0]).eval()
     for batch in args.batch_sizes:
-        prompt = torch.randint(4, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
+        prompt = torch.randint(4, model.config.vocab_size, (batch, args.prompt_len), device=args.device)
         kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                       n_loops=args.n_loops)
         model.generate(prompt, **dict(kwargs, max_new_tokens=2, min_new_tokens=2))  # warm-up
-        torch.cuda.synchronize()
+        _sync(args.device)
         start = time.perf_counter()
         out = model.generate(prompt, **kwargs)
-        torch.cuda.synchronize()
+        _sync(args.device)
         seconds = time.perf_counter() - start
         new = (out.shape[1] - args.prompt_len) * batch
         results[str(batch)] = {"tokens_per_s": new / seconds, "seconds": seconds, "new_tokens": new}
@@ -161,8 +171,8 @@ def report(out: Path, device: str, gpus: int, torch_version: str) -> str:
                  "| attention | step s | TFLOP/s | MFU | peak memory GB |", "|---|---|---|---|---|"]
         for attn, r in m["results"].items():
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "- (unknown peak: --peak-tflops)"
-            rows.append(f"| {attn} | {r['step_s']:.3f} | {r['achieved_tflops']:.1f} | {mfu} | "
-                        f"{r['peak_memory_gb']:.1f} |")
+            memory = "-" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
+            rows.append(f"| {attn} | {r['step_s']:.3f} | {r['achieved_tflops']:.1f} | {mfu} | {memory} |")
     if "decode" in numbers:
         d = numbers["decode"]
         rows += ["", f"{d['preset']} greedy decode, prompt {d['prompt_len']} tokens, {d['new_tokens']} new tokens, "
@@ -191,6 +201,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not known")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu runs the same code on a small preset (tests do), without MFU or peak memory")
     parser.add_argument("--dry-run", action="store_true", help="print the config and FLOPs per step; no GPU needed")
     args = parser.parse_args(argv)
     for name in ("batch", "seq_len", "prompt_len", "new_tokens", "steps", "n_loops"):
@@ -230,10 +242,10 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_mfu.py: error: no CUDA GPU; --dry-run prints the plan without one", file=sys.stderr)
         return 2
-    summary["device"] = torch.cuda.get_device_name()
+    summary["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     summary["results"] = train(args) if args.mode == "train" else decode(args)
     print(json.dumps(summary, indent=1))
     if args.json:

@@ -78,11 +78,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
-    print("| config | attention | batch x seq | n_loops | checkpointing | estimate MiB | measured MiB | estimate / measured |")
+    print("| config | attention | batch x seq | n_loops | checkpointing | estimate MiB | measured MiB | "
+          "estimate / measured |")
     print("|---|---|---|---|---|---|---|---|")
     for name, overrides, batch, seq_len, n_loops, ckpt in CONFIGS:
         r = results[name] = measure(overrides, batch, seq_len, n_loops, ckpt)
-        print(f"| {name} | {overrides['attn_type'].upper()} | {batch} x {seq_len} | {n_loops} | {'yes' if ckpt else 'no'} | "
+        print(f"| {name} | {overrides['attn_type'].upper()} | {batch} x {seq_len} | {n_loops} | "
+              f"{'yes' if ckpt else 'no'} | "
               f"{r['estimate_bytes'] / 2**20:.2f} | {r['measured_bytes'] / 2**20:.2f} | {r['ratio']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=1))

@@ -330,7 +330,8 @@ def _unit_sizes(groups: ParameterGroups, layout: Layout) -> tuple[float, list[fl
     def split(total, tp_part):
         return tp_part / layout.tp + (total - tp_part)
 
-    return (split(groups.root, groups.root_tp), [split(n, t) for n, t in zip(groups.dense_layers, groups.dense_layers_tp)],
+    dense = [split(n, t) for n, t in zip(groups.dense_layers, groups.dense_layers_tp)]
+    return (split(groups.root, groups.root_tp), dense,
             split(groups.loop_dense, groups.loop_dense_tp), groups.experts / layout.ep)
 
 
@@ -426,7 +427,8 @@ def _layout_plan(config, groups, layout, precision, n_loops, batch, seq_len, con
     acts = activations(config, batch, seq_len, n_loops, precision.param_bytes, layout.tp)
     return LayoutPlan(
         layout=layout, params=int(local * precision.param_bytes), grads=int(local * precision.grad_bytes),
-        optimizer=optimizer_bytes, activations=acts, gathered=gathered, step_temporary=int(local * precision.state_bytes),
+        optimizer=optimizer_bytes, activations=acts, gathered=gathered,
+        step_temporary=int(local * precision.state_bytes),
         kv_cache=kv_cache_bytes(config, context, 1, n_loops, precision.param_bytes, layout.tp),
         traffic=_traffic(config, groups, layout, precision, n_loops, batch, seq_len, checkpointing),
         checkpointing=checkpointing, optimizer_name=optimizer, gpu_memory=gpu_memory, tokens=batch * seq_len)
@@ -529,7 +531,8 @@ def preset_layout_table(gpu_memory: int = README_GPU_MEMORY) -> str:
         lp = smallest_fit(config, gpu_memory)
         lo, traffic = lp.layout, lp.traffic
         rows.append(f"| {name} | {lo.gpus} | {lo.name} ({lo.tp} x {lo.ep}) | {lp.tokens} | "
-                    f"{gb(lp.params + lp.grads)} GB | {gb(lp.optimizer['adamw'])} GB | {gb(lp.activations.peak(True))} GB | "
+                    f"{gb(lp.params + lp.grads)} GB | {gb(lp.optimizer['adamw'])} GB | "
+                    f"{gb(lp.activations.peak(True))} GB | "
                     f"{gb(lp.gathered)} GB | {gb(lp.peak())} GB | {gb(traffic['once']['all_gather'])} / "
                     f"{gb(traffic['per-iteration']['all_gather'])} GB | {gb(traffic['once']['all_to_all'])} GB | "
                     f"{gb(traffic['once']['all_reduce'])} GB |")

@@ -68,6 +68,23 @@ def test_mfu_dry_run_prints_the_step_without_a_gpu(capsys):
     assert gpu_mfu.main(["train", "--dry-run", "--preset", "mythos_2b"]) == 2
 
 
+def test_train_and_decode_measurements_run_the_same_code_on_cpu(tmp_path):
+    """The GPU steps' code, on the CPU with the tiny preset: every attention kernel measured, every batch decoded."""
+    torch.set_num_threads(1)
+    train_json, decode_json = tmp_path / "mfu.json", tmp_path / "decode.json"
+    assert gpu_mfu.main(["train", "--device", "cpu", "--preset", "mythos_tiny", "--attn", "eager", "sdpa", "--batch",
+                         "1", "--seq-len", "16", "--steps", "1", "--warmup", "0", "--json", str(train_json)]) == 0
+    assert gpu_mfu.main(["decode", "--device", "cpu", "--preset", "mythos_tiny", "--attn", "sdpa", "--batch-sizes",
+                         "1", "3", "--prompt-len", "8", "--new-tokens", "4", "--json", str(decode_json)]) == 0
+    trained, decoded = json.loads(train_json.read_text()), json.loads(decode_json.read_text())
+    assert set(trained["results"]) == {"eager", "sdpa"} and trained["n_loops"] == 4
+    for r in trained["results"].values():
+        assert r["step_s"] > 0 and r["achieved_tflops"] > 0 and r["mfu"] is None
+        assert r["model_tflops_per_step"] == pytest.approx(gpu_mfu.model_flops(mythos_tiny(), 1, 16) / 1e12)
+    assert {b: r["new_tokens"] for b, r in decoded["results"].items()} == {"1": 4, "3": 12}
+    assert all(r["tokens_per_s"] > 0 for r in decoded["results"].values())
+
+
 def test_report_writes_the_json_and_the_table(tmp_path):
     steps = [{"step": "mfu", "rc": 0, "timed_out": False, "seconds": 41.0, "command": "c", "log_tail": ""},
              {"step": "decode", "rc": 124, "timed_out": True, "seconds": 60.0, "command": "c", "log_tail": ""}]
