@@ -7,19 +7,21 @@ One process is the FSDP-degree-1 case of the plan: fp32 parameters, fp32 gradien
 state (``Precision("fp32", "fp32", "none")``). Each config takes one AdamW step first (so the optimizer state exists,
 as in every later step), then a second step runs under the profiler. Measured peak = the bytes live before that step
 (parameters and AdamW state, counted from the tensors) + the peak of the bytes the step allocated on top (profiler
-memory events, ``run.peak_memory_mb``'s method). tests/test_plan.py runs the first two configs.
+allocator events, ``peak_allocated_bytes``). tests/test_plan.py runs the first two configs.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import peak_memory_mb  # noqa: E402  (the profiler-event peak the benchmarks use)
 
 from openmythos import MythosForCausalLM, mythos_tiny  # noqa: E402
 from openmythos.plan import Precision, plan  # noqa: E402
@@ -42,6 +44,32 @@ CONFIGS = [
 FP32 = Precision("fp32", "fp32", "none")
 
 
+def peak_allocated_bytes(fn) -> int:
+    """Peak of the bytes allocated while ``fn`` runs, above what was live when it started.
+
+    Read from the allocator's own events (one ``[memory]`` event per allocation and free, at the time it happened)
+    in the profiler's trace. ``run.peak_memory_mb`` sums the ops' memory columns instead, where the frees inside a
+    ``record_function`` scope count at the scope's start: it sees 0 bytes for an AdamW step that allocates two
+    temporaries per parameter, so it misses the optimizer step's peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    deltas = sorted((e["ts"], e["args"]["Bytes"]) for e in events
+                    if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)  # CPU
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
 def measure(overrides: dict, batch: int, seq_len: int, n_loops: int, checkpointing: bool, seed: int = 0) -> dict:
     """Estimated and measured peak bytes of one AdamW training step (after a first one) in one process."""
     torch.manual_seed(seed)
@@ -61,9 +89,10 @@ def measure(overrides: dict, batch: int, seq_len: int, n_loops: int, checkpointi
     live = sum(t.numel() * t.element_size() for t in model.parameters())
     live += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
-    measured = live + peak_memory_mb(step) * 2**20
+    measured = live + peak_allocated_bytes(step)
+    # torch's AdamW runs its per-tensor implementation on CPU tensors
     layout = plan(config, 1, batch=batch, seq_len=seq_len, n_loops=n_loops, precision=FP32,
-                  checkpointing=checkpointing, layouts=("fsdp",)).layouts[0]
+                  checkpointing=checkpointing, layouts=("fsdp",), adamw_impl="per-tensor").layouts[0]
     estimate = layout.peak("adamw", checkpointing)
     return {"estimate_bytes": int(estimate), "measured_bytes": int(measured), "ratio": estimate / measured,
             "params": layout.params, "grads": layout.grads, "adamw": layout.optimizer["adamw"],

@@ -65,7 +65,7 @@ def _plan(args):
         result = make_plan(config, args.gpus, gpu_memory, batch=args.batch, seq_len=args.seq_len,
                            n_loops=args.n_loops, context=args.context, precision=precision,
                            checkpointing=not args.no_checkpointing, optimizer=args.optimizer, layouts=layouts,
-                           tp=args.tp, ep=args.ep, config_name=args.preset)
+                           tp=args.tp, ep=args.ep, config_name=args.preset, adamw_impl=args.adamw_impl)
     except ValueError as error:  # a TP / EP degree that does not divide the GPUs, heads or experts
         raise CommandError(str(error).replace("`tp`", "--tp").replace("`ep`", "--ep")) from None
     print(format_plan(result))
@@ -229,6 +229,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, default=None, help="EP degree (default: the most that divides GPUs and experts)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw", help="the optimizer the fit uses")
     p.add_argument("--no-checkpointing", action="store_true", help="judge the fit without activation checkpointing")
+    p.add_argument("--adamw-impl", choices=["foreach", "per-tensor", "fused"], default="foreach",
+                   help="torch's AdamW implementation, for the optimizer step's temporaries (default foreach, "
+                        "torch's default on GPUs)")
     p.add_argument("--param-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                    help="parameters as the forward reads them; also activations and the KV cache (default bf16)")
     p.add_argument("--grad-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")

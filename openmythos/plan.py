@@ -18,6 +18,10 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 LAYOUTS = ("fsdp", "fsdp+ep", "fsdp+ep+tp")
 LOOP_GATHERS = ("once", "per-iteration")
 OPTIMIZERS = ("adamw", "muon")
+# torch's AdamW implementations and the temporaries their step allocates: foreach (the default on GPUs) computes
+# sqrt(v) for every tensor at once, per-tensor (the default on CPUs) sqrt(v) and its quotient for one tensor at a time,
+# fused none
+ADAMW_IMPLS = ("foreach", "per-tensor", "fused")
 GPUS_PER_NODE = 8  # the TP degree of the TP layout: tensor parallelism stays inside one NVLink node
 
 
@@ -77,6 +81,7 @@ class ParameterGroups:
     loop_dense_tp: int
     experts: int  # the routed experts (3-D tensors): what expert parallelism splits
     muon: int
+    largest: int  # the largest single tensor (the optimizer's per-tensor temporaries are its size)
 
     @property
     def total(self) -> int:
@@ -112,7 +117,9 @@ def parameter_groups(config) -> ParameterGroups:
             root += n
             root_tp += n if splits else 0
     muon = sum(p.numel() for p in split_parameters(model)[0])
-    return ParameterGroups(root, root_tp, tuple(layers), tuple(layers_tp), loop_dense, loop_dense_tp, experts, muon)
+    largest = max(p.numel() for p in model.parameters())
+    return ParameterGroups(root, root_tp, tuple(layers), tuple(layers_tp), loop_dense, loop_dense_tp, experts, muon,
+                           largest)
 
 
 # ---------------------------------------------------------------------------------------------------- activations
@@ -182,7 +189,7 @@ class Activations:
 
     full: int  # everything kept for backward, no checkpointing (head included)
     checkpointed: int  # with every decoder layer checkpointed (the looped one per iteration): layer inputs, head
-    recompute: int  # the largest layer's activations, recomputed during its backward under checkpointing
+    recompute: int  # the largest checkpointed layer's activations, recomputed during its backward
     head: int  # final norm, logits, log-softmax: freed first in backward
     coda: int  # the coda layers' share of ``full``, also freed before the looped block's backward
     coda_checkpointed: int  # their share of ``checkpointed``
@@ -209,11 +216,12 @@ def activations(config, batch: int, seq_len: int, n_loops: int, act_bytes: int, 
     n_dense = config.prelude_layers + config.coda_layers
     dense, loop, head = _dense_layer(config, a, tp), _loop_iteration(config, a, tp), _head(config, a)
     full = tokens * (n_dense * dense + n_loops * loop + head)
-    # checkpointing keeps each layer's input; the loop's signal, LoRA and injection are not recomputed
-    lora = a * (d + 2 * config.lora_rank) if config.lora_rank > 0 else 0
-    kept_per_loop = a * d + (4 * d + 4) + lora + a * d
-    checkpointed = tokens * (n_dense * a * d + n_loops * kept_per_loop + head)
-    return Activations(full=full, checkpointed=checkpointed, recompute=tokens * loop, head=tokens * head,
+    # checkpointing keeps each layer's input; the loop's signal, LoRA and injection sit outside the checkpointed layer
+    # (they are kept, not recomputed)
+    outside = (4 * d + 4) + (a * (d + 2 * config.lora_rank) if config.lora_rank > 0 else 0) + a * d
+    checkpointed = tokens * (n_dense * a * d + n_loops * (a * d + outside) + head)
+    recompute = tokens * max(loop - outside, dense if n_dense else 0)
+    return Activations(full=full, checkpointed=checkpointed, recompute=recompute, head=tokens * head,
                        coda=tokens * config.coda_layers * dense, coda_checkpointed=tokens * config.coda_layers * a * d,
                        workspace=tokens * config.vocab_size * 4)
 
@@ -282,10 +290,11 @@ class LayoutPlan:
     layout: Layout
     params: int
     grads: int
+    grads_at_loop_backward: int  # every gradient but the prelude's, which backward has not reached yet
     optimizer: dict  # "adamw" / "muon" -> master copy + optimizer state
     activations: Activations
     gathered: int  # transient: the two largest FSDP units gathered (one prefetched) and one unit's unsharded grads
-    step_temporary: int  # transient in the optimizer step: one optimizer-state-sized tensor
+    step_temporary: int  # transient in the optimizer step (``adamw_impl``)
     kv_cache: int
     traffic: dict  # loop gather mode -> {"all_gather", "reduce_scatter", "all_to_all", "all_reduce"}
     checkpointing: bool
@@ -294,17 +303,16 @@ class LayoutPlan:
     tokens: int  # tokens per data-parallel rank (per TP group) in one micro-batch
 
     def peak(self, optimizer: str | None = None, checkpointing: bool | None = None) -> int:
-        """Peak training memory on one GPU: parameters and optimizer state, plus the largest of three moments: (a) the
-        end of the forward (activations and the loss gradient) and (b) the start of the looped block's backward
-        (every gradient and the activations still alive, see :class:`Activations`), both with the gathered FSDP
-        units; (c) the optimizer step (every gradient and the step's temporary, one state-sized tensor: torch's
-        default foreach AdamW computes sqrt(v) out of place)."""
+        """Peak training memory on one GPU: parameters and optimizer state, plus the largest of three moments:
+        (a) the end of the forward (activations and the loss gradient), (b) the start of the looped block's backward
+        (every gradient but the prelude's, and the activations still alive, see :class:`Activations`), both with the
+        gathered FSDP units; (c) the optimizer step (every gradient and the step's temporaries, see ``ADAMW_IMPLS``)."""
         optimizer = self.optimizer_name if optimizer is None else optimizer
         checkpointing = self.checkpointing if checkpointing is None else checkpointing
         acts = self.activations
         return self.params + self.optimizer[optimizer] + max(
             self.gathered + acts.end_of_forward(checkpointing),
-            self.gathered + acts.loop_backward(checkpointing) + self.grads,
+            self.gathered + acts.loop_backward(checkpointing) + self.grads_at_loop_backward,
             self.grads + self.step_temporary)
 
     def fits(self, optimizer: str | None = None, checkpointing: bool | None = None) -> bool | None:
@@ -368,13 +376,15 @@ def _traffic(config, groups, layout, precision, n_loops, batch, seq_len, checkpo
 def plan(config, gpus: int, gpu_memory: int | None = None, *, batch: int = 1, seq_len: int | None = None,
          n_loops: int | None = None, context: int | None = None, precision: Precision | None = None,
          checkpointing: bool = True, optimizer: str = "adamw", layouts=LAYOUTS, tp: int | None = None,
-         ep: int | None = None, config_name: str = "config", groups: ParameterGroups | None = None) -> Plan:
+         ep: int | None = None, config_name: str = "config", groups: ParameterGroups | None = None,
+         adamw_impl: str = "foreach") -> Plan:
     """Per-GPU memory and per-step traffic of ``config`` on ``gpus`` GPUs, for each of ``layouts``.
 
     ``batch`` sequences of ``seq_len`` tokens (default: the config's ``max_seq_len``, capped at 4096) per data-parallel
     rank (per TP group), ``n_loops`` loop iterations (default: ``config.default_n_loops``); the KV cache is for one
     sequence of ``context`` tokens (default: ``max_seq_len``). ``gpu_memory`` in bytes decides ``fits``; the fit uses
-    ``optimizer`` and ``checkpointing``. Every refused value raises a ValueError naming it.
+    ``optimizer`` and ``checkpointing``; ``adamw_impl`` says which temporaries the optimizer step allocates (see
+    ``ADAMW_IMPLS``). Every refused value raises a ValueError naming it.
     """
     precision = Precision() if precision is None else precision
     for name, value in (("gpus", gpus), ("batch", batch)):
@@ -386,6 +396,8 @@ def plan(config, gpus: int, gpu_memory: int | None = None, *, batch: int = 1, se
     for name, value in (("seq_len", seq_len), ("n_loops", n_loops), ("context", context)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    if adamw_impl not in ADAMW_IMPLS:
+        raise ValueError(f"`adamw_impl` must be one of {', '.join(ADAMW_IMPLS)}, got {adamw_impl!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if gpu_memory is not None and gpu_memory <= 0:
@@ -397,7 +409,7 @@ def plan(config, gpus: int, gpu_memory: int | None = None, *, batch: int = 1, se
     result = Plan(config_name, n_loops, batch, seq_len, context, precision, groups)
     for layout in chosen:
         result.layouts.append(_layout_plan(config, groups, layout, precision, n_loops, batch, seq_len, context,
-                                           checkpointing, optimizer, gpu_memory))
+                                           checkpointing, optimizer, gpu_memory, adamw_impl))
     return result
 
 
@@ -410,10 +422,17 @@ def _check_layout(layout: Layout, config) -> None:
                          f"got {layout.ep}")
 
 
+def _step_temporary(adamw_impl: str, local: float, largest: float, state_bytes: int) -> int:
+    if adamw_impl == "foreach":
+        return int(local * state_bytes)
+    return int(2 * largest * state_bytes) if adamw_impl == "per-tensor" else 0
+
+
 def _layout_plan(config, groups, layout, precision, n_loops, batch, seq_len, context, checkpointing, optimizer,
-                 gpu_memory) -> LayoutPlan:
+                 gpu_memory, adamw_impl) -> LayoutPlan:
     root, dense, loop_dense, loop_experts = _unit_sizes(groups, layout)
     # every parameter is stored once across the GPUs: non-expert ones split by TP then FSDP, experts by EP then FSDP
+    prelude = sum(dense[:config.prelude_layers])
     local = (root + sum(dense) + loop_dense) / layout.dense_shards + loop_experts / layout.expert_shards
     muon_local = groups.muon / layout.gpus  # Muon's matrices are attention / dense / shared-expert projections
     master = local * precision.master_bytes
@@ -427,8 +446,9 @@ def _layout_plan(config, groups, layout, precision, n_loops, batch, seq_len, con
     acts = activations(config, batch, seq_len, n_loops, precision.param_bytes, layout.tp)
     return LayoutPlan(
         layout=layout, params=int(local * precision.param_bytes), grads=int(local * precision.grad_bytes),
+        grads_at_loop_backward=int((local - prelude / layout.dense_shards) * precision.grad_bytes),
         optimizer=optimizer_bytes, activations=acts, gathered=gathered,
-        step_temporary=int(local * precision.state_bytes),
+        step_temporary=_step_temporary(adamw_impl, local, groups.largest / layout.gpus, precision.state_bytes),
         kv_cache=kv_cache_bytes(config, context, 1, n_loops, precision.param_bytes, layout.tp),
         traffic=_traffic(config, groups, layout, precision, n_loops, batch, seq_len, checkpointing),
         checkpointing=checkpointing, optimizer_name=optimizer, gpu_memory=gpu_memory, tokens=batch * seq_len)
