@@ -98,7 +98,7 @@ def test_precision_bytes_add_to_sixteen_per_parameter_by_default():
 @pytest.mark.parametrize("kwargs, named", [
     (dict(gpus=0), "gpus"), (dict(gpus=8, batch=0), "batch"), (dict(gpus=8, optimizer="sgd"), "optimizer"),
     (dict(gpus=8, tp=3, layouts=("fsdp+ep+tp",)), "tp"), (dict(gpus=8, ep=3, layouts=("fsdp+ep",)), "ep"),
-    (dict(gpus=8, layouts=("zero3",)), "layout"),
+    (dict(gpus=8, layouts=("zero3",)), "layout"), (dict(gpus=8, adamw_impl="apex"), "adamw_impl"),
 ])
 def test_plan_refuses_bad_arguments_naming_them(kwargs, named):
     with pytest.raises(ValueError, match=f"`{named}`"):
