@@ -37,12 +37,9 @@ def matmul_parameters(config) -> tuple[int, int]:
     """(dense layers', looped block's) matrix entries one token is multiplied by in one pass (from the meta-device
     model): every 2-D weight (projections, router, depth-wise LoRA) and its top-k routed experts, not the norms,
     the injection or the LoRA scale table."""
-    import torch
+    from openmythos.parameters import meta_model
 
-    from openmythos import MythosForCausalLM
-
-    with torch.device("meta"):
-        model = MythosForCausalLM(config)
+    model = meta_model(config)
     dense = loop = 0
     for name, param in model.named_parameters():
         if name.startswith("model.recurrent.layer.mlp.experts."):

@@ -2,7 +2,7 @@
 
 ``mythos plan --preset mythos_100b --gpus 64 --gpu-memory 80GB`` prints it; :func:`plan` is the function behind the
 command, and :func:`preset_layout_table` the README's table. Parameter counts come from the model itself, built on
-the meta device (``openmythos.parameters``), so they cannot drift from the code; activations, the KV cache and the
+the meta device (``openmythos.parameters.meta_model``), so they cannot drift from the code; activations, the KV cache and the
 traffic are formulas over the config, written out in ``docs/plan.md`` and checked against measured peak memory of a
 single-process training step (``tests/test_plan.py``).
 
@@ -90,13 +90,10 @@ class ParameterGroups:
 
 def parameter_groups(config) -> ParameterGroups:
     """Count ``config``'s parameters by group on the meta device (no weights are allocated)."""
-    import torch
-
-    from .modeling_mythos import MythosForCausalLM
+    from .parameters import meta_model
     from .training.optim import split_parameters
 
-    with torch.device("meta"):
-        model = MythosForCausalLM(config)
+    model = meta_model(config)
     n_layers = config.prelude_layers + config.coda_layers
     root = root_tp = loop_dense = loop_dense_tp = experts = 0
     layers, layers_tp = [0] * n_layers, [0] * n_layers
