@@ -2,9 +2,9 @@
 
 ``mythos plan --preset mythos_100b --gpus 64 --gpu-memory 80GB`` prints it; :func:`plan` is the function behind the
 command, and :func:`preset_layout_table` the README's table. Parameter counts come from the model itself, built on
-the meta device (``openmythos.parameters.meta_model``), so they cannot drift from the code; activations, the KV cache and the
-traffic are formulas over the config, written out in ``docs/plan.md`` and checked against measured peak memory of a
-single-process training step (``tests/test_plan.py``).
+the meta device (``openmythos.parameters.meta_model``), so they cannot drift from the code; activations, the KV cache
+and the traffic are formulas over the config, written out in ``docs/plan.md`` and checked against measured peak
+memory of a single-process training step (``tests/test_plan.py``).
 
 This module imports only the standard library at the top (the ``mythos`` command stays fast); torch is imported when
 parameters are counted.
