@@ -87,13 +87,16 @@ def test_train_and_decode_measurements_run_the_same_code_on_cpu(tmp_path):
 
 def test_report_writes_the_json_and_the_table(tmp_path):
     steps = [{"step": "mfu", "rc": 0, "timed_out": False, "seconds": 41.0, "command": "c", "log_tail": ""},
-             {"step": "decode", "rc": 124, "timed_out": True, "seconds": 60.0, "command": "c", "log_tail": ""}]
+             {"step": "decode", "rc": 124, "timed_out": True, "seconds": 60.0, "command": "c", "log_tail": ""},
+             {"step": "parallel_nccl", "rc": 5, "timed_out": False, "seconds": 3.0, "command": "python -m pytest -q",
+              "log_tail": ""}]
     (tmp_path / "steps.jsonl").write_text("\n".join(json.dumps(s) for s in steps) + "\n")
     mfu = {"preset": "mythos_1b", "batch": 2, "seq_len": 2048, "n_loops": 16, "model_tflops_per_step": 68.3,
            "results": {"sdpa": {"step_s": 0.2, "achieved_tflops": 341.5, "mfu": 0.345, "peak_memory_gb": 30.0}}}
     (tmp_path / "mfu.json").write_text(json.dumps(mfu))
     table = gpu_mfu.report(tmp_path, "NVIDIA H100 80GB HBM3", 1, "2.13.0")
     assert "| mfu | passed | 41.0 |" in table and "| decode | timed out | 60.0 |" in table
+    assert "| parallel_nccl | no test matched | 3.0 |" in table
     assert "| sdpa | 0.200 | 341.5 | 34.5% | 30.0 |" in table
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert data["mfu"] == mfu and data["steps"] == steps and (tmp_path / "gpu_check.md").read_text() == table
