@@ -15,6 +15,11 @@ import warnings
 from pathlib import Path
 
 
+# the preset names, without importing the configuration (and torch) for --help
+_PRESET_NAMES = ("mythos_tiny", "mythos_1b", "mythos_3b", "mythos_10b", "mythos_50b", "mythos_100b", "mythos_500b",
+                 "mythos_1t")
+
+
 class CommandError(Exception):
     """A refused command: printed as one line, exit status 2."""
 
@@ -31,6 +36,39 @@ def _presets(args):
     from .parameters import preset_table
 
     print(preset_table())
+
+
+def _plan(args):
+    """``mythos plan``: every flag is checked by argparse or here, before torch is imported."""
+    from .plan import LAYOUTS, Precision, format_plan, parse_memory
+    from .plan import plan as make_plan
+
+    try:
+        gpu_memory = parse_memory(args.gpu_memory)
+    except ValueError:
+        raise CommandError(f"--gpu-memory must be a positive size such as 80GB, 141GB or 96GiB, got "
+                           f"{args.gpu_memory!r}") from None
+    for flag, value in (("--gpus", args.gpus), ("--batch", args.batch), ("--seq-len", args.seq_len),
+                        ("--n-loops", args.n_loops), ("--context", args.context), ("--tp", args.tp),
+                        ("--ep", args.ep)):
+        if value is not None and value < 1:
+            raise CommandError(f"{flag} must be a positive integer, got {value}")
+    precision = Precision(args.param_dtype, args.grad_dtype, args.master_dtype, args.optimizer_state_dtype)
+    _load_stack()
+    from .configuration_mythos import PRESETS
+
+    config = PRESETS[args.preset]()
+    if args.loop_kv_sharing:
+        config.loop_kv_sharing = "first"
+    layouts = LAYOUTS if args.layout == "all" else (args.layout,)
+    try:
+        result = make_plan(config, args.gpus, gpu_memory, batch=args.batch, seq_len=args.seq_len,
+                           n_loops=args.n_loops, context=args.context, precision=precision,
+                           checkpointing=not args.no_checkpointing, optimizer=args.optimizer, layouts=layouts,
+                           tp=args.tp, ep=args.ep, config_name=args.preset, adamw_impl=args.adamw_impl)
+    except ValueError as error:  # a TP / EP degree that does not divide the GPUs, heads or experts
+        raise CommandError(str(error).replace("`tp`", "--tp").replace("`ep`", "--ep")) from None
+    print(format_plan(result))
 
 
 def _quickstart(args):
@@ -182,6 +220,31 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("presets", help="print the preset table with total and active parameter counts")
     p.set_defaults(func=_presets)
+    p = sub.add_parser("plan", help="per-GPU memory, per-step traffic and fit of a preset under FSDP, FSDP+EP and "
+                                     "FSDP+EP+TP (docs/plan.md)")
+    p.add_argument("--preset", required=True, choices=[name for name in _PRESET_NAMES])
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB, 96GiB (default 80GB)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per data-parallel rank (per TP group) per step")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: max_seq_len, at most 4096)")
+    p.add_argument("--n-loops", type=int, default=None, help="loop iterations (default: the preset's max_loop_iters)")
+    p.add_argument("--context", type=int, default=None, help="tokens of the KV-cache figure (default: max_seq_len)")
+    p.add_argument("--loop-kv-sharing", action="store_true", help="KV cache with one loop slot (loop_kv_sharing)")
+    p.add_argument("--layout", choices=["all", "fsdp", "fsdp+ep", "fsdp+ep+tp"], default="all")
+    p.add_argument("--tp", type=int, default=None, help="TP degree of fsdp+ep+tp (default: up to 8, one node)")
+    p.add_argument("--ep", type=int, default=None, help="EP degree (default: the most that divides GPUs and experts)")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw", help="the optimizer the fit uses")
+    p.add_argument("--no-checkpointing", action="store_true", help="judge the fit without activation checkpointing")
+    p.add_argument("--adamw-impl", choices=["foreach", "per-tensor", "fused"], default="foreach",
+                   help="torch's AdamW implementation, for the optimizer step's temporaries (default foreach, "
+                        "torch's default on GPUs)")
+    p.add_argument("--param-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="parameters as the forward reads them; also activations and the KV cache (default bf16)")
+    p.add_argument("--grad-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--master-dtype", choices=["fp32", "bf16", "fp16", "none"], default="fp32",
+                   help="master copy of the parameters kept by the optimizer ('none': the parameters are the master)")
+    p.add_argument("--optimizer-state-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.set_defaults(func=_plan)
     p = sub.add_parser("quickstart", help="build a small model, run a forward pass and generate with several n_loops")
     p.add_argument("--attn-type", nargs="+", default=["mla", "gqa"], choices=["mla", "gqa"])
     p.add_argument("--n-loops", nargs="+", type=int, default=[1, 4, 8])

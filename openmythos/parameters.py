@@ -16,12 +16,17 @@ class ParameterCount:
     active: int
 
 
-def count_parameters(config: MythosConfig) -> ParameterCount:
-    """Total and active-per-token parameter counts of ``config`` without allocating weights."""
+def meta_model(config: MythosConfig):
+    """``MythosForCausalLM(config)`` on the meta device: every parameter's shape, no weights allocated."""
     from .modeling_mythos import MythosForCausalLM
 
     with torch.device("meta"):
-        model = MythosForCausalLM(config)
+        return MythosForCausalLM(config)
+
+
+def count_parameters(config: MythosConfig) -> ParameterCount:
+    """Total and active-per-token parameter counts of ``config`` without allocating weights."""
+    model = meta_model(config)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     experts = model.model.recurrent.layer.mlp.experts
     per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // config.n_experts

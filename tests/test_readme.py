@@ -61,11 +61,11 @@ def test_quickstart_command_runs(tmp_path):
 
 
 def test_readme_training_and_hub_commands_run(tmp_path):
-    """The toy pretraining, export and dry-run push lines of the README, run as written (venv paths mapped)."""
+    """The toy pretraining, export, dry-run push and plan lines of the README, run as written (venv paths mapped)."""
     lines = [line.strip() for block in re.findall(r"```bash\n(.*?)\n```", README, re.S) for line in block.splitlines()]
     wanted = [line for line in lines if "pretrain.py --toy" in line
               or (line.startswith(".venv/bin/mythos ") and not line.startswith(".venv/bin/mythos serve "))]
-    assert len(wanted) == 3, wanted
+    assert len(wanted) == 4, wanted
     bindir = Path(sys.executable).parent
     for line in wanted:
         command = re.sub(r"(?<![\w/])\.venv/bin/", f"{bindir}/", line.split("  #")[0])
