@@ -7,8 +7,12 @@ One line with the Trainer::
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Replicate
+else:  # a torch build without torch.distributed has no sharded parameters
+    DTensor = Replicate = None
 
 from ..modeling_mythos import MythosTopkRouter
 
@@ -46,7 +50,7 @@ class FullMatrixMuon(torch.optim.Muon):
     Under FSDP2 a hidden matrix and its gradient are DTensors split by rows (``Shard(0)``). Newton-Schulz must see
     the whole matrix. torch's Muon runs its matmuls through DTensor, which keeps the math global but redistributes at
     every matmul of every iteration and sums bf16 partial products across ranks: on 2 processes its result differed
-    from the unsharded one by up to 8 bf16 steps (0.0156 on entries of 0.4). Here a sharded matrix's momentum is
+    from the unsharded one by up to 8 bf16 steps (0.0156 on entries of 0.4; docs/distributed.md). Here a sharded matrix's momentum is
     updated on the shards (elementwise), the update is all-gathered once per step, orthogonalised by every rank
     exactly as one process would (the same function on the same numbers), and each rank keeps its own rows. The
     Newton-Schulz compute is therefore not divided among ranks: each rank runs it on every full matrix. Plain
@@ -62,7 +66,7 @@ class FullMatrixMuon(torch.optim.Muon):
         hidden = []
         for group in self.param_groups:
             for param in group["params"]:
-                if isinstance(param, DTensor) and param.grad is not None:
+                if DTensor is not None and isinstance(param, DTensor) and param.grad is not None:
                     self._sharded_step(param, group)
                     hidden.append((param, param.grad))
         try:

@@ -28,7 +28,7 @@ from openmythos.training.distributed import apply_fsdp2, set_loop_reshard_after_
 
 LOOP_COUNTS = (1, 4, 8)
 COUNT_STEPS = 2  # the first step also runs FSDP's lazy initialisation; both are counted
-MUON_STEPS = 3
+MUON_STEPS = 2
 ACCUMULATION = 2  # DDP: micro-batches per optimizer step on each rank
 DDP_STEPS = 2
 

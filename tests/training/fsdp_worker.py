@@ -136,8 +136,8 @@ def main(out_path: str):
     checkpointed.activation_checkpointing_enable()
     result["checkpointed_losses"] = train(apply_fsdp2(checkpointed), [ids[rows] for ids in global_batches()[:2]])
 
-    # Accelerate's FSDP2 wrapping with the example config (the `accelerate launch` path of the README), which makes
-    # the looped block's inner decoder layer a nested unit; with activation checkpointing on top.
+    # Accelerate's FSDP2 wrapping with the example config (the `accelerate launch` path of the README); with
+    # activation checkpointing on top.
     accelerate_model = build_model(**ACCELERATE_MODEL)
     accelerate_model.activation_checkpointing_enable()
     accelerate_model = shard_like_accelerate(accelerate_model, ACCELERATE_CONFIG)
