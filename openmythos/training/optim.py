@@ -147,14 +147,31 @@ class MuonAdamW(torch.optim.Optimizer):
             optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
-        return {"muon": self.muon.state_dict() if self.muon else None,
-                "adamw": self.adamw.state_dict() if self.adamw else None}
+        """torch's usual layout over all parameter groups (Muon's, then AdamW's), so that tools which map optimizer
+        state to parameter names by position read it: ``torch.distributed.checkpoint.state_dict``'s
+        ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, which Accelerate uses for FSDP2 checkpoints."""
+        return torch.optim.Optimizer.state_dict(self)
 
     def load_state_dict(self, state_dict):
-        for name in ("muon", "adamw"):
-            optimizer = getattr(self, name)
-            if optimizer is not None and state_dict.get(name) is not None:
-                optimizer.load_state_dict(state_dict[name])
+        if "muon" in state_dict or "adamw" in state_dict:  # the earlier layout: one state dict per inner optimizer
+            for name in ("muon", "adamw"):
+                optimizer = getattr(self, name)
+                if optimizer is not None and state_dict.get(name) is not None:
+                    optimizer.load_state_dict(state_dict[name])
+        else:
+            groups = state_dict["param_groups"]
+            if len(groups) != len(self.param_groups):
+                raise ValueError(f"MuonAdamW.load_state_dict: the state dict has {len(groups)} parameter groups, this "
+                                 f"optimizer {len(self.param_groups)}; it was saved from a different model or split")
+            start = 0
+            for optimizer in self._inner:
+                # each inner optimizer maps saved keys to its parameters by position, whatever the keys are (indices,
+                # or parameter names from torch.distributed.checkpoint)
+                mine = groups[start:start + len(optimizer.param_groups)]
+                start += len(mine)
+                keys = {key for group in mine for key in group["params"]}
+                optimizer.load_state_dict({"state": {k: v for k, v in state_dict["state"].items() if k in keys},
+                                           "param_groups": mine})
         # inner load_state_dict replaces group dicts: share them again
         self.param_groups[:] = [g for o in self._inner for g in o.param_groups]
 

@@ -4,7 +4,7 @@
   forward (FSDP's default) and kept gathered (``reshard_loop_after_forward=False``), and with the block's inner layer
   made a unit of its own (what the default wrapping avoids);
 - takes MuonAdamW steps on an FSDP2-sharded model, and the same steps on an unsharded replica fed the gathered
-  gradients;
+  gradients; saves and restores the optimizer state with torch.distributed.checkpoint;
 - trains under DDP with gradient accumulation, with and without ``ddp_ignore_expert_counts``.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/training/data_parallel_worker.py OUT.pt
@@ -18,6 +18,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -138,7 +139,15 @@ def muon_steps(rows):
         loss = loss.detach()
         dist.all_reduce(loss)
         losses.append(loss.item() / dist.get_world_size())
-    return dict(muon_losses=losses, muon_state=full_state(sharded), muon_replica_state=replica.state_dict())
+    # the optimizer state by parameter name, as Accelerate saves FSDP2 checkpoints; then loaded into a new optimizer
+    full = StateDictOptions(full_state_dict=True)
+    saved = get_optimizer_state_dict(sharded, optimizer, options=full)
+    restored = MuonAdamW.from_model(sharded, lr=LR, eps=EPS)
+    set_optimizer_state_dict(sharded, restored, saved, options=full)
+    return dict(muon_losses=losses, muon_state=full_state(sharded), muon_replica_state=replica.state_dict(),
+                muon_optimizer_state=saved, muon_restored_optimizer_state=get_optimizer_state_dict(
+                    sharded, restored, options=full),
+                muon_replica_optimizer_state=get_optimizer_state_dict(replica, replica_optimizer))
 
 
 def ddp_training(rank, world, ignore_counts: bool, sync_each_micro_batch: bool):
