@@ -15,8 +15,9 @@ The router's buffers are not parameters, so FSDP leaves them whole on every rank
 replicated, and ``expert_load`` counts this rank's tokens until ``openmythos.training.update_router_bias`` sums the
 counts over all ranks and applies the same update everywhere.
 
-DDP broadcasts every buffer from rank 0 at the start of each synchronised forward (``broadcast_buffers=True``, its
-default), which would overwrite the other ranks' ``expert_load`` counts. ``ddp_ignore_expert_counts`` exempts them.
+DDP (``broadcast_buffers=True``, its default) copies rank 0's buffers to every rank at each forward that follows a
+gradient-synchronising one, which would overwrite the other ranks' ``expert_load`` counts in the middle of a step.
+``ddp_ignore_expert_counts`` exempts them.
 """
 
 from torch import nn
@@ -98,9 +99,11 @@ def ddp_ignore_expert_counts(model: nn.Module) -> nn.Module:
     """Keep DDP from broadcasting the routers' per-rank expert counts; call it before DDP wraps ``model``.
 
     ``DistributedDataParallel(broadcast_buffers=True)`` (its default, and the Trainer's) copies rank 0's buffers to
-    every rank at the start of each synchronised forward. ``expert_load`` is the one buffer that differs by rank on
-    purpose: each rank counts its own tokens, over every micro-batch of an optimizer step, until
-    ``update_router_bias`` sums them. Broadcast, rank 0's counts would replace the others and the sum would be wrong.
+    every rank at each forward that follows a gradient-synchronising forward. ``expert_load`` is the one buffer that
+    differs by rank on purpose: each rank counts its own tokens, over every micro-batch of an optimizer step, until
+    ``update_router_bias`` sums them. When micro-batches synchronise one by one, rank 0's counts would replace the
+    others mid-step and the sum would be wrong (with ``no_sync()`` on all but the last, the copy lands just after the
+    counts were reset).
     This lists those buffers in DDP's ignore list (``_ddp_params_and_buffers_to_ignore``, read when DDP is built),
     keeping any names already there; the other buffers are still broadcast. ``model`` is the module DDP will wrap
     (a PEFT wrapper included: the names are relative to it). ``MythosTrainingCallback`` calls this for the Trainer.

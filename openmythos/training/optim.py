@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
+from ..modeling_mythos import MythosTopkRouter
+
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor, Replicate
 else:  # a torch build without torch.distributed has no sharded parameters
     DTensor = Replicate = None
-
-from ..modeling_mythos import MythosTopkRouter
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
@@ -50,11 +50,11 @@ class FullMatrixMuon(torch.optim.Muon):
     Under FSDP2 a hidden matrix and its gradient are DTensors split by rows (``Shard(0)``). Newton-Schulz must see
     the whole matrix. torch's Muon runs its matmuls through DTensor, which keeps the math global but redistributes at
     every matmul of every iteration and sums bf16 partial products across ranks: on 2 processes its result differed
-    from the unsharded one by up to 8 bf16 steps (0.0156 on entries of 0.4; docs/distributed.md). Here a sharded matrix's momentum is
-    updated on the shards (elementwise), the update is all-gathered once per step, orthogonalised by every rank
-    exactly as one process would (the same function on the same numbers), and each rank keeps its own rows. The
-    Newton-Schulz compute is therefore not divided among ranks: each rank runs it on every full matrix. Plain
-    tensors take torch's own step unchanged.
+    from the unsharded one by up to 8 bf16 steps (0.0156 on entries of 0.4; docs/distributed.md). Here a sharded
+    matrix's momentum is updated on the shards (elementwise), the update is all-gathered once per step,
+    orthogonalised by every rank exactly as one process would (the same function on the same numbers), and each rank
+    keeps its own rows. The Newton-Schulz compute is therefore not divided among ranks: each rank runs it on every
+    full matrix. Plain tensors take torch's own step unchanged.
     """
 
     @torch.no_grad()
