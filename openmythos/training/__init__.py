@@ -7,7 +7,7 @@
 - ``optim``: Muon for hidden matrices plus AdamW for the rest (``MuonAdamW``).
 - ``data``: streaming, tokenizing and packing pretraining text (``pretraining_dataset``).
 - ``checkpoints``: Trainer checkpoints that survive a kill or a full disk (``AtomicCheckpointTrainer``).
-- ``distributed``: FSDP2 sharding (``apply_fsdp2``).
+- ``distributed``: FSDP2 sharding (``apply_fsdp2``) and DDP (``ddp_ignore_expert_counts``).
 
 The public names are re-exported here, but each submodule is imported only when one of its names is first read
 (PEP 562 ``__getattr__``). That keeps the cost of each import what it was when these were top-level modules:
@@ -42,13 +42,15 @@ _EXPORTS = {
     "latest_complete_checkpoint": "checkpoints",
     "remove_partial_checkpoints": "checkpoints",
     "apply_fsdp2": "distributed",
+    "ddp_ignore_expert_counts": "distributed",
+    "set_loop_reshard_after_forward": "distributed",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ binds these names
     from .checkpoints import (AtomicCheckpointTrainer, CheckpointSaveError, checkpoint_problem, has_checkpoints,
                               latest_complete_checkpoint, remove_partial_checkpoints)
     from .data import SAMPLE_CORPUS, causal_lm_collator, load_text_dataset, pack_documents, pretraining_dataset
-    from .distributed import apply_fsdp2
+    from .distributed import apply_fsdp2, ddp_ignore_expert_counts, set_loop_reshard_after_forward
     from .loop_stats import LoopStatsAccumulator, MythosLoopStatsCallback, loop_budgets
     from .optim import MuonAdamW, split_parameters
     from .recipe import MythosTrainingCallback, expert_load_stats, routers, sample_n_loops, update_router_bias

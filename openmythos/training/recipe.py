@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from ..configuration_mythos import MythosConfig
 from ..modeling_mythos import MythosTopkRouter
+from .distributed import ddp_ignore_expert_counts, set_loop_reshard_after_forward
 
 
 def sample_n_loops(config: MythosConfig, step: int) -> int:
@@ -103,10 +104,20 @@ class MythosTrainingCallback(TrainerCallback):
       at ``on_train_begin``, removed at ``on_train_end``); evaluation forwards (eval mode) are left alone.
     - After each optimizer step, applies the aux-loss-free router-bias update (counts all-reduced across ranks).
     - Adds expert-load statistics (overall and per loop) to the logged metrics (``trainer.state.log_history``).
+    - Under DDP, keeps each rank's expert counts out of DDP's buffer broadcast (``ddp_ignore_expert_counts``, applied
+      when the Trainer is built, before it wraps the model), so the all-reduced counts are the true ones.
+    - ``reshard_loop_after_forward`` (``None``: leave FSDP's setting): under FSDP2 (Accelerate with
+      ``fsdp_version: 2``), ``False`` keeps the looped block gathered from its forward to the end of its backward,
+      one all-gather per step instead of two, at the memory cost described in ``apply_fsdp2``; set when training
+      begins, after the Trainer sharded the model. It is an error when the looped block is not an FSDP2 unit.
     """
 
-    def __init__(self, balance_router: bool = True):
+    def __init__(self, balance_router: bool = True, reshard_loop_after_forward: bool | None = None):
+        if reshard_loop_after_forward is not None and not isinstance(reshard_loop_after_forward, bool):
+            raise ValueError(
+                f"reshard_loop_after_forward must be True, False or None, got {reshard_loop_after_forward!r}")
         self.balance_router = balance_router
+        self.reshard_loop_after_forward = reshard_loop_after_forward
         self._stats = {}
         self._draw = 0
         self._hook = None
@@ -118,7 +129,13 @@ class MythosTrainingCallback(TrainerCallback):
             self._draw += 1
         return args, kwargs
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            ddp_ignore_expert_counts(model)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.reshard_loop_after_forward is not None:
+            set_loop_reshard_after_forward(model, self.reshard_loop_after_forward)
         if model is not None and self._hook is None:
             self._hook = model.register_forward_pre_hook(self._inject_n_loops, with_kwargs=True)
 

@@ -50,7 +50,7 @@ def global_batches() -> list[torch.Tensor]:
     return [torch.randint(4, 512, (GLOBAL_BATCH, SEQ_LEN), generator=generator) for _ in range(STEPS)]
 
 
-def train(model, batches) -> list[float]:
+def train(model, batches, n_loops: int = N_LOOPS) -> list[float]:
     """AdamW steps, each followed by the router-bias update; returns the loss of every step.
 
     Under torch.distributed each rank holds an equal number of tokens (no padding), so the mean of the ranks'
@@ -59,7 +59,7 @@ def train(model, batches) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=EPS)
     losses = []
     for ids in batches:
-        loss = model(input_ids=ids, labels=ids, n_loops=N_LOOPS).loss
+        loss = model(input_ids=ids, labels=ids, n_loops=n_loops).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -136,8 +136,8 @@ def main(out_path: str):
     checkpointed.activation_checkpointing_enable()
     result["checkpointed_losses"] = train(apply_fsdp2(checkpointed), [ids[rows] for ids in global_batches()[:2]])
 
-    # Accelerate's FSDP2 wrapping with the example config (the `accelerate launch` path of the README), which makes
-    # the looped block's inner decoder layer a nested unit; with activation checkpointing on top.
+    # Accelerate's FSDP2 wrapping with the example config (the `accelerate launch` path of the README); with
+    # activation checkpointing on top.
     accelerate_model = build_model(**ACCELERATE_MODEL)
     accelerate_model.activation_checkpointing_enable()
     accelerate_model = shard_like_accelerate(accelerate_model, ACCELERATE_CONFIG)

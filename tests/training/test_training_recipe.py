@@ -221,11 +221,20 @@ def test_muon_adamw_trains_follows_a_scheduler_and_round_trips_its_state():
     assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(0.02 * 0.5 ** 8)
     assert optimizer.adamw.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 ** 8)
     restored = MuonAdamW.from_model(model, lr=1e-3, muon_lr=0.02)
-    restored.load_state_dict(optimizer.state_dict())
+    state = optimizer.state_dict()
+    assert sorted(state) == ["param_groups", "state"]  # torch's layout, which torch.distributed.checkpoint reads
+    restored.load_state_dict(state)
     assert len(restored.state) == len(optimizer.state) > 0
     some = next(iter(optimizer.adamw.state.values()))["exp_avg"]
     again = next(iter(restored.adamw.state.values()))["exp_avg"]
     assert torch.equal(some, again)
+    muon_buffer = next(iter(optimizer.muon.state.values()))["momentum_buffer"]
+    assert torch.equal(next(iter(restored.muon.state.values()))["momentum_buffer"], muon_buffer)
+    # checkpoints written before, one state dict per inner optimizer, still load
+    earlier = MuonAdamW.from_model(model, lr=1e-3, muon_lr=0.02)
+    earlier.load_state_dict({"muon": optimizer.muon.state_dict(), "adamw": optimizer.adamw.state_dict()})
+    assert torch.equal(next(iter(earlier.muon.state.values()))["momentum_buffer"], muon_buffer)
+    assert earlier.muon.param_groups[0]["lr"] == optimizer.muon.param_groups[0]["lr"]
 
 
 def test_each_loop_depth_has_its_own_balancing_bias():
