@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from openmythos import MythosForCausalLM, mythos_tiny
+from openmythos.training import update_router_bias
 
 ATTN_TYPES = ("mla", "gqa")
 N_LOOPS = 3  # fewer than max_loop_iters (4): the loop-indexed tables are read at several rows, not all
@@ -91,8 +92,9 @@ def run(model: MythosForCausalLM, data_parallel: bool = False) -> dict:
     model.eval()
     with torch.no_grad():
         logits = gathered(model(input_ids=ids, n_loops=N_LOOPS).logits, data_parallel)
-    tokens = gathered(model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, n_loops=N_LOOPS,
-                                     pad_token_id=0), data_parallel)
+    generate = dict(max_new_tokens=NEW_TOKENS, do_sample=False, n_loops=N_LOOPS, pad_token_id=0)
+    tokens = gathered(model.generate(ids, **generate), data_parallel)
+    static_tokens = gathered(model.generate(ids, cache_implementation="static", **generate), data_parallel)
     model.train()
     loss = model(input_ids=ids, labels=ids, n_loops=N_LOOPS).loss
     loss.backward()
@@ -101,7 +103,12 @@ def run(model: MythosForCausalLM, data_parallel: bool = False) -> dict:
         dist.all_reduce(loss)
         loss = loss / dist.get_world_size()
     grads = {name: full(param.grad) for name, param in model.named_parameters()}
-    return dict(logits=logits, loss=loss, grads=grads, tokens=tokens)
+    # The balancing bias is replicated: each rank counts the tokens it routed, the update sums the counts over all
+    # ranks, so the bias stays identical everywhere (under tensor parallelism both ranks count the same tokens, and
+    # the doubled counts give the same sign(mean - load) step).
+    update_router_bias(model)
+    bias = model.model.recurrent.layer.mlp.gate.e_score_correction_bias.clone()
+    return dict(logits=logits, loss=loss, grads=grads, tokens=tokens, static_tokens=static_tokens, bias=bias)
 
 
 def reference(root: Path, attn_type: str) -> dict:
@@ -119,7 +126,8 @@ def main(root: str, out_path: str):
     for attn_type in ATTN_TYPES:
         for layout, sizes in LAYOUTS.items():
             model = MythosForCausalLM.from_pretrained(root / attn_type, distributed_config=DistributedConfig(**sizes))
-            sharded = sorted(name for name, param in model.named_parameters() if hasattr(param, "placements"))
+            sharded = {name: str(param.placements) for name, param in model.named_parameters()
+                       if hasattr(param, "placements")}
             print(f"rank {dist.get_rank()}: {attn_type} {layout}", flush=True)
             outcome = run(model, data_parallel=sizes.get("fsdp_size", 1) > 1)
             outcome.update(sharded=sharded, tied=model.lm_head.weight is model.model.embed_tokens.weight)
