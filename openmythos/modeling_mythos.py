@@ -1953,6 +1953,14 @@ class MythosModel(MythosPreTrainedModel):
             raise ValueError(
                 f"{given} needs loop_kv_sharing='none'; this model has loop_kv_sharing={sharing!r}, where one n_loops "
                 f"(an int) runs every position. Pass a single int n_loops, or use a model with loop_kv_sharing='none'.")
+        layout = getattr(self.config, "distributed_config", None)  # set by from_pretrained(distributed_config=...)
+        if plan.adaptive and layout is not None and layout.ep_size > layout.tp_size:
+            given = "exit_criterion" if criterion is not None else "per-row or per-position n_loops"
+            raise ValueError(
+                f"{given} lets positions stop early, so each rank would run the experts a different number of times; "
+                f"this model's experts exchange tokens between ranks that hold different batches (loaded with "
+                f"ep_size={layout.ep_size} > tp_size={layout.tp_size}), where every rank must join every loop's "
+                f"all-to-all. Pass a single int n_loops without exit_criterion, or load with ep_size == tp_size.")
         if (plan.adaptive or sharing != "none") and attention_mask is not None:
             plan.key_mask = attention_mask.bool() if attention_mask.dim() == 2 else attention_mask
         row_loops = most

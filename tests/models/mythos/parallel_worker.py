@@ -23,6 +23,9 @@ from openmythos.training import update_router_bias
 
 ATTN_TYPES = ("mla", "gqa")
 N_LOOPS = 3  # fewer than max_loop_iters (4): the loop-indexed tables are read at several rows, not all
+# The adaptive-depth path (positions stop early; stopped ones still write keys/values): at this threshold about half
+# the positions of each row stop after 2 of the 3 loops, in both checkpoints.
+EXIT = dict(exit_criterion="delta", exit_threshold=0.5)
 SEQ_LEN, NEW_TOKENS = 10, 6
 # Layouts of two processes. `ep_size` must be a multiple of `tp_size` and divide `fsdp_size * tp_size`, so with two
 # ranks expert parallelism runs over the tensor-parallel group; `tp_plan={}` keeps everything but the experts whole.
@@ -95,6 +98,17 @@ def run(model: MythosForCausalLM, data_parallel: bool = False) -> dict:
     generate = dict(max_new_tokens=NEW_TOKENS, do_sample=False, n_loops=N_LOOPS, pad_token_id=0)
     tokens = gathered(model.generate(ids, **generate), data_parallel)
     static_tokens = gathered(model.generate(ids, cache_implementation="static", **generate), data_parallel)
+    outcome = dict(logits=logits, tokens=tokens, static_tokens=static_tokens)
+    if data_parallel:  # expert parallelism across different batches: refused (see the test), same error on each rank
+        try:
+            model(input_ids=ids, n_loops=N_LOOPS, **EXIT)
+        except ValueError as error:
+            outcome["adaptive_error"] = str(error)
+    else:
+        with torch.no_grad():
+            adaptive = model(input_ids=ids, n_loops=N_LOOPS, **EXIT)
+        outcome.update(adaptive_logits=adaptive.logits, loops_used=adaptive.loops_used,
+                       adaptive_tokens=model.generate(ids, **generate, **EXIT))
     model.train()
     loss = model(input_ids=ids, labels=ids, n_loops=N_LOOPS).loss
     loss.backward()
@@ -108,7 +122,7 @@ def run(model: MythosForCausalLM, data_parallel: bool = False) -> dict:
     # the doubled counts give the same sign(mean - load) step).
     update_router_bias(model)
     bias = model.model.recurrent.layer.mlp.gate.e_score_correction_bias.clone()
-    return dict(logits=logits, loss=loss, grads=grads, tokens=tokens, static_tokens=static_tokens, bias=bias)
+    return dict(outcome, loss=loss, grads=grads, bias=bias)
 
 
 def reference(root: Path, attn_type: str) -> dict:

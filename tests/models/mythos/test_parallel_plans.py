@@ -55,6 +55,27 @@ def test_sharded_logits_equal_one_process(two_rank_run, attn_type, layout):
     torch.testing.assert_close(logits, two_rank_run["reference"][attn_type]["logits"], rtol=0, atol=1e-5)
 
 
+SHARED_BATCH_CASES = [case for case in CASES if case[1] != "fsdp_ep"]
+
+
+@pytest.mark.parametrize("attn_type,layout", SHARED_BATCH_CASES)
+def test_sharded_adaptive_depth_equals_one_process(two_rank_run, attn_type, layout):
+    """Positions that stop early (an exit criterion): the same loops, logits and cached greedy tokens."""
+    sharded, reference = two_rank_run["sharded"][(attn_type, layout)], two_rank_run["reference"][attn_type]
+    loops_used = reference["loops_used"]
+    assert loops_used.min() < parallel_worker.N_LOOPS == loops_used.max()  # some positions stopped early, not all
+    assert torch.equal(sharded["loops_used"], loops_used)
+    torch.testing.assert_close(sharded["adaptive_logits"], reference["adaptive_logits"], rtol=0, atol=1e-5)
+    assert torch.equal(sharded["adaptive_tokens"], reference["adaptive_tokens"])
+
+
+@pytest.mark.parametrize("attn_type", parallel_worker.ATTN_TYPES)
+def test_early_exit_is_refused_when_experts_exchange_tokens_between_different_batches(two_rank_run, attn_type):
+    # Each rank would run the experts' all-to-all a different number of times, and the ranks would wait forever.
+    message = two_rank_run["sharded"][(attn_type, "fsdp_ep")]["adaptive_error"]
+    assert message.startswith("exit_criterion lets positions stop early") and "ep_size=2 > tp_size=1" in message
+
+
 @pytest.mark.parametrize("attn_type,layout", CASES)
 def test_sharded_training_step_gives_the_gradients_of_one_process(two_rank_run, attn_type, layout):
     sharded, reference = two_rank_run["sharded"][(attn_type, layout)], two_rank_run["reference"][attn_type]
