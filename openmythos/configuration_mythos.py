@@ -465,17 +465,15 @@ class MythosConfig(PreTrainedConfig):
                 "split into stages. Use pp_size=1 with tp_size / ep_size / fsdp_size.")
         tp_plan = getattr(distributed_config, "tp_plan", None)
         if tp_size > 1 and tp_plan != {}:
-            split = {"n_heads": self.n_heads}
+            # Widths (dense_ffn_dim, expert_dim, vocab_size) may split unevenly; heads may not.
+            heads = {"n_heads": self.n_heads}
             if self.attn_type == "gqa":
-                split["n_kv_heads"] = self.n_kv_heads
-            if ep_size == 1:  # under expert parallelism the experts are split by expert, not by width
-                split["expert_dim"] = self.expert_dim
-            for name, value in split.items():
+                heads["n_kv_heads"] = self.n_kv_heads
+            for name, value in heads.items():
                 if value % tp_size:
                     raise ValueError(
                         f"`{name}` ({value}) must be divisible by tp_size ({tp_size}): tensor parallelism gives "
-                        f"each rank {'whole heads' if 'heads' in name else 'an equal slice of every expert'}. "
-                        f"Pick a tp_size that divides {value}.")
+                        f"each rank whole heads. Pick a tp_size that divides {value}.")
         if ep_size > 1 and self.n_experts % ep_size:
             raise ValueError(
                 f"`n_experts` ({self.n_experts}) must be divisible by ep_size ({ep_size}): expert parallelism gives "

@@ -43,13 +43,13 @@ REFUSED = {
     "heads3": (dict(attn_type="mla", n_heads=3, n_kv_heads=1), dict(tp_size=2), "`n_heads` (3)"),
     "kv_heads1": (dict(attn_type="gqa", n_kv_heads=1), dict(tp_size=2), "`n_kv_heads` (1)"),
     "experts5": (dict(n_experts=5), dict(tp_size=2, ep_size=2), "`n_experts` (5)"),
-    "expert_dim31": (dict(expert_dim=31), dict(tp_size=2), "`expert_dim` (31)"),
 }
+# Widths may split unevenly: an odd expert_dim gives each rank 16 or 15 of every expert's 31 gate/up/down columns.
+UNEVEN = dict(expert_dim=31)
 
 
 def tiny(**overrides):
-    # dense_ffn_dim = 64 * 4 // 3 = 85 is odd: the prelude/coda FFNs split unevenly (43 + 42), which transformers'
-    # colwise/rowwise styles allow, so the uneven case is exercised too.
+    # dense_ffn_dim = 64 * 4 // 3 = 85 is odd: the prelude/coda FFNs split unevenly (43 + 42) in every checkpoint
     return mythos_tiny(**overrides)
 
 
@@ -57,7 +57,7 @@ def save_checkpoints(root: Path) -> None:
     """Seeded checkpoints with every weight random (the depth-wise LoRA's up and the balancing bias are zero at init,
     which would leave their paths untested)."""
     for name, overrides in [(attn, dict(attn_type=attn)) for attn in ATTN_TYPES] + \
-                           [(name, spec[0]) for name, spec in REFUSED.items()]:
+                           [(name, spec[0]) for name, spec in REFUSED.items()] + [("uneven", UNEVEN)]:
         torch.manual_seed(0)
         model = MythosForCausalLM(tiny(**overrides))
         with torch.no_grad():
@@ -125,9 +125,9 @@ def run(model: MythosForCausalLM, data_parallel: bool = False) -> dict:
     return dict(outcome, loss=loss, grads=grads, bias=bias)
 
 
-def reference(root: Path, attn_type: str) -> dict:
-    """The single-process results for checkpoint ``root / attn_type``."""
-    return run(MythosForCausalLM.from_pretrained(root / attn_type))
+def reference(root: Path, name: str) -> dict:
+    """The single-process results for checkpoint ``root / name``."""
+    return run(MythosForCausalLM.from_pretrained(root / name))
 
 
 def main(root: str, out_path: str):
@@ -146,6 +146,8 @@ def main(root: str, out_path: str):
             outcome = run(model, data_parallel=sizes.get("fsdp_size", 1) > 1)
             outcome.update(sharded=sharded, tied=model.lm_head.weight is model.model.embed_tokens.weight)
             result[(attn_type, layout)] = outcome
+    result[("uneven", "tp")] = run(MythosForCausalLM.from_pretrained(root / "uneven",
+                                                                     distributed_config=DistributedConfig(tp_size=2)))
     for name, (_, sizes, _) in REFUSED.items():
         try:
             MythosForCausalLM.from_pretrained(root / name, distributed_config=DistributedConfig(**sizes))

@@ -36,7 +36,7 @@ def two_rank_run(tmp_path_factory):
         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     try:
-        reference = {attn_type: parallel_worker.reference(root, attn_type) for attn_type in parallel_worker.ATTN_TYPES}
+        reference = {name: parallel_worker.reference(root, name) for name in (*parallel_worker.ATTN_TYPES, "uneven")}
         initial_bias = {attn_type: MythosForCausalLM.from_pretrained(root / attn_type).model.recurrent.layer.mlp.gate
                         .e_score_correction_bias for attn_type in parallel_worker.ATTN_TYPES}
         log, _ = worker.communicate(timeout=300)
@@ -126,6 +126,14 @@ def test_expert_parallelism_gives_each_rank_whole_experts(two_rank_run, attn_typ
     placements = two_rank_run["sharded"][(attn_type, "tp_ep")]["sharded"]
     for name in ("gate_up_proj", "down_proj"):
         assert placements[f"model.recurrent.layer.mlp.experts.{name}"] == "(Shard(dim=0),)"  # n_experts / 2 each
+
+
+def test_tensor_parallelism_splits_an_odd_expert_width_unevenly_and_exactly(two_rank_run):
+    sharded, reference = two_rank_run["sharded"][("uneven", "tp")], two_rank_run["reference"]["uneven"]
+    torch.testing.assert_close(sharded["logits"], reference["logits"], rtol=0, atol=1e-5)
+    for name, grad in reference["grads"].items():
+        torch.testing.assert_close(sharded["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(sharded["tokens"], reference["tokens"])
 
 
 @pytest.mark.parametrize("name", sorted(parallel_worker.REFUSED))
