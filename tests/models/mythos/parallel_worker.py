@@ -37,6 +37,7 @@ LAYOUTS = {
     "tp": dict(tp_size=2),
     "tp_ep": dict(tp_size=2, ep_size=2),
     "fsdp_ep": dict(fsdp_size=2, ep_size=2),
+    "fsdp": dict(fsdp_size=2),  # the FSDP plan alone (each rank its half of the batch), for comparison
 }
 # Checkpoints no two-rank layout can split, the layout tried, and the field the error must name.
 REFUSED = {
@@ -85,7 +86,7 @@ def gathered(tensor: torch.Tensor, data_parallel: bool) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def run(model: MythosForCausalLM, data_parallel: bool = False) -> dict:
+def run(model: MythosForCausalLM, data_parallel: bool = False, exit_refused: bool = False) -> dict:
     """Logits, one training step's loss and gradients, and cached greedy tokens of the whole batch. Under data
     parallelism each rank runs its half of the batch: the halves are gathered, the loss is the ranks' mean (equal
     token counts), and the gradients come out of FSDP averaged over the ranks."""
@@ -99,7 +100,7 @@ def run(model: MythosForCausalLM, data_parallel: bool = False) -> dict:
     tokens = gathered(model.generate(ids, **generate), data_parallel)
     static_tokens = gathered(model.generate(ids, cache_implementation="static", **generate), data_parallel)
     outcome = dict(logits=logits, tokens=tokens, static_tokens=static_tokens)
-    if data_parallel:  # expert parallelism across different batches: refused (see the test), same error on each rank
+    if exit_refused:  # experts exchanging tokens between different batches: refused (see the test), on each rank
         try:
             model(input_ids=ids, n_loops=N_LOOPS, **EXIT)
         except ValueError as error:
@@ -107,8 +108,9 @@ def run(model: MythosForCausalLM, data_parallel: bool = False) -> dict:
     else:
         with torch.no_grad():
             adaptive = model(input_ids=ids, n_loops=N_LOOPS, **EXIT)
-        outcome.update(adaptive_logits=adaptive.logits, loops_used=adaptive.loops_used,
-                       adaptive_tokens=model.generate(ids, **generate, **EXIT))
+        outcome.update(adaptive_logits=gathered(adaptive.logits, data_parallel),
+                       loops_used=gathered(adaptive.loops_used, data_parallel),
+                       adaptive_tokens=gathered(model.generate(ids, **generate, **EXIT), data_parallel))
     model.train()
     loss = model(input_ids=ids, labels=ids, n_loops=N_LOOPS).loss
     loss.backward()
@@ -143,7 +145,8 @@ def main(root: str, out_path: str):
             sharded = {name: str(param.placements) for name, param in model.named_parameters()
                        if hasattr(param, "placements")}
             print(f"rank {dist.get_rank()}: {attn_type} {layout}", flush=True)
-            outcome = run(model, data_parallel=sizes.get("fsdp_size", 1) > 1)
+            outcome = run(model, data_parallel=sizes.get("fsdp_size", 1) > 1,
+                          exit_refused=sizes.get("ep_size", 1) > sizes.get("tp_size", 1))
             outcome.update(sharded=sharded, tied=model.lm_head.weight is model.model.embed_tokens.weight)
             result[(attn_type, layout)] = outcome
     result[("uneven", "tp")] = run(MythosForCausalLM.from_pretrained(root / "uneven",

@@ -2,7 +2,7 @@
 
 ``from_pretrained(dir, distributed_config=DistributedConfig(...))`` shards a checkpoint with the config's
 ``base_model_tp_plan`` / ``base_model_ep_plan`` / ``base_model_fsdp_plan``. In every layout two ranks allow (TP,
-TP x EP, FSDP x EP), for MLA and GQA, the sharded model must compute what one unsharded process computes: logits, one
+TP x EP, FSDP x EP, and FSDP alone), for MLA and GQA, the sharded model must compute what one unsharded process computes: logits, one
 training step's gradients, the router-bias update, and cached greedy generation (dynamic and static cache). One
 torchrun of tests/models/mythos/parallel_worker.py checks them all; the single-process side runs meanwhile.
 """
@@ -55,10 +55,10 @@ def test_sharded_logits_equal_one_process(two_rank_run, attn_type, layout):
     torch.testing.assert_close(logits, two_rank_run["reference"][attn_type]["logits"], rtol=0, atol=1e-5)
 
 
-SHARED_BATCH_CASES = [case for case in CASES if case[1] != "fsdp_ep"]
+EXIT_CASES = [case for case in CASES if case[1] != "fsdp_ep"]
 
 
-@pytest.mark.parametrize("attn_type,layout", SHARED_BATCH_CASES)
+@pytest.mark.parametrize("attn_type,layout", EXIT_CASES)
 def test_sharded_adaptive_depth_equals_one_process(two_rank_run, attn_type, layout):
     """Positions that stop early (an exit criterion): the same loops, logits and cached greedy tokens."""
     sharded, reference = two_rank_run["sharded"][(attn_type, layout)], two_rank_run["reference"][attn_type]
