@@ -2,9 +2,10 @@
 
 ``from_pretrained(dir, distributed_config=DistributedConfig(...))`` shards a checkpoint with the config's
 ``base_model_tp_plan`` / ``base_model_ep_plan`` / ``base_model_fsdp_plan``. In every layout two ranks allow (TP,
-TP x EP, FSDP x EP, and FSDP alone), for MLA and GQA, the sharded model must compute what one unsharded process computes: logits, one
-training step's gradients, the router-bias update, and cached greedy generation (dynamic and static cache). One
-torchrun of tests/models/mythos/parallel_worker.py checks them all; the single-process side runs meanwhile.
+TP x EP, FSDP x EP, and FSDP alone), for MLA and GQA, the sharded model must compute what one unsharded process
+computes: logits, one training step's gradients, the router-bias update, and cached greedy generation (dynamic and
+static cache). One torchrun of tests/models/mythos/parallel_worker.py checks them all; the single-process side runs
+meanwhile.
 """
 
 import os
