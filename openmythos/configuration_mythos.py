@@ -389,6 +389,96 @@ class MythosConfig(PreTrainedConfig):
         """Number of channels per head that RoPE rotates."""
         return self.qk_rope_head_dim if self.attn_type == "mla" else self.head_dim
 
+    # ----------------------------------------------------------------------------------------------------------------
+    # Parallel plans, read by transformers when loading with `from_pretrained(..., distributed_config=...)`. Keys are
+    # module names inside `MythosModel`; `MythosForCausalLM` adds `lm_head`, and transformers shards `embed_tokens` by
+    # vocabulary. They are properties, not class dicts as in transformers' own configs, because the module names
+    # depend on the config (MLA or GQA, `q_lora_rank`, layers and shared experts present or not), and a rule that
+    # names no module makes transformers warn on every load.
+    # The looped block is one module (`recurrent.layer`), so its rules shard its weights once; every loop iteration
+    # runs the same sharded modules. The injection (A, B), the depth-wise LoRA, the loop signal, the router and its
+    # balancing bias act on the full hidden state after the row-parallel `o_proj` / experts have all-reduced it, so
+    # they stay replicated: every rank computes the same values and receives the same, complete gradients.
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan: attention split by head, every FFN (dense, shared experts, each routed expert) split
+        along its hidden width."""
+        if self.attn_type == "gqa":
+            attention = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+        else:
+            # The latent (`kv_a_proj_with_mqa`) and the query compression (`q_a_proj`) are shared by every head and
+            # stay whole; `mla_kv_a_proj` sums the gradient of the one rope key that all heads read.
+            attention = {"q_b_proj" if self.q_lora_rank > 0 else "q_proj": "colwise",
+                         "kv_a_proj_with_mqa": "mla_kv_a_proj", "kv_b_proj": "colwise", "o_proj": "rowwise"}
+        dense = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+        plan = {}
+        blocks = [("prelude.*", self.prelude_layers), ("coda.*", self.coda_layers), ("recurrent.layer", 1)]
+        for block, count in blocks:
+            if count == 0:
+                continue
+            plan.update({f"{block}.self_attn.{name}": style for name, style in attention.items()})
+            if block != "recurrent.layer":
+                plan.update({f"{block}.mlp.{name}": style for name, style in dense.items()})
+        moe = "recurrent.layer.mlp"
+        # Each expert's gate/up rows (packed as [gate; up]) and down columns are split; every rank routes the same
+        # tokens with the whole router, runs its slice of every chosen expert, and `moe_tp_experts` sums the slices.
+        plan.update({f"{moe}.experts.gate_up_proj": "packed_colwise", f"{moe}.experts.down_proj": "rowwise",
+                     f"{moe}.experts": "moe_tp_experts"})
+        if self.n_shared_experts > 0:
+            plan.update({f"{moe}.shared_experts.{name}": style for name, style in dense.items()})
+        return plan
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """Expert-parallel plan: whole routed experts per rank (`n_experts / ep_size` each), tokens dispatched to them.
+        The router, its bias and the shared experts are not split by it (they follow the tensor-parallel plan)."""
+        experts = "recurrent.layer.mlp.experts"
+        return {f"{experts}.gate_up_proj": "grouped_gemm", f"{experts}.down_proj": "grouped_gemm",
+                experts: "ep_dispatch_experts"}
+
+    @property
+    def base_model_fsdp_plan(self) -> dict[str, str]:
+        """FSDP2 units when a ``DistributedConfig`` has ``fsdp_size > 1``: the units of
+        ``openmythos.training.apply_fsdp2`` (each prelude and coda layer; the looped block once, so it is gathered once
+        per call, which runs every iteration), and the final norm kept gathered with the tied ``lm_head``."""
+        plan = {"embed_tokens": "free_full_weight", "recurrent": "free_full_weight", "norm": "keep_full_weight"}
+        plan.update({f"{block}.*": "free_full_weight" for block, count in
+                     (("prelude", self.prelude_layers), ("coda", self.coda_layers)) if count})
+        return plan
+
+    # No `base_model_pp_plan`: transformers' pipeline parallelism splits `base_model.layers` into stages of whole
+    # layers, and nearly all of a Mythos model is one block that runs `n_loops` times in sequence (see
+    # `check_parallel_layout`).
+
+    def check_parallel_layout(self, distributed_config) -> None:
+        """Refuse a ``transformers.DistributedConfig`` layout this model cannot be split by, naming the field, before
+        any weight is sharded or loaded (``MythosPreTrainedModel.maybe_distribute_model`` calls it)."""
+        pp_size = getattr(distributed_config, "pp_size", 1) or 1
+        tp_size = getattr(distributed_config, "tp_size", 1) or 1
+        ep_size = getattr(distributed_config, "ep_size", 1) or 1
+        if pp_size > 1:
+            raise ValueError(
+                f"pp_size={pp_size}: OpenMythos has no pipeline-parallel plan. Pipeline stages are whole layers, and "
+                "nearly all of the model is one looped block that runs n_loops times in sequence, so it cannot be "
+                "split into stages. Use pp_size=1 with tp_size / ep_size / fsdp_size.")
+        tp_plan = getattr(distributed_config, "tp_plan", None)
+        if tp_size > 1 and tp_plan != {}:
+            # Widths (dense_ffn_dim, expert_dim, vocab_size) may split unevenly; heads may not.
+            heads = {"n_heads": self.n_heads}
+            if self.attn_type == "gqa":
+                heads["n_kv_heads"] = self.n_kv_heads
+            for name, value in heads.items():
+                if value % tp_size:
+                    raise ValueError(
+                        f"`{name}` ({value}) must be divisible by tp_size ({tp_size}): tensor parallelism gives "
+                        f"each rank whole heads. Pick a tp_size that divides {value}.")
+        if ep_size > 1 and self.n_experts % ep_size:
+            raise ValueError(
+                f"`n_experts` ({self.n_experts}) must be divisible by ep_size ({ep_size}): expert parallelism gives "
+                f"each rank n_experts / ep_size whole experts. Pick an ep_size that divides {self.n_experts}.")
+
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """``PreTrainedConfig.from_dict``, then the cross-field rules again: load-time overrides are assigned after

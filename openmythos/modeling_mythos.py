@@ -261,7 +261,8 @@ class MythosMLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
         elif project:
             q = self.q_proj(hidden_states)
-        q = q.view(batch, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        # -1, not num_heads: under tensor parallelism each rank projects only its own heads
+        q = q.view(batch, seq, -1, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, *position_embeddings)
 
@@ -287,9 +288,10 @@ class MythosMLAttention(nn.Module):
             return out.reshape(batch, seq, -1), weights
 
         kv_len = latent.shape[2]
-        kv = self.kv_b_proj(latent).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
+        heads = q_nope.shape[1]  # this rank's heads under tensor parallelism (kv_b_proj is split by head too)
+        kv = self.kv_b_proj(latent).view(batch, kv_len, heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, heads, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         # torch's fused SDPA kernels (CPU flash included) need the value head size to equal the query/key one;
         # otherwise it falls back to the slower math path. Zero columns of v give zero output columns: pad, slice.
@@ -336,7 +338,11 @@ class MythosMLAttention(nn.Module):
         "head" of size kv_lora_rank + qk_rope_head_dim), never expanding the cache.
         """
         batch, heads, seq = q_nope.shape[:3]
-        w = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w = self.kv_b_proj.weight
+        # Tensor parallelism makes the weight a DTensor sharded by head; this rank's queries are its heads' queries
+        # (the `colwise` q projection), so the local shard is exactly the slice to fold in.
+        w = w.to_local() if hasattr(w, "to_local") else w
+        w = w.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q = torch.cat((torch.matmul(q_nope, w_uk), q_rope), dim=-1)  # [B, H, S, R + rope]
         k = torch.cat((latent, k_rope), dim=-1)  # [B, 1, T, R + rope]
@@ -1522,6 +1528,14 @@ class MythosPreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(MythosTopkRouter, index=0),
     }
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # `from_pretrained(..., distributed_config=...)`: a layout the config cannot be split by is refused here,
+        # naming the field, before any weight is sharded or loaded (transformers would fail deep inside torch).
+        if distributed_config is not None and mesh_manager is not None:
+            model.config.check_parallel_layout(distributed_config)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -1939,6 +1953,14 @@ class MythosModel(MythosPreTrainedModel):
             raise ValueError(
                 f"{given} needs loop_kv_sharing='none'; this model has loop_kv_sharing={sharing!r}, where one n_loops "
                 f"(an int) runs every position. Pass a single int n_loops, or use a model with loop_kv_sharing='none'.")
+        layout = getattr(self.config, "distributed_config", None)  # set by from_pretrained(distributed_config=...)
+        if plan.adaptive and layout is not None and layout.ep_size > layout.tp_size:
+            given = "exit_criterion" if criterion is not None else "per-row or per-position n_loops"
+            raise ValueError(
+                f"{given} lets positions stop early, so each rank would run the experts a different number of times; "
+                f"this model's experts exchange tokens between ranks that hold different batches (loaded with "
+                f"ep_size={layout.ep_size} > tp_size={layout.tp_size}), where every rank must join every loop's "
+                f"all-to-all. Pass a single int n_loops without exit_criterion, or load with ep_size == tp_size.")
         if (plan.adaptive or sharing != "none") and attention_mask is not None:
             plan.key_mask = attention_mask.bool() if attention_mask.dim() == 2 else attention_mask
         row_loops = most
@@ -1981,6 +2003,9 @@ def _check_labels(labels, input_ids, inputs_embeds, vocab_size: int, ignore_inde
 @auto_docstring
 class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # split by vocabulary like the tied embedding (both shard dim 0), and gathered so that every rank has all logits
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}  # gathered once with the final norm (and the tied embedding)
 
     def __init__(self, config: MythosConfig):
         super().__init__(config)
