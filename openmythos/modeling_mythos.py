@@ -752,6 +752,15 @@ class MythosPagedBatch:
         self.cu_q = paged_kwargs["cu_seq_lens_q"].tolist() if cu_q is None else cu_q
         self.cu_k = paged_kwargs["cu_seq_lens_k"][self.layer_type].tolist() if cu_k is None else cu_k
         self.rows = (self.allocator.num_key_value_heads, self.allocator.head_dim)  # a token's paged key (and value) row
+        device = attention_mask.device
+        # which packed sequence each new token and each key column belongs to (a loop selects sequences by these)
+        self.token_sequence = self._owners(self.cu_q, device)
+        self.key_sequence = self._owners(self.cu_k, device)
+
+    @staticmethod
+    def _owners(cu: list[int], device) -> torch.Tensor:
+        lengths = torch.tensor([b - a for a, b in zip(cu, cu[1:])], device=device)
+        return torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), lengths)
 
     @classmethod
     def from_forward(cls, cache, attention_mask, config: MythosConfig, kwargs: dict) -> "MythosPagedBatch":
@@ -838,26 +847,25 @@ class MythosPagedBatch:
         return tuple(out)
 
     # ---------------------------------------------------------------------------------------- some requests only
-    def token_index(self, sequences: list[int], cu: list[int], device) -> torch.Tensor:
-        return torch.cat([torch.arange(cu[i], cu[i + 1], device=device) for i in sequences])
-
-    def subset(self, sequences: list[int]) -> "MythosPagedBatch":
-        """The same cache as seen by the packed sequences ``sequences`` alone (their write and read indices)."""
+    def subset(self, sequences: list[int]) -> tuple["MythosPagedBatch", torch.Tensor, torch.Tensor]:
+        """The same cache as seen by the packed sequences ``sequences`` alone (their write and read indices), and
+        their new tokens' and key columns' indices in this batch."""
+        chosen = torch.zeros(self.sequences, dtype=torch.bool, device=self.token_sequence.device)
+        chosen[sequences] = True
+        tokens = chosen[self.token_sequence].nonzero().squeeze(1)
+        keys = chosen[self.key_sequence].nonzero().squeeze(1)
         kwargs = dict(self.kwargs)
-        device = kwargs["write_index"][0].device
-        tokens = self.token_index(sequences, self.cu_q, device)
-        keys = self.token_index(sequences, self.cu_k, device)
         kwargs["write_index"] = [index[tokens] for index in kwargs["write_index"]]
         kwargs["read_index"] = [index[keys] if index.numel() else index for index in kwargs["read_index"]]
         cu_q, cu_k = [0], [0]
         for i in sequences:
             cu_q.append(cu_q[-1] + self.cu_q[i + 1] - self.cu_q[i])
             cu_k.append(cu_k[-1] + self.cu_k[i + 1] - self.cu_k[i])
-        as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+        as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=tokens.device)
         kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"] = as_tensor(cu_q), {self.layer_type: as_tensor(cu_k)}
         kwargs["max_length_q"] = max(b - a for a, b in zip(cu_q, cu_q[1:]))
         kwargs["max_length_k"] = {self.layer_type: max(b - a for a, b in zip(cu_k, cu_k[1:]))}
-        return MythosPagedBatch(self.paged, kwargs, self.mask, self.config, cu_q, cu_k)
+        return MythosPagedBatch(self.paged, kwargs, self.mask, self.config, cu_q, cu_k), tokens, keys
 
     def active(self, run: torch.Tensor, kv_needed: torch.Tensor):
         """The loop's :class:`MythosPagedPositions` (None: every token runs; False: nothing to do). ``kv_needed``
@@ -886,9 +894,8 @@ class MythosPagedPositions(MythosActivePositions):
         if len(sequences) == paged.sequences:
             self.kv_cache, self.kv_tokens = paged, None
         else:
-            self.kv_cache = paged.subset(sequences)
-            self.kv_tokens = paged.token_index(sequences, paged.cu_q, run.device)
-            self.mask_rows = self.mask_rows[..., paged.token_index(sequences, paged.cu_k, run.device)]
+            self.kv_cache, self.kv_tokens, key_columns = paged.subset(sequences)
+            self.mask_rows = self.mask_rows[..., key_columns]
 
     def kv_inputs(self, hidden_states, position_embeddings):
         if self.kv_tokens is None:
