@@ -11,8 +11,8 @@ one rotating every round, so load from other work hits both alike; the report gi
 process's CPU time (all threads) for each, and the ratios mixed / uniform (above 1: mixed budgets serve faster). The ideal ratio, if time were proportional to loops, is
 16 / mean budget; the prelude, coda, head and per-step overhead keep the measured one below it.
 
-The model is run.py's "small" size (the reference README's config) with ``max_loop_iters=16``, random weights, fp32,
-sdpa attention. Results: docs/serving_benchmark.md.
+The model is one of run.py's sizes (``--size``; "small" is the reference README's config, "medium" 4x wider) with
+``max_loop_iters=16``, random weights, fp32, sdpa attention. Results: docs/serving_benchmark.md.
 """
 
 import argparse
@@ -34,10 +34,10 @@ from transformers import ContinuousBatchingConfig, GenerationConfig  # noqa: E40
 MAX_BUDGET = 16
 
 
-def build_requests(count: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+def build_requests(count: int, size: str = "small", seed: int = 0) -> tuple[list[list[int]], list[int]]:
     """``count`` prompts of 8-32 tokens and their budgets, 1..16 in turn (every budget equally often)."""
     gen = torch.Generator().manual_seed(seed)
-    vocab = runbench.SIZES["small"]["common"]["vocab_size"]
+    vocab = runbench.SIZES[size]["common"]["vocab_size"]
     lengths = torch.randint(8, 33, (count,), generator=gen).tolist()
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
     return prompts, [1 + i % MAX_BUDGET for i in range(count)]
@@ -57,7 +57,7 @@ def serve(model, prompts, n_loops, new_tokens, page_size=32):
 
 
 def bench_attn(attn: str, args, prompts, budgets) -> dict:
-    model = runbench.build_ours("small", attn, max_loop_iters=MAX_BUDGET)
+    model = runbench.build_ours(args.size, attn, max_loop_iters=MAX_BUDGET)
     cpu = {"mixed": [], "uniform": []}
 
     def timed_cpu(name, n_loops):
@@ -89,6 +89,8 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1; quick 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--attn", nargs="+", choices=["mla", "gqa"], default=["mla", "gqa"])
+    parser.add_argument("--size", choices=list(runbench.SIZES), default="small",
+                        help="run.py's model size, with max_loop_iters=16 (default small)")
     parser.add_argument("--json", metavar="PATH", help="write every number and the machine description to PATH")
     args = parser.parse_args(argv)
     defaults = dict(requests=8 if args.quick else 32, new_tokens=2 if args.quick else 16, reps=1 if args.quick else 5,
@@ -107,11 +109,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    prompts, budgets = build_requests(args.requests)
+    prompts, budgets = build_requests(args.requests, args.size)
     machine = runbench.describe_machine(args.threads, dtype="float32")
     print(f"openmythos {machine['openmythos']} | torch {machine['torch']} | transformers {machine['transformers']}")
     print(runbench.machine_line(machine))
-    print(f"{len(prompts)} requests, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+    print(f"size {args.size}; {len(prompts)} requests, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
           f"+{args.new_tokens} tokens each, greedy; budgets {min(budgets)}-{max(budgets)} (mean "
           f"{sum(budgets) / len(budgets):.1f}) vs all {MAX_BUDGET}; medians of {args.reps} rounds")
     results = {"machine": machine, "settings": {k: v for k, v in vars(args).items() if k != "json"},

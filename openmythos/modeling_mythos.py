@@ -659,6 +659,12 @@ def check_paged_support(config: MythosConfig, cb_config=None) -> None:
             f"Continuous batching of this model runs attn_implementation 'sdpa' or 'eager' (its loops choose the "
             f"running requests on the host and attend through an explicit mask); got "
             f"{config._attn_implementation!r}. Call model.set_attn_implementation('sdpa') first.")
+    row = 2 * config.num_key_value_heads * config.head_dim  # numbers the paged cache keeps per token and layer
+    if config.attn_type == "mla" and config.kv_lora_rank + config.qk_rope_head_dim > row:
+        raise ValueError(
+            f"The paged cache keeps 2 * n_kv_heads * head_dim = {row} numbers per token and layer, fewer than MLA's "
+            f"kv_lora_rank + qk_rope_head_dim = {config.kv_lora_rank + config.qk_rope_head_dim}; raise `n_kv_heads` "
+            f"(MLA does not use it otherwise), or use generate()")
     if cb_config is None:
         return
     for name in ("use_cuda_graph", "varlen_compile_config", "decode_compile_config", "default_compile_level",
@@ -804,7 +810,9 @@ class MythosPagedBatch:
         else:  # per-request thresholds; a request without a criterion never stops early ("delta": change < 0)
             values = [t if c is not None else 0.0 for _, c, t in controls]
             given = torch.repeat_interleave(torch.tensor(values), lengths)[None].to(self.mask.device)
-        return MythosLoopPlan(most, budget, kind, given, bool(output_stats))
+        plan = MythosLoopPlan(most, budget, kind, given, bool(output_stats))
+        plan.paged = self
+        return plan
 
     # ------------------------------------------------------------------------------------------- the cache interface
     def update(self, keys, values, layer_idx, *args, **kwargs):
@@ -2174,7 +2182,6 @@ class MythosModel(MythosPreTrainedModel):
             self._validate_inputs(input_ids, inputs_embeds, None, position_ids, None, 0)
             cache = paged = MythosPagedBatch.from_forward(cache, attention_mask, self.config, kwargs)
             plan = paged.plan(self.request_loops, n_loops, exit_criterion, exit_threshold, output_loop_stats)
-            plan.paged = paged
         else:
             if not _is_budget_list(n_loops):
                 n_loops = _check_n_loops(self.config.default_n_loops if n_loops is None else n_loops, self.config)
@@ -2369,6 +2376,10 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
             raise ValueError(f"generate_batch with per-request loop controls does not take {sorted(kwargs)}")
         call = next(_request_calls)
         ids = [f"mythos_{call}_{i}" for i in range(len(inputs))]
+        given = generation_config if generation_config is not None else self.generation_config
+        children = (getattr(given, "num_return_sequences", None) or 1) - 1  # forked requests: "<id>__child#<k>"
+        # in transformers' order: each request's forked children, then the request itself
+        expected = [name for rid in ids for name in (*(f"{rid}__child#{k}" for k in range(children)), rid)]
         results = {}
         try:
             for request_id, control in zip(ids, controls):
@@ -2378,7 +2389,7 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
                     block=True, timeout=5, warmup=warmup) as manager:
                 for request_id, prompt in zip(ids, inputs):
                     manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new_tokens)
-                while len(results) < len(ids):
+                while not all(request_id in results for request_id in expected):
                     result = manager.get_result(timeout=1)
                     if result is not None and result.is_finished():
                         results[result.request_id] = result
@@ -2387,7 +2398,7 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         finally:
             for request_id in ids:
                 self.request_loops.pop(request_id)
-        return {request_id: results[request_id] for request_id in ids if request_id in results}
+        return {request_id: results[request_id] for request_id in expected if request_id in results}
 
     def _prepare_generation_config(self, generation_config, **kwargs):
         """``GenerationMixin._prepare_generation_config``, then the loop controls move to the model kwargs.

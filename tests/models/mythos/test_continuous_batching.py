@@ -79,6 +79,16 @@ def test_generate_batch_matches_generate(model, prompts):
         assert_same(result, alone(model, prompt))
 
 
+def test_eager_attention_matches_generate(model, prompts):
+    """Continuous batching runs an eager model through transformers' "paged|eager" kernel, and restores "eager"."""
+    model.set_attn_implementation("eager")
+    budgets = [2, 4, 1, 3]
+    results = batch(model, prompts, n_loops=budgets)
+    assert model.config._attn_implementation == "eager"
+    for prompt, budget, result in zip(prompts, budgets, results):
+        assert_same(result, alone(model, prompt, n_loops=budget))
+
+
 def test_generate_batch_depth_from_the_generation_config_or_the_call(model, prompts):
     """One depth for every request, given as the generate_batch argument or a generation config field."""
     config = greedy()
@@ -204,6 +214,9 @@ def test_unsupported_paged_features_are_refused(model, prompts):
     with pytest.raises(ValueError, match="use_cuda_graph"):
         model.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config(
             use_cuda_graph=True))
+    narrow = sharp_model("mla", n_kv_heads=1)  # paged rows of 2 * 1 * 16 numbers; MLA caches 32 + 8
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        narrow.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config())
     shared = sharp_model("mla", loop_kv_sharing="first")
     with pytest.raises(ValueError, match="loop_kv_sharing"):
         shared.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config())
