@@ -133,6 +133,22 @@ def test_per_request_delta_criterion_matches_generate(model, prompts):
         assert_same(result, alone(model, prompt, n_loops=budget, **extra))
 
 
+@pytest.mark.parametrize("attn_type", ["mla"])  # the halting rule does not depend on the attention type
+def test_per_request_act_thresholds_match_generate(attn_type, prompts):
+    """Every request halting by ACT, each at its own threshold and budget, stops where generate() stops it."""
+    model = sharp_model(attn_type, use_act=True)
+    with torch.no_grad():  # spread-out halting probabilities (zero-initialised, it would halt nowhere early)
+        model.model.recurrent.halt.weight.normal_(0, 0.5)
+        model.model.recurrent.halt.bias.fill_(-1.0)
+    # each request's threshold clear of the halting masses of its own prompt
+    thresholds = [clear_threshold(model, torch.tensor([prompt]), "act", n_loops=4) for prompt in prompts]
+    assert len(set(thresholds)) > 1
+    budgets = [4, 3, 4, 2]
+    results = batch(model, prompts, n_loops=budgets, exit_criterion="act", exit_threshold=thresholds)
+    for prompt, budget, value, result in zip(prompts, budgets, thresholds, results):
+        assert_same(result, alone(model, prompt, n_loops=budget, exit_criterion="act", exit_threshold=value))
+
+
 def test_manager_takes_per_request_loops(model, prompts):
     """init_continuous_batching + add_request: ``model.request_loops.set`` gives a request its own depth."""
     manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
