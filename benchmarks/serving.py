@@ -1,15 +1,16 @@
 """Serving with per-request depth: continuous batching of requests with mixed loop budgets against a uniform budget.
 
     .venv/bin/python benchmarks/serving.py               # full run: 32 requests, budgets 1-16, MLA and GQA
-    .venv/bin/python benchmarks/serving.py --quick       # smoke run (tests/test_benchmarks.py runs it; no time asserted)
+    .venv/bin/python benchmarks/serving.py --quick       # smoke run (tests/test_benchmarks.py; no time asserted)
     .venv/bin/python benchmarks/serving.py --attn mla --reps 5 --json runs/serving.json
 
 The same requests (prompts of 8-32 random tokens, greedy, ``--new-tokens`` each) go through transformers' continuous
 batching (``model.generate_batch`` over the paged cache) twice: once with mixed budgets, ``n_loops`` = 1, 2, ..., 16
 over the requests (a list, one per request), and once with every request at 16. The two runs alternate, the first
 one rotating every round, so load from other work hits both alike; the report gives tokens/s (wall clock) and the
-process's CPU time (all threads) for each, and the ratios mixed / uniform (above 1: mixed budgets serve faster). The ideal ratio, if time were proportional to loops, is
-16 / mean budget; the prelude, coda, head and per-step overhead keep the measured one below it.
+process's CPU time (all threads) for each, and the ratios mixed / uniform (above 1: mixed budgets serve faster). The
+ideal ratio, if time were proportional to loops, is 16 / mean budget; the prelude, coda, head and per-step overhead
+keep the measured one below it.
 
 The model is one of run.py's sizes (``--size``; "small" is the reference README's config, "medium" 4x wider) with
 ``max_loop_iters=16``, random weights, fp32, sdpa attention. Results: docs/serving_benchmark.md.
@@ -113,7 +114,8 @@ def main(argv=None):
     machine = runbench.describe_machine(args.threads, dtype="float32")
     print(f"openmythos {machine['openmythos']} | torch {machine['torch']} | transformers {machine['transformers']}")
     print(runbench.machine_line(machine))
-    print(f"size {args.size}; {len(prompts)} requests, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+    lengths = [len(p) for p in prompts]
+    print(f"size {args.size}; {len(prompts)} requests, prompts {min(lengths)}-{max(lengths)} tokens, "
           f"+{args.new_tokens} tokens each, greedy; budgets {min(budgets)}-{max(budgets)} (mean "
           f"{sum(budgets) / len(budgets):.1f}) vs all {MAX_BUDGET}; medians of {args.reps} rounds")
     results = {"machine": machine, "settings": {k: v for k, v in vars(args).items() if k != "json"},

@@ -793,11 +793,10 @@ class MythosPagedBatch:
         ids = self.request_ids() if requests.requests else [None] * self.sequences
         controls = [default if rid is None else requests.get(rid) for rid in ids]
         controls = [(n if n is not None else self.config.default_n_loops, c, t) for n, c, t in controls]
-        if max(n for n, _, _ in controls) > self.config.loop_cache_slots:  # the config default may exceed the slots
-            requests.checked(max(n for n, _, _ in controls))
+        budgets = [n for n, _, _ in controls]
+        requests.checked(max(budgets))  # the config's default depth may exceed the paged loop slots
         check_request_mix(controls)
         lengths = torch.tensor([self.cu_q[i + 1] - self.cu_q[i] for i in range(self.sequences)])
-        budgets = [n for n, _, _ in controls]
         kind = next((c for _, c, _ in controls if c is not None), None)
         most = max(budgets)
         budget = None
@@ -893,7 +892,8 @@ class MythosPagedPositions(MythosActivePositions):
     [1, running], and attend through the rows of the batch's mask; keys/values are written for every token of the
     requests whose budget reaches this loop (``sequences``), through the cache as those requests alone see it."""
 
-    def __init__(self, paged: MythosPagedBatch, run: torch.Tensor, sequences: list[int]):  # noqa: super() not called
+    def __init__(self, paged: MythosPagedBatch, run: torch.Tensor, sequences: list[int]):
+        # one packed row: none of the parent's per-row bookkeeping applies, so its __init__ is not called
         self.run, self.batch, self.decoding = run, 1, False
         self.flat = run[0].nonzero().squeeze(1)
         self.width = self.flat.numel()

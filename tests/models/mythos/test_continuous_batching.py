@@ -50,8 +50,8 @@ def greedy():
 
 
 def batch(model, prompts, config=None, **loops):
-    outputs = model.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=config or cb_config(),
-                                   **loops)
+    outputs = model.generate_batch(prompts, generation_config=greedy(),
+                                   continuous_batching_config=config or cb_config(), **loops)
     assert len(outputs) == len(prompts)
     for output in outputs.values():
         assert output.error is None, output.error
