@@ -134,6 +134,10 @@ def eager_attention_forward(
 
 
 def _attention_interface(config) -> Callable:
+    # CODEPATH: "paged|eager" only under continuous batching of an eager model. The attention modules write the paged
+    # cache themselves (MythosPagedBatch), and transformers 5.23's paged|eager kernel would write it a second time.
+    if config._attn_implementation == "paged|eager":
+        return eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
 
