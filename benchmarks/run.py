@@ -580,6 +580,23 @@ def parse_args(argv):
     return args
 
 
+def describe_machine(threads: int, **extra) -> dict:
+    """When and where a run happened: date, CPU, load, versions and torch threads (plus ``extra`` settings)."""
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {refbench.cpu_model()}".strip(), "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg()[0], "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "openmythos": openmythos.__version__,
+        "threads": threads, **extra,
+    }
+
+
+def machine_line(machine: dict) -> str:
+    return (f"{machine['date']} | {machine['machine']} | {machine['cpu_count']} CPUs | {machine['threads']} torch "
+            f"threads | {machine.get('dtype', 'float32').replace('float', 'fp')} | 1-min load average "
+            f"{machine['load_average_at_start']:.1f} at start")
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -588,17 +605,10 @@ def main(argv=None):
         ref_version = version("open-mythos") if refbench.open_mythos is not None else None
     except PackageNotFoundError:
         ref_version = None
-    machine = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {refbench.cpu_model()}".strip(), "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg()[0], "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "openmythos": openmythos.__version__,
-        "reference": ref_version, "threads": args.threads, "dtype": "float32", "n_loops": N_LOOPS,
-    }
+    machine = describe_machine(args.threads, reference=ref_version, dtype="float32", n_loops=N_LOOPS)
     print(f"openmythos {openmythos.__version__} | torch {torch.__version__} | transformers {transformers.__version__} |"
           f" reference {ref_version or 'not installed (pip install --no-deps open-mythos==0.5.0): column left out'}")
-    print(f"{machine['date']} | {machine['machine']} | {machine['cpu_count']} CPUs | {args.threads} torch threads | "
-          f"fp32 | 1-min load average {machine['load_average_at_start']:.1f} at start")
+    print(machine_line(machine))
     if "roofline" in args.sections:
         machine.update(matmul=matmul_peak_gflops(args.reps))
         machine["matmul_peak_gflops"] = machine["matmul"]["peak_gflops"]

@@ -13,7 +13,9 @@ This module imports only torch, transformers and ``configuration_mythos``, so it
 loaded with ``trust_remote_code=True``.
 """
 
+import copy
 import functools
+import itertools
 import math
 import numbers
 from collections.abc import Callable
@@ -26,6 +28,8 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.generation import utils as generation_utils
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -130,6 +134,10 @@ def eager_attention_forward(
 
 
 def _attention_interface(config) -> Callable:
+    # CODEPATH: "paged|eager" only under continuous batching of an eager model. The attention modules write the paged
+    # cache themselves (MythosPagedBatch), and transformers 5.23's paged|eager kernel would write it a second time.
+    if config._attn_implementation == "paged|eager":
+        return eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
 
@@ -632,6 +640,306 @@ class MythosSharedKV:
         return allowed
 
 
+# ------------------------------------------------------------------------------------------------ continuous batching
+# transformers' continuous batching (`generate_batch`, `init_continuous_batching`) packs the requests of one step into
+# a single row [1, tokens] and keeps their keys/values in a PagedAttentionCache. Everything the looped model needs for
+# it lives here: the per-request loop controls (MythosRequestLoops), the paged cache as the attention modules see it
+# (MythosPagedBatch) and the running positions of one loop in a packed row (MythosPagedPositions).
+
+_request_calls = itertools.count()  # numbers generate_batch calls, for request ids that never collide
+
+# the keyword arguments continuous batching passes to forward for its cache and kernels (MythosPagedBatch takes them)
+PAGED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "read_index", "write_index",
+                "block_table", "is_causal", "logits_indices", "logits_processor_args")
+
+
+def is_paged_cache(cache) -> bool:
+    return isinstance(cache, PagedAttentionCache)
+
+
+def check_paged_support(config: MythosConfig, cb_config=None) -> None:
+    """What continuous batching of this model needs, checked before any work: a loop slot per iteration, an explicit
+    mask (sdpa or eager), and host-side loop decisions (no CUDA graphs or compile)."""
+    if config.loop_kv_sharing != "none":
+        raise ValueError(
+            f"Continuous batching needs loop_kv_sharing='none' (a paged slot per loop iteration); this model has "
+            f"loop_kv_sharing={config.loop_kv_sharing!r}. Use generate(), which supports it.")
+    if config._attn_implementation not in ("sdpa", "eager", "paged|eager"):
+        raise ValueError(
+            f"Continuous batching of this model runs attn_implementation 'sdpa' or 'eager' (its loops choose the "
+            f"running requests on the host and attend through an explicit mask); got "
+            f"{config._attn_implementation!r}. Call model.set_attn_implementation('sdpa') first.")
+    row = 2 * config.num_key_value_heads * config.head_dim  # numbers the paged cache keeps per token and layer
+    if config.attn_type == "mla" and config.kv_lora_rank + config.qk_rope_head_dim > row:
+        raise ValueError(
+            f"The paged cache keeps 2 * n_kv_heads * head_dim = {row} numbers per token and layer, fewer than MLA's "
+            f"kv_lora_rank + qk_rope_head_dim = {config.kv_lora_rank + config.qk_rope_head_dim}; raise `n_kv_heads` "
+            f"(MLA does not use it otherwise), or use generate()")
+    if cb_config is None:
+        return
+    for name in ("use_cuda_graph", "varlen_compile_config", "decode_compile_config", "default_compile_level",
+                 "q_padding_interval_size", "kv_padding_interval_size"):
+        if getattr(cb_config, name, None):
+            raise ValueError(
+                f"ContinuousBatchingConfig.{name}={getattr(cb_config, name)!r} is not supported by this model: each "
+                f"loop picks its running requests on the host, which CUDA graphs and compiled steps cannot follow. "
+                f"Leave {name} unset.")
+
+
+class MythosRequestLoops:
+    """The loop budget and exit rule of each continuous-batching request, by request id.
+
+    ``default`` applies to every request without an entry; ``init_continuous_batching`` sets it from the generation
+    config (``n_loops``, ``exit_criterion``, ``exit_threshold``, as ``generate`` reads them). ``set`` gives one request
+    its own, before it is added to the manager::
+
+        model.request_loops.set("r1", n_loops=2)
+        manager.add_request(ids, request_id="r1")
+
+    Forked children (``num_return_sequences``) use their parent's entry. Every value is checked when it is set, so a
+    bad one is refused before any work.
+    """
+
+    def __init__(self, config: MythosConfig):
+        self.config = config
+        self.default: tuple = (None, None, None)
+        self.requests: dict[str, tuple] = {}
+
+    def checked(self, n_loops=None, exit_criterion=None, exit_threshold=None) -> tuple:
+        """``(n_loops, exit_criterion, exit_threshold)`` checked for the paged cache (None: the model's default)."""
+        if n_loops is not None:
+            n_loops = _check_n_loops(n_loops, self.config)
+            slots = self.config.loop_cache_slots
+            if n_loops > slots:
+                raise ValueError(
+                    f"`n_loops`={n_loops} exceeds the paged cache's loop slots: continuous batching allocates one slot "
+                    f"per loop up to max_loop_iters={slots} and cannot grow. Pass n_loops <= {slots}.")
+        exit_threshold = _check_exit(exit_criterion, exit_threshold, self.config, True, None)
+        if exit_criterion == "kl":
+            raise ValueError(
+                "exit_criterion='kl' is not supported by continuous batching (it runs the coda once per loop against "
+                "a cache it must not write, which the paged cache cannot do); use 'delta' or 'act', or generate()")
+        return n_loops, exit_criterion, exit_threshold
+
+    def set(self, request_id: str, n_loops=None, exit_criterion=None, exit_threshold=None) -> None:
+        self.requests[request_id] = self.checked(n_loops, exit_criterion, exit_threshold)
+
+    def pop(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+
+    def get(self, request_id: str | None) -> tuple:
+        if request_id is not None and request_id not in self.requests and "__child#" in request_id:
+            request_id = request_id.split("__child#")[0]
+        return self.requests.get(request_id, self.default)
+
+
+def check_request_mix(controls: list[tuple]) -> None:
+    """The exit rules that may share a continuous batch: any budgets, and either no criterion, or one criterion kind
+    (per-request thresholds). ``"delta"`` requests may share a batch with requests that have none; ``"act"`` requests
+    may not (without a criterion the halting head still mixes the loop states, with the config's threshold)."""
+    kinds = {criterion for _, criterion, _ in controls}
+    if len(kinds - {None}) > 1 or ("act" in kinds and None in kinds):
+        raise ValueError(
+            f"`exit_criterion` values {sorted(map(str, kinds))} cannot share a continuous batch: requests may mix "
+            f"'delta' with None, or all use 'act', with any budgets and thresholds. Run the others in another call.")
+
+
+class MythosPagedBatch:
+    """One forward of continuous batching: its requests packed into one row [1, tokens], over transformers'
+    ``PagedAttentionCache``. It is the cache the attention modules call (``update``), and it turns each request's loop
+    controls into the forward's :class:`MythosLoopPlan` (one budget per token when they differ).
+
+    Each loop iteration has its own paged layer (``loop_cache_slot``), like every other cache. MLA keeps its latent
+    cache: the latent and the rope key of a token are packed into the token's paged key and value rows (the paged
+    cache sizes a row from ``num_key_value_heads * head_dim``; MLA uses ``kv_lora_rank + qk_rope_head_dim`` of the
+    two rows' numbers, and the rest stays unused). A loop that only some requests run uses ``subset``: a smaller packed
+    batch over the same cache.
+    """
+
+    def __init__(self, cache, paged_kwargs: dict, attention_mask, config: MythosConfig, cu_q=None, cu_k=None):
+        self.paged, self.kwargs, self.mask, self.config = cache, paged_kwargs, attention_mask, config
+        allocators = list(cache.cache_allocators.values())
+        if len(allocators) != 1 or paged_kwargs.get("block_table") is not None or attention_mask is None:
+            raise ValueError(
+                "Mythos continuous batching runs full attention with an explicit mask (attn_implementation 'sdpa' or "
+                "'eager', no CUDA graphs or compile); this batch came from another paged kernel path")
+        self.allocator = allocators[0]
+        self.layer_type = self.allocator.layer_type
+        self.cu_q = paged_kwargs["cu_seq_lens_q"].tolist() if cu_q is None else cu_q
+        self.cu_k = paged_kwargs["cu_seq_lens_k"][self.layer_type].tolist() if cu_k is None else cu_k
+        self.rows = (self.allocator.num_key_value_heads, self.allocator.head_dim)  # a token's paged key (and value) row
+        device = attention_mask.device
+        # which packed sequence each new token and each key column belongs to (a loop selects sequences by these)
+        self.token_sequence = self._owners(self.cu_q, device)
+        self.key_sequence = self._owners(self.cu_k, device)
+
+    @staticmethod
+    def _owners(cu: list[int], device) -> torch.Tensor:
+        lengths = torch.tensor([b - a for a, b in zip(cu, cu[1:])], device=device)
+        return torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), lengths)
+
+    @classmethod
+    def from_forward(cls, cache, attention_mask, config: MythosConfig, kwargs: dict) -> "MythosPagedBatch":
+        """Take continuous batching's arguments out of forward's ``kwargs`` (the blocks must not see them)."""
+        paged_kwargs = {name: kwargs.pop(name) for name in PAGED_KWARGS if name in kwargs}
+        return cls(cache, paged_kwargs, attention_mask, config)
+
+    @property
+    def sequences(self) -> int:
+        return len(self.cu_q) - 1
+
+    def request_ids(self) -> list[str | None]:
+        """The request of each packed sequence: the owner of the cache block its first new token is written to."""
+        owner = {block: rid for rid, blocks in self.allocator.block_table.items() for block in blocks}
+        write_index = self.kwargs["write_index"][self.allocator.index]
+        firsts = write_index[torch.tensor(self.cu_q[:-1], device=write_index.device)].tolist()
+        return [owner.get(index // self.allocator.block_physical_stride) for index in firsts]
+
+    def plan(self, requests: MythosRequestLoops, n_loops, criterion, threshold, output_stats) -> "MythosLoopPlan":
+        """This forward's loop plan. A value passed to forward itself overrides the requests' defaults."""
+        check_paged_support(self.config)
+        default = requests.checked(*(given if given is not None else fallback for given, fallback in
+                                     zip((n_loops, criterion, threshold), requests.default)))
+        ids = self.request_ids() if requests.requests else [None] * self.sequences
+        controls = [default if rid is None else requests.get(rid) for rid in ids]
+        controls = [(n if n is not None else self.config.default_n_loops, c, t) for n, c, t in controls]
+        budgets = [n for n, _, _ in controls]
+        requests.checked(max(budgets))  # the config's default depth may exceed the paged loop slots
+        check_request_mix(controls)
+        lengths = torch.tensor([self.cu_q[i + 1] - self.cu_q[i] for i in range(self.sequences)])
+        kind = next((c for _, c, _ in controls if c is not None), None)
+        most = max(budgets)
+        budget = None
+        if min(budgets) != most:
+            budget = torch.repeat_interleave(torch.tensor(budgets), lengths)[None].to(self.mask.device)
+        if kind is None:
+            given = None
+        elif len({t for _, c, t in controls}) == 1:
+            given = controls[0][2]
+        else:  # per-request thresholds; a request without a criterion never stops early ("delta": change < 0)
+            values = [t if c is not None else 0.0 for _, c, t in controls]
+            given = torch.repeat_interleave(torch.tensor(values), lengths)[None].to(self.mask.device)
+        plan = MythosLoopPlan(most, budget, kind, given, bool(output_stats))
+        plan.paged = self
+        return plan
+
+    # ------------------------------------------------------------------------------------------- the cache interface
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        """Write this call's keys/values [1, heads, tokens, dim] to paged layer ``layer_idx``; return those of every
+        token the packed sequences see (cached + new), in the mask's key order."""
+        kwargs = dict(self.kwargs)  # PagedAttentionCache.update rewrites the per-layer-type entries in place
+        paged_keys, paged_values = self._pack(keys, values)
+        paged_keys, paged_values = self.paged.update(paged_keys, paged_values, layer_idx, kwargs)
+        return self._unpack(paged_keys, paged_values, keys, values)
+
+    def _fits(self, keys, values) -> bool:
+        heads, dim = self.rows
+        return tuple(keys.shape[1::2]) == tuple(values.shape[1::2]) == (heads, dim)
+
+    def _pack(self, keys, values):
+        """MLA's (latent, rope key) per token -> the paged (key row, value row); GQA's keys/values already fit."""
+        if self._fits(keys, values):
+            return keys, values
+        heads, dim = self.rows
+        tokens = keys.shape[2]
+        flat = torch.cat([x[0].transpose(0, 1).reshape(tokens, -1) for x in (keys, values)], dim=-1)
+        if flat.shape[1] > 2 * heads * dim:
+            raise ValueError(
+                f"The paged cache holds {2 * heads * dim} numbers per token and layer (2 * num_key_value_heads * "
+                f"head_dim), but this attention caches {flat.shape[1]}: raise n_kv_heads, or use generate()")
+        flat = F.pad(flat, (0, 2 * heads * dim - flat.shape[1]))
+        paged_keys, paged_values = flat.view(tokens, 2, heads, dim).unbind(1)
+        return paged_keys.transpose(0, 1)[None], paged_values.transpose(0, 1)[None]
+
+    def _unpack(self, paged_keys, paged_values, keys, values):
+        if self._fits(keys, values):
+            return paged_keys, paged_values
+        tokens = paged_keys.shape[2]
+        flat = torch.cat([x[0].transpose(0, 1).reshape(tokens, -1) for x in (paged_keys, paged_values)], dim=-1)
+        out, start = [], 0
+        for like in (keys, values):
+            heads, dim = like.shape[1], like.shape[3]
+            out.append(flat[:, start:start + heads * dim].reshape(tokens, heads, dim).transpose(0, 1)[None])
+            start += heads * dim
+        return tuple(out)
+
+    # ---------------------------------------------------------------------------------------- some requests only
+    def subset(self, sequences: list[int]) -> tuple["MythosPagedBatch", torch.Tensor, torch.Tensor]:
+        """The same cache as seen by the packed sequences ``sequences`` alone (their write and read indices), and
+        their new tokens' and key columns' indices in this batch."""
+        chosen = torch.zeros(self.sequences, dtype=torch.bool, device=self.token_sequence.device)
+        chosen[sequences] = True
+        tokens = chosen[self.token_sequence].nonzero().squeeze(1)
+        keys = chosen[self.key_sequence].nonzero().squeeze(1)
+        kwargs = dict(self.kwargs)
+        kwargs["write_index"] = [index[tokens] for index in kwargs["write_index"]]
+        kwargs["read_index"] = [index[keys] if index.numel() else index for index in kwargs["read_index"]]
+        cu_q, cu_k = [0], [0]
+        for i in sequences:
+            cu_q.append(cu_q[-1] + self.cu_q[i + 1] - self.cu_q[i])
+            cu_k.append(cu_k[-1] + self.cu_k[i + 1] - self.cu_k[i])
+        as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=tokens.device)
+        kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"] = as_tensor(cu_q), {self.layer_type: as_tensor(cu_k)}
+        kwargs["max_length_q"] = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+        kwargs["max_length_k"] = {self.layer_type: max(b - a for a, b in zip(cu_k, cu_k[1:]))}
+        return MythosPagedBatch(self.paged, kwargs, self.mask, self.config, cu_q, cu_k), tokens, keys
+
+    def active(self, run: torch.Tensor, kv_needed: torch.Tensor):
+        """The loop's :class:`MythosPagedPositions` (None: every token runs; False: nothing to do). ``kv_needed``
+        [1, tokens] is True for the tokens of the requests whose budget reaches this loop."""
+        if bool(run.all()):
+            return None
+        kv_tokens = kv_needed[0, torch.tensor(self.cu_q[:-1], device=run.device)].tolist()
+        sequences = [i for i, needed in enumerate(kv_tokens) if needed]
+        if not sequences:
+            return False
+        return MythosPagedPositions(self, run, sequences)
+
+
+class MythosPagedPositions(MythosActivePositions):
+    """The running positions of one loop in a packed continuous batch (see :class:`MythosActivePositions` for what a
+    stopped position still contributes). The packed row is one batch row: the running tokens are gathered into
+    [1, running], and attend through the rows of the batch's mask; keys/values are written for every token of the
+    requests whose budget reaches this loop (``sequences``), through the cache as those requests alone see it."""
+
+    def __init__(self, paged: MythosPagedBatch, run: torch.Tensor, sequences: list[int]):
+        # one packed row: none of the parent's per-row bookkeeping applies, so its __init__ is not called
+        self.run, self.batch, self.decoding = run, 1, False
+        self.flat = run[0].nonzero().squeeze(1)
+        self.width = self.flat.numel()
+        self.rows = torch.zeros(min(self.width, 1), dtype=torch.long, device=run.device)
+        self.mask_rows = paged.mask[:, :, self.flat]
+        if len(sequences) == paged.sequences:
+            self.kv_cache, self.kv_tokens = paged, None
+        else:
+            self.kv_cache, self.kv_tokens, key_columns = paged.subset(sequences)
+            self.mask_rows = self.mask_rows[..., key_columns]
+
+    def kv_inputs(self, hidden_states, position_embeddings):
+        if self.kv_tokens is None:
+            return hidden_states, position_embeddings
+        return hidden_states[:, self.kv_tokens], tuple(table[:, self.kv_tokens] for table in position_embeddings)
+
+    def query_rope(self, position_embeddings):
+        return tuple(table[:, self.flat] for table in position_embeddings)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return x[None]
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        return x[0]
+
+    def cached(self, keys, values, cache, slot):
+        return self.kv_cache.update(keys, values, slot)
+
+    def mask(self, kv_len: int, dtype: torch.dtype, config) -> torch.Tensor:
+        return self.mask_rows
+
+    @staticmethod
+    def attention(config) -> Callable:
+        return _attention_interface(config)
+
+
 class MythosMLP(nn.Module):
     """Dense SwiGLU feed-forward."""
 
@@ -1064,6 +1372,7 @@ class MythosLoopPlan:
         self.probe: Callable | None = None
         self.key_mask: torch.Tensor | None = None
         self.row_loops: tuple[int, ...] | None = None  # per-row budgets, known on the host
+        self.paged: MythosPagedBatch | None = None  # continuous batching: the packed requests and their cache
 
     @property
     def rows_only(self) -> bool:
@@ -1413,6 +1722,8 @@ class MythosRecurrence(nn.Module):
                 rows = [row for row, loops in enumerate(plan.row_loops) if loops > t]
                 active = None if len(rows) == batch else MythosActiveRows(
                     rows, batch, seq, position_embeddings, attention_mask, cache, e.device)
+            elif plan.paged is not None:  # a request's keys/values are needed up to its own budget
+                active = plan.paged.active(run, budget > t)
             else:
                 active = self._active_positions(run, horizon > t, cache, plan, attention_mask)
             h_next, routing = h, None
@@ -1428,8 +1739,8 @@ class MythosRecurrence(nn.Module):
             stop = rule.update(t, h, h_next, run, chosen, chosen_mask)
             stopped = stopped if stop is None else stopped | stop
             h = h_next
-            if cache is not None and plan.criterion is not None and not plan.output_stats and t + 1 < plan.n_loops \
-                    and not bool(((budget > t + 1) & ~stopped).any()):
+            if cache is not None and plan.paged is None and plan.criterion is not None and not plan.output_stats \
+                    and t + 1 < plan.n_loops and not bool(((budget > t + 1) & ~stopped).any()):
                 # every position has stopped: the loops left only write keys/values, all from the same frozen states
                 self._write_frozen_loops(h, e, t + 1, plan.n_loops, horizon, cache, position_embeddings)
                 break
@@ -1791,6 +2102,7 @@ class MythosModel(MythosPreTrainedModel):
         self.rotary_emb = MythosRotary(config)
         self.gradient_checkpointing = False
         self._generating = 0  # generate() calls under way, which checked their prompt (see _validate_inputs)
+        self.request_loops = MythosRequestLoops(config)  # continuous batching's per-request loop controls
         self.post_init()
 
     def spectral_radius(self) -> float:
@@ -1883,18 +2195,24 @@ class MythosModel(MythosPreTrainedModel):
         exit_head (`nn.Module`, *optional*):
             The LM head the ``"kl"`` criterion reads (MythosForCausalLM passes its own).
         """
-        if not _is_budget_list(n_loops):
-            n_loops = _check_n_loops(self.config.default_n_loops if n_loops is None else n_loops, self.config)
-        cache = self._cache_for(cache, use_cache, isinstance(n_loops, torch.Tensor) and n_loops.dim() == 2)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if isinstance(past_length, torch.Tensor):  # a StaticCache's own counter, which its writes advance in place
-            past_length = past_length.clone()
-        self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, past_length)
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        plan, row_loops = self._loop_plan(n_loops, exit_criterion, exit_threshold, output_loop_stats, exit_head,
-                                          shape, attention_mask, cache, past_length)
-        if cache is not None:
-            self.recurrent.bind_cache(cache, row_loops)
+        paged = None
+        if is_paged_cache(cache):  # continuous batching: requests packed into one row, each with its loop controls
+            self._validate_inputs(input_ids, inputs_embeds, None, position_ids, None, 0)
+            cache = paged = MythosPagedBatch.from_forward(cache, attention_mask, self.config, kwargs)
+            plan = paged.plan(self.request_loops, n_loops, exit_criterion, exit_threshold, output_loop_stats)
+        else:
+            if not _is_budget_list(n_loops):
+                n_loops = _check_n_loops(self.config.default_n_loops if n_loops is None else n_loops, self.config)
+            cache = self._cache_for(cache, use_cache, isinstance(n_loops, torch.Tensor) and n_loops.dim() == 2)
+            past_length = cache.get_seq_length() if cache is not None else 0
+            if isinstance(past_length, torch.Tensor):  # a StaticCache's own counter, which its writes advance in place
+                past_length = past_length.clone()
+            self._validate_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, past_length)
+            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+            plan, row_loops = self._loop_plan(n_loops, exit_criterion, exit_threshold, output_loop_stats, exit_head,
+                                              shape, attention_mask, cache, past_length)
+            if cache is not None:
+                self.recurrent.bind_cache(cache, row_loops)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         seq = inputs_embeds.shape[1]
@@ -1908,7 +2226,8 @@ class MythosModel(MythosPreTrainedModel):
         elif position_ids.dim() == 1:  # [seq]: the same positions for every row
             position_ids = position_ids.unsqueeze(0)
         # positional: the cache argument's name changed in transformers 5.24
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
+        mask = paged.mask if paged is not None else create_causal_mask(
+            self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         shared = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids), attention_mask=mask,
                       cache=cache)
         if plan.criterion == "kl":
@@ -1922,7 +2241,7 @@ class MythosModel(MythosPreTrainedModel):
         hidden = loop.last_hidden_state
         for layer in self.coda:
             hidden = layer(hidden, **shared, **kwargs)
-        return MythosModelOutput(last_hidden_state=self.norm(hidden), **{CACHE_NAME: cache},
+        return MythosModelOutput(last_hidden_state=self.norm(hidden), **{CACHE_NAME: None if paged else cache},
                                  ponder_cost=loop.ponder_cost, aux_loss=loop.aux_loss, loops_used=loop.loops_used,
                                  loop_stats=loop.loop_stats)
 
@@ -2030,6 +2349,85 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
             return super().generate(inputs, generation_config, *args, **kwargs)
         finally:
             self.model._generating -= 1
+
+    # -------------------------------------------------------------------------------------------- continuous batching
+    @property
+    def request_loops(self) -> MythosRequestLoops:
+        """Per-request loop controls for continuous batching (see :class:`MythosRequestLoops`)."""
+        return self.model.request_loops
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
+        """transformers' ``init_continuous_batching``, after checking what this model needs (see
+        ``check_paged_support``). The generation config's ``n_loops`` / ``exit_criterion`` / ``exit_threshold`` become
+        every request's default (``request_loops.default``). Prefix sharing is turned off: a shared cache block holds
+        every loop slot of its tokens, filled for one request's depth, and another depth would read it wrongly."""
+        given = generation_config if generation_config is not None else self.generation_config
+        cb_config = continuous_batching_config or getattr(given, "continuous_batching_config", None)
+        cb_config = copy.deepcopy(cb_config) if cb_config is not None else ContinuousBatchingConfig()
+        check_paged_support(self.config, cb_config)
+        self.request_loops.default = self.request_loops.checked(
+            *(getattr(given, name, None) for name in GENERATION_LOOP_FIELDS))
+        cb_config.allow_block_sharing = False
+        cb_config.auto_switch_to_flash = False  # flash kernels take no mask (see check_paged_support)
+        return super().init_continuous_batching(generation_config, cb_config, workload_hints)
+
+    def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, *, n_loops=None,
+                       exit_criterion=None, exit_threshold=None, **kwargs):
+        """transformers' ``generate_batch`` (continuous batching over a paged cache), with this model's loop controls.
+
+        ``n_loops``, ``exit_criterion`` and ``exit_threshold`` are one value for every request (as in the generation
+        config, which they override), or a list with one value per input: each request then runs its own depth, and
+        its tokens do not depend on the other requests of its batch. Returns ``{request_id: GenerationOutput}`` in
+        input order.
+        """
+        lists = [isinstance(v, (list, tuple)) for v in (n_loops, exit_criterion, exit_threshold)]
+        if not any(lists):
+            if (n_loops, exit_criterion, exit_threshold) != (None, None, None):
+                generation_config = copy.deepcopy(generation_config or self.generation_config)
+                for name, value in zip(GENERATION_LOOP_FIELDS, (n_loops, exit_criterion, exit_threshold)):
+                    if value is not None:
+                        setattr(generation_config, name, value)
+            return super().generate_batch(inputs, generation_config, continuous_batching_config, **kwargs)
+        given = generation_config if generation_config is not None else self.generation_config
+        columns = []
+        for name, value, is_list in zip(GENERATION_LOOP_FIELDS, (n_loops, exit_criterion, exit_threshold), lists):
+            if is_list and len(value) != len(inputs):
+                raise ValueError(f"`{name}` must be one value, or one per input ({len(inputs)}); got {len(value)}")
+            columns.append(value if is_list else [getattr(given, name, None) if value is None else value] * len(inputs))
+        controls = [self.request_loops.checked(*row) for row in zip(*columns)]
+        check_request_mix(controls)
+        return self._generate_requests(inputs, controls, generation_config, continuous_batching_config, **kwargs)
+
+    def _generate_requests(self, inputs, controls, generation_config, continuous_batching_config, warmup=True,
+                           max_new_tokens=None, **kwargs):
+        """Requests with their own loop controls, through the manager's public API (``add_request`` with our ids)."""
+        if kwargs:
+            raise ValueError(f"generate_batch with per-request loop controls does not take {sorted(kwargs)}")
+        call = next(_request_calls)
+        ids = [f"mythos_{call}_{i}" for i in range(len(inputs))]
+        given = generation_config if generation_config is not None else self.generation_config
+        children = (getattr(given, "num_return_sequences", None) or 1) - 1  # forked requests: "<id>__child#<k>"
+        # in transformers' order: each request's forked children, then the request itself
+        expected = [name for rid in ids for name in (*(f"{rid}__child#{k}" for k in range(children)), rid)]
+        results = {}
+        try:
+            for request_id, control in zip(ids, controls):
+                self.request_loops.requests[request_id] = control
+            with self.continuous_batching_context_manager(
+                    generation_config=generation_config, continuous_batching_config=continuous_batching_config,
+                    block=True, timeout=5, warmup=warmup) as manager:
+                for request_id, prompt in zip(ids, inputs):
+                    manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new_tokens)
+                while not all(request_id in results for request_id in expected):
+                    result = manager.get_result(timeout=1)
+                    if result is not None and result.is_finished():
+                        results[result.request_id] = result
+                    elif result is None and not manager.is_running():
+                        break
+        finally:
+            for request_id in ids:
+                self.request_loops.pop(request_id)
+        return {request_id: results[request_id] for request_id in expected if request_id in results}
 
     def _prepare_generation_config(self, generation_config, **kwargs):
         """``GenerationMixin._prepare_generation_config``, then the loop controls move to the model kwargs.

@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_reference.py"
 ADAPTIVE = ROOT / "benchmarks" / "adaptive_depth.py"
+SERVING = ROOT / "benchmarks" / "serving.py"
 
 needs_reference = pytest.mark.skipif(
     importlib.util.find_spec("open_mythos") is None,
@@ -171,3 +172,25 @@ def test_one_command_benchmark_refuses_bad_arguments_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--loop-counts must all be >= 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_quick_serving_benchmark_times_mixed_and_uniform_budgets_through_continuous_batching(tmp_path):
+    out = tmp_path / "serving.json"
+    result = subprocess.run([sys.executable, str(SERVING), "--quick", "--threads", "1", "--json", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixed / uniform" in result.stdout and "load average" in result.stdout
+
+    data = json.loads(out.read_text())
+    machine = data["machine"]
+    assert machine["threads"] == 1 and machine["torch"] and machine["transformers"] and machine["cpu_count"] >= 1
+    assert "load_average_at_start" in machine and "load_average_at_end" in machine
+    assert data["budgets"] == list(range(1, 9))  # quick: 8 requests, budgets 1..8 (the full run: 32, 1..16 twice)
+    assert len(data["prompt_lengths"]) == 8 and all(8 <= n <= 32 for n in data["prompt_lengths"])
+    assert set(data["attn"]) == {"mla", "gqa"}
+    for attn, res in data["attn"].items():
+        assert set(res["timings"]) == {"mixed", "uniform"}
+        for timing in res["timings"].values():
+            assert timing["tokens"] == 8 * 2 and timing["tokens_per_s"] > 0 and timing["cpu_s_median"] > 0
+        assert res["mixed_over_uniform"] > 0 and res["mixed_over_uniform_cpu"] > 0
+        assert res["ideal"] == 16 / 4.5

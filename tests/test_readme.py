@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from openmythos.parameters import preset_table
 
@@ -50,6 +51,17 @@ def test_readme_kv_sharing_example_runs_as_written():
     namespace = {}
     exec(compile(code[0], "README.md (KV sharing)", "exec"), namespace)
     assert namespace["tokens"].shape == (1, 16)
+
+
+def test_readme_continuous_batching_example_runs_as_written():
+    code = [block for block in re.findall(r"```python\n(.*?)```", README, re.S) if "generate_batch" in block]
+    assert len(code) == 1
+    namespace = {}
+    exec(compile(code[0], "README.md (continuous batching)", "exec"), namespace)
+    model, prompts = namespace["model"], namespace["prompts"]
+    for prompt, budget, tokens in zip(prompts, [1, 4, 2], namespace["tokens"]):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, n_loops=budget)
+        assert tokens == expected[0, len(prompt):].tolist()
 
 
 def test_quickstart_command_runs(tmp_path):
