@@ -30,16 +30,21 @@ import argparse
 from .files import recover_folder, save_folder_atomically, write_atomically, write_text_atomically
 from .report import LOOPED, SAME_COMPUTE, SAME_PARAMS, format_table, summary
 from .tasks import InContextPointerChasingTask, PointerChasingTask
+from . import text
 
 # --task value -> task kind
 TASKS = {kind.flag: kind for kind in (PointerChasingTask, InContextPointerChasingTask)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    if text.wants_text(argv):  # --task text has its own flags (openmythos.demo.text)
+        return text.parse_args(argv)
     p = argparse.ArgumentParser(prog="mythos demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default="hidden",
-                   help="hidden: one graph learned into the weights; context: a new graph written in every prompt")
+    p.add_argument("--task", choices=sorted([*TASKS, text.FLAG]), default="hidden",
+                   help="hidden: one graph learned into the weights; context: a new graph written in every prompt; "
+                        "text: bits per byte on Python's documentation at every loop count (`mythos demo --task text "
+                        "--help` lists its flags)")
     p.add_argument("--train-hops", type=int, default=4, help="K: training questions have 1..K hops")
     p.add_argument("--eval-hops", type=int, default=None, help="evaluate 1..this many hops (default 2K)")
     p.add_argument("--max-loops", type=int, default=None, help="evaluate the looped model at n_loops 1..this "
@@ -109,6 +114,8 @@ def task_of(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> dict:
     """Train the three models, score them, write the results and return them (``results.json``'s content)."""
+    if args.task == text.FLAG:
+        return text.run(args)
     from .pipeline import run as run_pipeline  # torch, transformers, datasets: only for a run
 
     return run_pipeline(args)
