@@ -51,8 +51,8 @@ TITLES = {SAMPLED: "looped, loop sampling", FIXED: "looped, fixed loops", DENSE:
 
 DEFAULTS = {"dim": 128, "heads": 4, "seq_len": 128, "batch_size": 16, "steps": 600, "lr": 3e-3, "mean_loops": 4,
             "backprop_loops": None, "eval_loops": "1,2,4,8,16,32", "exit_criterion": "kl",
-            "exit_thresholds": "0.01,0.003,0.001,0.0003", "exit_tolerance": 0.005, "val_blocks": 64,
-            "test_blocks": None, "train_bytes": None}
+            "exit_thresholds": "0.03,0.01,0.003,0.001", "exit_tolerance": 0.005, "val_blocks": 64,
+            "test_blocks": 256, "train_bytes": None}
 
 
 # ----------------------------------------------------------------------------------------------------------- corpus
@@ -176,10 +176,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exit-tolerance", type=float, default=d["exit_tolerance"],
                    help="an exit threshold passes when its validation bits per byte are at most this fraction above "
                         "the model's best fixed loop count's")
-    p.add_argument("--val-blocks", type=int, default=d["val_blocks"], help="validation blocks scored to pick the "
-                                                                           "exit threshold")
-    p.add_argument("--test-blocks", type=int, default=d["test_blocks"], help="score only the first this many test "
-                                                                             "blocks (default: all)")
+    p.add_argument("--val-blocks", type=int, default=d["val_blocks"], help="validation blocks (evenly spaced) "
+                                                                           "scored to pick the exit threshold")
+    p.add_argument("--test-blocks", type=int, default=d["test_blocks"], help="score this many test blocks, evenly "
+                                                                             "spaced over the test split")
     p.add_argument("--train-bytes", type=int, default=d["train_bytes"],
                    help="train on only the first this many bytes of the training split (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the models and the batch order")

@@ -32,17 +32,17 @@ def encode(tokenizer, documents) -> list[list[int]]:
     return [tokenizer.encode(doc.text, add_special_tokens=False) for doc in documents]
 
 
-def blocks(token_lists: list[list[int]], seq_len: int, eos_token_id: int, limit: int | None = None) -> torch.Tensor:
-    """Documents joined with EOS after each and cut into rows of ``seq_len`` ids (the last partial row dropped), at
-    most ``limit`` rows."""
-    rows = []
-    for row in pack_documents(token_lists, seq_len, eos_token_id):
-        rows.append(row)
-        if limit is not None and len(rows) == limit:
-            break
+def blocks(token_lists: list[list[int]], seq_len: int, eos_token_id: int,
+           limit: int | None = None) -> tuple[torch.Tensor, int]:
+    """Documents joined with EOS after each and cut into rows of ``seq_len`` ids (the last partial row dropped); with
+    ``limit``, that many rows evenly spaced over all of them, so a smaller sample still spans the whole split.
+    Returns the rows and how many there were before the sample."""
+    rows = list(pack_documents(token_lists, seq_len, eos_token_id))
     if not rows:
         raise ValueError(f"the text is shorter than one block of --seq-len {seq_len} bytes")
-    return torch.tensor(rows)
+    if limit is not None and limit < len(rows):
+        return torch.tensor([rows[i * len(rows) // limit] for i in range(limit)]), len(rows)
+    return torch.tensor(rows), len(rows)
 
 
 def corpus(tokenizer, args) -> tuple[dict[str, torch.Tensor], dict]:
@@ -59,9 +59,10 @@ def corpus(tokenizer, args) -> tuple[dict[str, torch.Tensor], dict]:
             total += len(doc.text.encode("utf-8"))
         train_docs = kept
     eos = tokenizer.eos_token_id
-    data = {"train": blocks(encode(tokenizer, train_docs), args.seq_len, eos),
-            "validation": blocks(encode(tokenizer, splits["validation"]), args.seq_len, eos, args.val_blocks),
-            "test": blocks(encode(tokenizer, splits["test"]), args.seq_len, eos, args.test_blocks)}
+    packed = {"train": blocks(encode(tokenizer, train_docs), args.seq_len, eos),
+              "validation": blocks(encode(tokenizer, splits["validation"]), args.seq_len, eos, args.val_blocks),
+              "test": blocks(encode(tokenizer, splits["test"]), args.seq_len, eos, args.test_blocks)}
+    data = {name: rows for name, (rows, _) in packed.items()}
     digest = hashlib.sha256()
     for doc in documents:
         digest.update(doc.name.encode("utf-8") + b"\0" + doc.text.encode("utf-8") + b"\0")
@@ -73,6 +74,7 @@ def corpus(tokenizer, args) -> tuple[dict[str, torch.Tensor], dict]:
                   "validation": sum(len(d.text.encode("utf-8")) for d in splits["validation"]),
                   "test": sum(len(d.text.encode("utf-8")) for d in splits["test"])},
         "blocks": {name: int(rows.shape[0]) for name, rows in data.items()},
+        "blocks_in_split": {name: total for name, (_, total) in packed.items()},
         "sha256": digest.hexdigest(),
     }
     return data, record
