@@ -71,7 +71,7 @@ def _docstrings(module) -> list[Document]:
     def add(name, obj):
         doc = getattr(obj, "__doc__", None)
         if isinstance(doc, str) and doc.strip():
-            found.append(Document(name, inspect.cleandoc(doc)))
+            found.append(Document(name, inspect.cleandoc(doc).strip()))
 
     add(module.__name__, module)
     for name, obj in sorted(vars(module).items()):
