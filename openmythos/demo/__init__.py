@@ -18,6 +18,9 @@ can round differently (AVX-512 and AVX2 kernels sum in another order), so its ta
 (``InContextPointerChasingTask``): training prompts query every node of graphs of varied size, the first
 ``--curriculum-steps`` batches are 1-hop only, and all three models see the same batches in the same order. Its
 defaults are the recipe that makes the looped model learn it (docs/demo.md).
+
+``--task text`` is a separate demo with its own flags (``mythos demo --task text --help``, ``openmythos.demo.text``):
+byte-level models on Python's own documentation, scored in held-out bits per byte at every loop count.
 """
 
 # The docstring above is `mythos demo --help`'s description, so the layout is explained here instead: `mythos demo
@@ -27,10 +30,10 @@ defaults are the recipe that makes the looped model learn it (docs/demo.md).
 
 import argparse
 
+from . import text
 from .files import recover_folder, save_folder_atomically, write_atomically, write_text_atomically
 from .report import LOOPED, SAME_COMPUTE, SAME_PARAMS, format_table, summary
 from .tasks import InContextPointerChasingTask, PointerChasingTask
-from . import text
 
 # --task value -> task kind
 TASKS = {kind.flag: kind for kind in (PointerChasingTask, InContextPointerChasingTask)}

@@ -48,11 +48,18 @@ def test_test_split_is_disjoint_from_training_and_about_a_tenth(documents):
     (["--mean-loops", "0"], "--mean-loops"),
     (["--exit-criterion", "act"], "--exit-criterion"),
     (["--dim", "30", "--heads", "4"], "--dim"),
+    (["--exit-tolerance", "1.5"], "--exit-tolerance"),
 ])
-def test_bad_text_flags_are_refused_in_one_line_naming_the_flag(flags, match):
-    result = subprocess.run([sys.executable, "-m", "openmythos.demo", "--task", "text", *flags], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2 and match in result.stderr and "Traceback" not in result.stderr
+def test_bad_text_flags_are_refused_naming_the_flag(flags, match, capsys):
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--task", "text", *flags])
+    assert refused.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_a_bad_text_flag_on_the_command_line_prints_one_line_not_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "openmythos.cli", "demo", "--task", "text", "--steps", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--steps must be >= 1" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_text_flags_parse_lists_and_leave_the_other_tasks_alone():
@@ -110,3 +117,10 @@ def test_summary_checks_every_deeper_loop_count_against_the_training_mean():
     bpb[SAMPLED]["n_loops"] = {**row, "16": 2.03}
     s = summary(bpb, args)
     assert s["goal_met"] is False and s["relative_change_vs_reference"]["16"] == pytest.approx(0.015)
+
+
+def test_mythos_demo_help_names_the_text_task_and_its_own_help_lists_its_flags():
+    for argv, expected in ((["demo", "--help"], "text"), (["demo", "--task", "text", "--help"], "--eval-loops")):
+        result = subprocess.run([sys.executable, "-m", "openmythos.cli", *argv], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0 and expected in result.stdout
