@@ -12,8 +12,8 @@ run and no test text is trained on. Three models of about the same parameter cou
 - a dense Llama.
 
 The looped models are scored at every ``--eval-loops`` and with an exit rule (``--exit-criterion``, budget the
-largest ``--eval-loops``, threshold picked on the validation split: see ``pick_threshold``), which also reports the
-mean loops it used. The run writes ``results.json``, ``bpb.md`` and ``bpb.png`` to ``--output-dir``.
+largest ``--eval-loops``, threshold picked on the validation split: ``text_pipeline.pick_threshold``), which also
+reports the mean loops it used. The run writes ``results.json``, ``bpb.md`` and ``bpb.png`` to ``--output-dir``.
 """
 
 # Like the rest of openmythos.demo, this module imports only the standard library at the top, so that `mythos demo
@@ -172,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the exit rule's criterion (the model's exit_criterion)")
     p.add_argument("--exit-thresholds", type=_float_list, default=d["exit_thresholds"],
                    help="comma-separated candidate exit thresholds; the largest one that passes the validation "
-                        "check is used")
+                        "check is used (if none passes, the one with the lowest validation bits per byte)")
     p.add_argument("--exit-tolerance", type=float, default=d["exit_tolerance"],
                    help="an exit threshold passes when its validation bits per byte are at most this fraction above "
                         "the model's best fixed loop count's")

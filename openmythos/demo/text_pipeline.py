@@ -184,8 +184,9 @@ def bits_per_byte(model, rows: torch.Tensor, eos_token_id: int, batch_size: int 
 def pick_threshold(model, validation: torch.Tensor, args, eos_token_id: int) -> dict:
     """The exit rule's threshold, by one fixed rule: on the validation split, the largest of ``--exit-thresholds``
     whose bits per byte (budget = the largest ``--eval-loops``) are at most ``--exit-tolerance`` above the model's best
-    fixed loop count's; the smallest candidate when none passes. Larger thresholds stop earlier, so this is the
-    cheapest candidate that costs (almost) nothing in quality. Returns the choice and every validation number."""
+    fixed loop count's. Larger thresholds stop earlier, so this is the cheapest candidate that costs (almost) nothing
+    in quality. When none passes, the candidate with the lowest validation bits per byte. Returns the choice and every
+    validation number."""
     budget = max(args.eval_loops)
     fixed = {str(n): bits_per_byte(model, validation, eos_token_id, n_loops=n)["bpb"] for n in args.eval_loops}
     best = min(fixed.values())
@@ -199,8 +200,8 @@ def pick_threshold(model, validation: torch.Tensor, args, eos_token_id: int) -> 
             chosen = threshold
             break
     passed = chosen is not None
-    if not passed:
-        chosen = args.exit_thresholds[-1]
+    if not passed:  # every candidate costs more than the tolerance: the one that costs least
+        chosen = float(min(tried, key=lambda t: tried[t]["bpb"]))
     return {"threshold": chosen, "validation_fixed_bpb": fixed, "validation_best_bpb": best,
             "validation_tried": tried, "passed": passed}
 
