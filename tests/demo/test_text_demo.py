@@ -124,3 +124,27 @@ def test_mythos_demo_help_names_the_text_task_and_its_own_help_lists_its_flags()
         result = subprocess.run([sys.executable, "-m", "openmythos.cli", *argv], capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0 and expected in result.stdout
+
+
+@pytest.mark.parametrize("exit_bpb, chosen, passed", [
+    ({0.03: 2.10, 0.01: 2.009, 0.003: 2.0}, 0.01, True),  # 0.03 costs 5%, 0.01 is within 0.5% of the best fixed depth
+    ({0.03: 2.00, 0.01: 2.0, 0.003: 2.0}, 0.03, True),  # the largest (cheapest) passing threshold wins
+    ({0.03: 2.20, 0.01: 2.15, 0.003: 2.30}, 0.01, False),  # none passes: the lowest validation bits per byte
+])
+def test_exit_threshold_is_the_largest_within_tolerance_of_the_best_fixed_depth(monkeypatch, exit_bpb, chosen,
+                                                                                 passed):
+    from openmythos.demo import text_pipeline
+
+    fixed = {1: 2.5, 2: 2.1, 4: 2.0, 8: 2.02}
+
+    def fake_bits_per_byte(model, rows, eos_token_id, n_loops, exit_criterion=None, exit_threshold=None):
+        if exit_criterion is None:
+            return {"bpb": fixed[n_loops], "mean_loops": float(n_loops)}
+        assert exit_criterion == "kl" and n_loops == 8  # the budget is the deepest scored loop count
+        return {"bpb": exit_bpb[exit_threshold], "mean_loops": 3.0}
+
+    monkeypatch.setattr(text_pipeline, "bits_per_byte", fake_bits_per_byte)
+    args = parse_args(["--task", "text", "--eval-loops", "1,2,4,8", "--exit-thresholds", "0.03,0.01,0.003"])
+    choice = text_pipeline.pick_threshold(None, None, args, eos_token_id=2)
+    assert choice["threshold"] == chosen and choice["passed"] is passed
+    assert choice["validation_best_bpb"] == 2.0 and set(choice["validation_fixed_bpb"]) == {"1", "2", "4", "8"}
