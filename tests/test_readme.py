@@ -189,3 +189,24 @@ def test_readme_serving_and_evaluation_commands_run(tmp_path):
     assert "n_loops': 8" in result.stdout
     for task in ("mythos_cloze", "mythos_next_word", "mythos_corpus"):
         assert f"|{task}" in result.stdout
+
+
+def test_readme_text_demo_table_is_the_recorded_default_run():
+    """README's `--task text` table is docs/demo/text/bpb.md, which the recorded run (results.json beside it) produced
+    with the text demo's current default settings."""
+    import argparse
+    import json
+
+    from openmythos.demo import parse_args
+    from openmythos.demo.text import format_table
+
+    folder = ROOT / "docs/demo/text"
+    table = README.split("<!-- demo-text-table:start -->\n")[1].split("\n<!-- demo-text-table:end -->")[0]
+    recorded = (folder / "bpb.md").read_text().strip()
+    assert table == recorded
+    results = json.loads((folder / "results.json").read_text())
+    defaults = vars(parse_args(["--task", "text"]))
+    settings = {k: v for k, v in results["settings"].items() if k != "output_dir"}
+    assert settings == {k: v for k, v in defaults.items() if k != "output_dir"}
+    assert format_table(results["bpb"], argparse.Namespace(**defaults)) == recorded
+    assert (folder / "bpb.png").read_bytes()[:4] == b"\x89PNG"

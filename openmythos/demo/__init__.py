@@ -18,6 +18,9 @@ can round differently (AVX-512 and AVX2 kernels sum in another order), so its ta
 (``InContextPointerChasingTask``): training prompts query every node of graphs of varied size, the first
 ``--curriculum-steps`` batches are 1-hop only, and all three models see the same batches in the same order. Its
 defaults are the recipe that makes the looped model learn it (docs/demo.md).
+
+``--task text`` is a separate demo with its own flags (``mythos demo --task text --help``, ``openmythos.demo.text``):
+byte-level models on Python's own documentation, scored in held-out bits per byte at every loop count.
 """
 
 # The docstring above is `mythos demo --help`'s description, so the layout is explained here instead: `mythos demo
@@ -27,6 +30,7 @@ defaults are the recipe that makes the looped model learn it (docs/demo.md).
 
 import argparse
 
+from . import text
 from .files import recover_folder, save_folder_atomically, write_atomically, write_text_atomically
 from .report import LOOPED, SAME_COMPUTE, SAME_PARAMS, format_table, summary
 from .tasks import InContextPointerChasingTask, PointerChasingTask
@@ -36,10 +40,14 @@ TASKS = {kind.flag: kind for kind in (PointerChasingTask, InContextPointerChasin
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    if text.wants_text(argv):  # --task text has its own flags (openmythos.demo.text)
+        return text.parse_args(argv)
     p = argparse.ArgumentParser(prog="mythos demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default="hidden",
-                   help="hidden: one graph learned into the weights; context: a new graph written in every prompt")
+    p.add_argument("--task", choices=sorted([*TASKS, text.FLAG]), default="hidden",
+                   help="hidden: one graph learned into the weights; context: a new graph written in every prompt; "
+                        "text: bits per byte on Python's documentation at every loop count (`mythos demo --task text "
+                        "--help` lists its flags)")
     p.add_argument("--train-hops", type=int, default=4, help="K: training questions have 1..K hops")
     p.add_argument("--eval-hops", type=int, default=None, help="evaluate 1..this many hops (default 2K)")
     p.add_argument("--max-loops", type=int, default=None, help="evaluate the looped model at n_loops 1..this "
@@ -109,6 +117,8 @@ def task_of(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> dict:
     """Train the three models, score them, write the results and return them (``results.json``'s content)."""
+    if args.task == text.FLAG:
+        return text.run(args)
     from .pipeline import run as run_pipeline  # torch, transformers, datasets: only for a run
 
     return run_pipeline(args)
