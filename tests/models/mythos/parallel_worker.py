@@ -136,7 +136,12 @@ def main(root: str, out_path: str):
     from transformers.distributed import DistributedConfig
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    # gloo on CPU (the tests); benchmarks/gpu_check.sh sets MYTHOS_TEST_BACKEND=nccl on a GPU box (not yet run there)
+    backend = os.environ.get("MYTHOS_TEST_BACKEND", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.set_default_device(f"cuda:{torch.cuda.current_device()}")
+    dist.init_process_group(backend)
     root = Path(root)
     result = {}
     for attn_type in ATTN_TYPES:
@@ -158,7 +163,8 @@ def main(root: str, out_path: str):
         except ValueError as error:
             result[name] = str(error)
     if dist.get_rank() == 0:
-        torch.save(result, out_path)
+        to_cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x  # noqa: E731 (a NCCL run's tensors)
+        torch.save(torch.utils._pytree.tree_map(to_cpu, result), out_path)
     dist.barrier()
     dist.destroy_process_group()
 
