@@ -39,3 +39,26 @@ def model(attn_type):
 def input_ids():
     torch.manual_seed(1)
     return torch.randint(3, 512, (2, 12))
+
+
+def run_on_two_processes(worker_file, *args, out, while_running, timeout=300):
+    """Run ``worker_file`` under torchrun on 2 CPU processes (gloo) with ``args``, and ``while_running()`` (the
+    single-process reference) meanwhile. Returns what rank 0 saved to ``out`` and what ``while_running`` returned."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker_file),
+         *map(str, args)],
+        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        reference = while_running()
+        log, _ = run.communicate(timeout=timeout)
+    finally:
+        if run.poll() is None:  # the reference failed or the workers hung: stop torchrun and its workers
+            run.terminate()
+            run.communicate()
+    assert run.returncode == 0, log[-5000:]
+    return torch.load(out, weights_only=False), reference

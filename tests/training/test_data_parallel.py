@@ -9,9 +9,6 @@ One torchrun of tests/training/data_parallel_worker.py serves every test here.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,11 +16,11 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import data_parallel_worker as worker
+from conftest import run_on_two_processes
 import fsdp_worker
 from openmythos.training import MuonAdamW, MythosTrainingCallback, update_router_bias
 from openmythos.training.distributed import apply_fsdp2, set_loop_reshard_after_forward
 
-ROOT = Path(__file__).resolve().parents[2]  # tests/<area>/this file
 
 
 def train_muon(model, batches) -> list[float]:
@@ -43,12 +40,8 @@ def two_ranks(tmp_path_factory):
     """Rank 0's results from the worker on 2 processes, plus the single-process references over the whole global
     batch, computed while the workers run."""
     out = tmp_path_factory.mktemp("data_parallel") / "result.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(worker.__file__)), str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def references():
         batches = fsdp_worker.global_batches()
         reference = dict(
             losses={n: fsdp_worker.train(fsdp_worker.build_model(), batches[:worker.COUNT_STEPS], n_loops=n)
@@ -59,13 +52,10 @@ def two_ranks(tmp_path_factory):
         ddp_reference = fsdp_worker.build_model()
         fsdp_worker.train(ddp_reference, batches[:worker.DDP_STEPS])  # one forward per step over the whole batch
         reference["ddp_state"] = ddp_reference.state_dict()
-        log, _ = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:  # the reference failed or the workers hung: stop torchrun and its workers
-            run.terminate()
-            run.communicate()
-    assert run.returncode == 0, log[-5000:]
-    return dict(sharded=torch.load(out, weights_only=False), reference=reference)
+        return reference
+
+    sharded, reference = run_on_two_processes(Path(worker.__file__), out, out=out, while_running=references)
+    return dict(sharded=sharded, reference=reference)
 
 
 def counts(two_ranks, mode, n_loops):

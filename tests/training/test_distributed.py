@@ -5,9 +5,6 @@ Accelerate turns FSDP off on CPU, so the README's ``accelerate launch`` line its
 goes through Accelerate's launcher code (config -> environment -> plugin) and its FSDP2 model preparation, in fp32.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 import yaml
 
 import fsdp_worker
+from conftest import run_on_two_processes
 from openmythos import modeling_mythos
 from openmythos.modeling_mythos import MythosPreTrainedModel
 from openmythos.training.distributed import apply_fsdp2
@@ -28,27 +26,20 @@ def two_rank_run(tmp_path_factory):
     """Rank 0's results from tests/training/fsdp_worker.py on 2 processes, plus single-process reference runs over the
     whole global batch, computed while the workers run."""
     out = tmp_path_factory.mktemp("fsdp") / "result.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(fsdp_worker.__file__)), str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def references():
         reference = fsdp_worker.build_model()
-        reference_losses = fsdp_worker.train(reference, fsdp_worker.global_batches())
         act_reference = fsdp_worker.build_model(use_act=True)
-        act_reference_losses = fsdp_worker.train(act_reference, fsdp_worker.global_batches()[:2])
-        accelerate_reference_losses = fsdp_worker.train(fsdp_worker.build_model(**fsdp_worker.ACCELERATE_MODEL),
-                                                        fsdp_worker.global_batches()[:2])
-        log, _ = worker.communicate(timeout=240)
-    finally:
-        if worker.poll() is None:  # the reference failed or the workers hung: stop torchrun and its workers
-            worker.terminate()
-            worker.communicate()
-    assert worker.returncode == 0, log[-5000:]
-    return dict(sharded=torch.load(out, weights_only=False), reference=reference, reference_losses=reference_losses,
-                act_reference=act_reference, act_reference_losses=act_reference_losses,
-                accelerate_reference_losses=accelerate_reference_losses)
+        return dict(
+            reference=reference, reference_losses=fsdp_worker.train(reference, fsdp_worker.global_batches()),
+            act_reference=act_reference,
+            act_reference_losses=fsdp_worker.train(act_reference, fsdp_worker.global_batches()[:2]),
+            accelerate_reference_losses=fsdp_worker.train(fsdp_worker.build_model(**fsdp_worker.ACCELERATE_MODEL),
+                                                          fsdp_worker.global_batches()[:2]))
+
+    sharded, references = run_on_two_processes(Path(fsdp_worker.__file__), out, out=out, while_running=references,
+                                               timeout=240)
+    return dict(sharded=sharded, **references)
 
 
 def assert_same_state(sharded_state, reference):

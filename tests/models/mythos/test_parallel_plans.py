@@ -8,9 +8,6 @@ static cache). One torchrun of tests/models/mythos/parallel_worker.py checks the
 meanwhile.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +16,9 @@ from transformers.distributed import DistributedConfig
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
 import parallel_worker
+from conftest import run_on_two_processes
 from openmythos import MythosForCausalLM, mythos_tiny
 
-ROOT = Path(__file__).resolve().parents[3]  # tests/models/mythos/this file
 CASES = [(attn_type, layout) for attn_type in parallel_worker.ATTN_TYPES for layout in parallel_worker.LAYOUTS]
 
 
@@ -31,22 +28,16 @@ def two_rank_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     parallel_worker.save_checkpoints(root)
     out = root / "result.pt"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(parallel_worker.__file__)), str(root), str(out)],
-        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
-    try:
+
+    def references():
         reference = {name: parallel_worker.reference(root, name) for name in (*parallel_worker.ATTN_TYPES, "uneven")}
         initial_bias = {attn_type: MythosForCausalLM.from_pretrained(root / attn_type).model.recurrent.layer.mlp.gate
                         .e_score_correction_bias for attn_type in parallel_worker.ATTN_TYPES}
-        log, _ = worker.communicate(timeout=300)
-    finally:
-        if worker.poll() is None:  # the reference failed or the workers hung: stop torchrun and its workers
-            worker.terminate()
-            worker.communicate()
-    assert worker.returncode == 0, log[-5000:]
-    return dict(sharded=torch.load(out, weights_only=False), reference=reference, initial_bias=initial_bias)
+        return reference, initial_bias
+
+    sharded, (reference, initial_bias) = run_on_two_processes(Path(parallel_worker.__file__), root, out, out=out,
+                                                              while_running=references)
+    return dict(sharded=sharded, reference=reference, initial_bias=initial_bias)
 
 
 @pytest.mark.parametrize("attn_type,layout", CASES)
