@@ -597,6 +597,19 @@ def machine_line(machine: dict) -> str:
             f"{machine['load_average_at_start']:.1f} at start")
 
 
+def finish_run(machine: dict, results: dict, json_path: str | None) -> None:
+    """Print the load average at the end, and write ``results`` to ``json_path`` (if given) atomically."""
+    machine["load_average_at_end"] = os.getloadavg()[0]
+    print(f"\n1-min load average {machine['load_average_at_end']:.1f} at end (this run counts too)")
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+        os.replace(tmp, path)
+        print(f"wrote {json_path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -645,15 +658,7 @@ def main(argv=None):
                                                    models_runners.get("ours+compile"))
                 print_roofline(size, attn, run["roofline"], machine)
             sys.stdout.flush()
-    machine["load_average_at_end"] = os.getloadavg()[0]
-    print(f"\n1-min load average {machine['load_average_at_end']:.1f} at end (this run counts too)")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2, default=str))
-        os.replace(tmp, path)
-        print(f"wrote {args.json}")
+    finish_run(machine, results, args.json)
     return 0
 
 

@@ -17,8 +17,6 @@ The model is one of run.py's sizes (``--size``; "small" is the reference README'
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -130,15 +128,7 @@ def main(argv=None):
             print(f"{attn:<5} {name:<8} {timing['median_ms'] / 1e3:>7.2f} s {timing['tokens_per_s']:>9.1f} "
                   f"{timing['cpu_s_median']:>7.2f} s{ratio}")
         sys.stdout.flush()
-    machine["load_average_at_end"] = os.getloadavg()[0]
-    print(f"\n1-min load average {machine['load_average_at_end']:.1f} at end (this run counts too)")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, path)
-        print(f"wrote {args.json}")
+    runbench.finish_run(machine, results, args.json)
     return 0
 
 
