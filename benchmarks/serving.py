@@ -67,7 +67,9 @@ def bench_attn(attn: str, args, prompts, budgets) -> dict:
         return run
 
     runs = {"mixed": timed_cpu("mixed", budgets), "uniform": timed_cpu("uniform", MAX_BUDGET)}
-    with torch.inference_mode():
+    # no_grad, not inference_mode: transformers 5.23's batching thread zeroes tensors made here in place, which an
+    # inference tensor refuses outside inference mode
+    with torch.no_grad():
         timings = refbench.interleaved(runs, args.reps, args.warmup)
     tokens = len(prompts) * args.new_tokens
     for name, timing in timings.items():
