@@ -395,12 +395,14 @@ class MythosRowsLayer(DynamicLayer):
 
 
 def _rows_write(cache, keys, values, slot, kv_rows, batch, rows_tuple):
-    """Write this loop's keys/values, computed for batch rows ``kv_rows`` only, to loop slot ``slot``: directly into a
-    :class:`MythosRowsLayer` that holds exactly those rows, else into the full batch with zeros for the other rows.
-    Returns the slot's keys/values for ``kv_rows``."""
+    """Write this loop's keys/values, computed for batch rows ``rows_tuple`` only, to loop slot ``slot``: directly
+    into a :class:`MythosRowsLayer` that holds exactly those rows, else into the full batch with zeros for the other
+    rows. ``kv_rows`` is those rows as an index tensor, or a callable that makes it (only the second way needs it).
+    Returns the slot's keys/values for those rows."""
     layer = cache.layers[slot] if slot < len(getattr(cache, "layers", ())) else None
     if isinstance(layer, MythosRowsLayer) and layer.rows == rows_tuple:
         return cache.update(keys, values, slot)
+    kv_rows = kv_rows() if callable(kv_rows) else kv_rows
     full_keys = keys.new_zeros((batch, *keys.shape[1:])).index_copy(0, kv_rows, keys)
     full_values = values.new_zeros((batch, *values.shape[1:])).index_copy(0, kv_rows, values)
     keys, values = cache.update(full_keys, full_values, slot)
@@ -410,31 +412,51 @@ def _rows_write(cache, keys, values, slot, kv_rows, batch, rows_tuple):
 class _RowsCache:
     """The cache as a subset of the batch rows sees it (the attention only calls ``update``)."""
 
-    def __init__(self, cache: Cache, rows: torch.Tensor, rows_tuple: tuple[int, ...], batch: int):
-        self.cache, self.rows, self.rows_tuple, self.batch = cache, rows, rows_tuple, batch
+    def __init__(self, cache: Cache, active: "MythosActiveRows", batch: int):
+        self.cache, self.active, self.batch = cache, active, batch
 
     def update(self, keys, values, layer_idx, *args, **kwargs):
-        return _rows_write(self.cache, keys, values, layer_idx, self.rows, self.batch, self.rows_tuple)
+        active = self.active
+        return _rows_write(self.cache, keys, values, layer_idx, lambda: active.index, self.batch, active.rows_tuple)
 
 
 class MythosActiveRows:
     """Some batch rows run a loop iteration, all their positions (per-row budgets, no exit criterion): the block
-    runs on them as a smaller batch, with their rows of the cos/sin tables, the mask and the cache."""
+    runs on them as a smaller batch, with their rows of the cos/sin tables, the mask and the cache.
+
+    Rows that form one contiguous run (budgets sorted either way, or any set of neighbours) are taken as slices,
+    which are views: no copy on the way in, one concatenation on the way out."""
 
     def __init__(self, rows: list[int], batch: int, seq: int, position_embeddings, attention_mask, cache, device):
         self.rows_tuple = tuple(rows)
-        self.index = torch.tensor(rows, device=device)
-        self.run = torch.zeros(batch, dtype=torch.bool, device=device).index_fill(0, self.index, True)
-        self.run = self.run[:, None].expand(batch, seq)
+        self.span = slice(rows[0], rows[-1] + 1) if rows[-1] + 1 - rows[0] == len(rows) else None
+        self.device = device
         cos, sin = position_embeddings
-        self.position_embeddings = (cos, sin) if cos.shape[0] == 1 else (cos[self.index], sin[self.index])
+        self.position_embeddings = (cos, sin) if cos.shape[0] == 1 else (self.take(cos), self.take(sin))
         self.attention_mask = attention_mask
         if attention_mask is not None and attention_mask.shape[0] > 1:
-            self.attention_mask = attention_mask[self.index]
-        self.cache = None if cache is None else _RowsCache(cache, self.index, self.rows_tuple, batch)
+            self.attention_mask = self.take(attention_mask)
+        self.cache = None if cache is None else _RowsCache(cache, self, batch)
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        """The running rows as an index tensor (built on first use: slices need none)."""
+        return torch.tensor(self.rows_tuple, device=self.device)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The running rows of ``x`` (batch first)."""
+        return x[self.span] if self.span is not None else x.index_select(0, self.index)
+
+    def put(self, x: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """``into`` with its running rows replaced by ``x`` (a new tensor; ``into`` is not written)."""
+        x = x.to(into.dtype)
+        if self.span is not None:
+            return torch.cat([into[:self.span.start], x, into[self.span.stop:]])
+        return into.index_copy(0, self.index, x)
 
     def scatter(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return like.new_zeros(like.shape).index_copy(0, self.index, x.to(like.dtype))
+        """``x`` in the running rows, zeros in the others."""
+        return self.put(x, like.new_zeros(like.shape))
 
 
 class MythosActivePositions:
@@ -1285,10 +1307,15 @@ class MythosHalting(nn.Module):
 
     def forward(self, h: torch.Tensor, n_loops: int | torch.Tensor) -> torch.Tensor:
         """``n_loops``: the budget, one int or one per position ([batch, seq])."""
+        return self.probability(h, self.offset(n_loops))
+
+    def offset(self, n_loops: int | torch.Tensor) -> float | torch.Tensor:
+        """The logit offset for budget ``n_loops`` (see the class docstring)."""
         if isinstance(n_loops, torch.Tensor):
-            offset = math.log(max(self.max_loop_iters - 1, 1)) - (n_loops - 1).clamp(min=1).float().log()
-        else:
-            offset = math.log(max(self.max_loop_iters - 1, 1)) - math.log(max(n_loops - 1, 1))
+            return math.log(max(self.max_loop_iters - 1, 1)) - (n_loops - 1).clamp(min=1).float().log()
+        return math.log(max(self.max_loop_iters - 1, 1)) - math.log(max(n_loops - 1, 1))
+
+    def probability(self, h: torch.Tensor, offset: float | torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(h.float() @ self.weight.float() + self.bias.float() + offset)
 
 
@@ -1597,7 +1624,7 @@ class MythosRecurrence(nn.Module):
             x = x + loop_signal(x, loop_idx, self.config.loop_signal_scale)
         if isinstance(active, MythosActiveRows):
             x, position_embeddings, attention_mask, cache = (
-                x.index_select(0, active.index), active.position_embeddings, active.attention_mask, active.cache)
+                active.take(x), active.position_embeddings, active.attention_mask, active.cache)
         # the hidden state positional and the rest by keyword, as GradientCheckpointingLayer requires
         delta, routing = self.layer(x, position_embeddings=position_embeddings, attention_mask=attention_mask,
                                     cache=cache, layer_idx=loop_cache_slot(self.config, loop_idx), loop_idx=loop_idx,
@@ -1607,6 +1634,8 @@ class MythosRecurrence(nn.Module):
             return h, None
         if self.lora is not None:
             delta = delta + self.lora(delta, loop_idx)
+        if isinstance(active, MythosActiveRows):  # the finished rows keep their state
+            return active.put(self.injection(active.take(h), active.take(e), delta), h), routing
         if active is not None:
             return self.injection(h, e, active.scatter(delta, h), run=active.run), routing
         return self.injection(h, e, delta), routing
@@ -1706,6 +1735,8 @@ class MythosRecurrence(nn.Module):
     def _adaptive_forward(self, e, plan, position_embeddings, attention_mask, cache, token_mask, **kwargs):
         """The loop when positions may stop early: only running positions do the block's work (see
         :class:`MythosActivePositions` for what a stopped position still contributes)."""
+        if plan.rows_only and not self.training and not plan.output_stats:
+            return self._rows_forward(e, plan, position_embeddings, attention_mask, cache, token_mask, **kwargs)
         batch, seq = e.shape[:2]
         budget = plan.budget if plan.budget is not None else torch.full(
             (batch, seq), plan.n_loops, dtype=torch.long, device=e.device)
@@ -1746,6 +1777,26 @@ class MythosRecurrence(nn.Module):
                 break
         rho = float(self.injection.get_A().detach().max()) if plan.output_stats else None
         return self._output(rule.output(h), rule.halting, token_mask, aux_losses, loops_used, rule.stats(rho))
+
+    def _rows_forward(self, e, plan, position_embeddings, attention_mask, cache, token_mask, **kwargs):
+        """Per-row budgets in inference, the lean form of :meth:`_adaptive_forward`: whole rows stop at loops known
+        before the call and nothing is decided on the way, so each loop just runs its rows as a smaller batch. A
+        decode step is bound by per-op overhead, and per-position bookkeeping would cost more than the rows save."""
+        batch, seq = e.shape[:2]
+        halting = MythosHaltingState(e) if self.halt is not None else None
+        offset = lasts = None
+        if halting is not None:
+            offset = self.halt.offset(plan.budget)
+            lasts = plan.budget == torch.arange(1, plan.n_loops + 1, device=e.device)[:, None, None]  # [loop, b, s]
+        h = e
+        for t in range(plan.n_loops):
+            rows = [row for row, loops in enumerate(plan.row_loops) if loops > t]
+            active = None if len(rows) == batch else MythosActiveRows(
+                rows, batch, seq, position_embeddings, attention_mask, cache, e.device)
+            h = self.step(h, e, t, position_embeddings, attention_mask, cache, active=active, **kwargs)[0]
+            if halting is not None:  # as MythosExitRule.update with no criterion: a row halts at its budget
+                halting.update(h, self.halt.probability(h, offset), self.config.act_threshold, lasts[t])
+        return self._output(h if halting is None else halting.mixed, halting, token_mask, [], plan.budget.clone())
 
     @torch.no_grad()
     def _write_frozen_loops(self, h, e, first, n_loops, horizon, cache, position_embeddings):
@@ -1793,7 +1844,7 @@ class MythosRecurrence(nn.Module):
         router_logits, chosen = routing
         chosen_mask = rows_mask = token_mask
         if isinstance(active, MythosActiveRows):
-            rows_mask = None if token_mask is None else token_mask[active.index]
+            rows_mask = None if token_mask is None else active.take(token_mask)
             chosen_mask = rows_mask
         elif active is not None and token_mask is not None:
             chosen_mask = active.gather(token_mask)

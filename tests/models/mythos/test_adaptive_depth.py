@@ -91,12 +91,23 @@ class TestNoCriterion:
 
 
 class TestPerRowBudgets:
-    def test_forward_equals_each_row_alone(self, model, ids):
-        out = model(ids, n_loops=BUDGETS, use_cache=False)
-        for row, budget in enumerate(BUDGETS):
+    # ascending budgets leave the running rows one contiguous run (taken as slices), the second order does not
+    # (taken by index: rows 0 and 2 run loops 1-2)
+    @pytest.mark.parametrize("budgets", [BUDGETS, [3, 1, 6]])
+    @pytest.mark.parametrize("halting", [False, True], ids=["plain", "act"])
+    def test_forward_equals_each_row_alone(self, attn_type, ids, budgets, halting):
+        model = make_model(attn_type, use_act=halting)
+        if halting:  # a zero-initialised head would give every loop the same small halting probability
+            with torch.no_grad():
+                model.model.recurrent.halt.weight.normal_(0, 0.5)
+        out = model(ids, n_loops=budgets, use_cache=False)
+        for row, budget in enumerate(budgets):
             alone = model(ids[row:row + 1], n_loops=budget, use_cache=False)
             torch.testing.assert_close(out.logits[row:row + 1], alone.logits, atol=1e-5, rtol=0)
             assert (out.loops_used[row] == budget).all()
+        # inference without statistics takes the lean row loop; with them, the general one: the same arithmetic
+        bookkept = model(ids, n_loops=budgets, use_cache=False, output_loop_stats=True)
+        assert torch.equal(out.logits, bookkept.logits) and torch.equal(out.loops_used, bookkept.loops_used)
 
     def test_tensor_budgets_and_padding(self, model, ids):
         mask = torch.ones_like(ids)
@@ -116,13 +127,14 @@ class TestPerRowBudgets:
             torch.testing.assert_close(first.logits[row], alone.logits[0, :6], atol=1e-5, rtol=0)
             torch.testing.assert_close(second.logits[row], alone.logits[0, 6:], atol=1e-5, rtol=0)
 
+    @pytest.mark.parametrize("budgets", [BUDGETS, [3, 1, 6]])
     @pytest.mark.parametrize("mode", ["greedy", "beam"])
-    def test_generate_equals_each_row_alone(self, model, ids, mode):
+    def test_generate_equals_each_row_alone(self, model, ids, mode, budgets):
         kwargs = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
         if mode == "beam":
             kwargs.update(num_beams=2, output_scores=False)
-        batch = model.generate(ids, n_loops=BUDGETS, **kwargs)
-        for row, budget in enumerate(BUDGETS):
+        batch = model.generate(ids, n_loops=budgets, **kwargs)
+        for row, budget in enumerate(budgets):
             alone = model.generate(ids[row:row + 1], n_loops=budget, **kwargs)
             assert torch.equal(batch.sequences[row], alone.sequences[0])
             if mode == "greedy":
@@ -141,9 +153,25 @@ class TestPerRowBudgets:
                                 cache_implementation="static")
         assert torch.equal(dynamic, static)
 
-    def test_finished_rows_do_no_work(self, model, ids):
-        stats = model(ids, n_loops=BUDGETS, use_cache=False, output_loop_stats=True).loop_stats
-        assert stats.processed.tolist() == [30, 20, 20, 10, 10, 10]
+    @pytest.mark.parametrize("budgets", [BUDGETS, [3, 1, 6]])
+    def test_finished_rows_do_no_work(self, model, ids, budgets):
+        """The rows the looped block's queries and MoE see at each loop, counted by hooks, with and without a cache
+        and statistics (the lean row loop and the general one)."""
+        seen = []
+        attention = model.model.recurrent.layer.self_attn
+        query_module = attention.q_proj if hasattr(attention, "q_proj") else attention.q_a_proj
+        hooks = [module.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+                 for module in (query_module, model.model.recurrent.layer.mlp)]
+        running = [sum(b > t for b in budgets) for t in range(max(budgets))]
+        try:
+            for kwargs in ({"use_cache": False}, {"use_cache": True}, {"use_cache": False, "output_loop_stats": True}):
+                seen.clear()
+                out = model(ids, n_loops=budgets, **kwargs)
+                assert seen == [rows for rows in running for _ in range(2)], kwargs
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert out.loop_stats.processed.tolist() == [10 * rows for rows in running]
 
     def test_a_cache_refuses_other_budgets(self, model, ids):
         out = model(ids, n_loops=BUDGETS, use_cache=True)
