@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loop-kv-sharing", choices=("none", "first", "last"), default="none",
                    help="the looped model's cross-loop KV sharing (config.loop_kv_sharing; 'last' trains one token "
                         "at a time, slowly)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps for the looped model (default 1500; "
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps for the looped model (default 1300; "
                                                               "context: 1200)")
     p.add_argument("--baseline-steps", type=int, default=None, help="optimizer steps per dense model "
                                                                       "(default: --steps)")
@@ -78,10 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                         "1-hop only (default 300)")
     p.add_argument("--eval-examples", type=int, default=500, help="context: scored prompts per hop count")
     p.add_argument("--pack", type=int, default=None, help="hidden: each training row holds 1..this many questions "
-                                                          "(default 4)")
+                                                          "(default 3)")
     p.add_argument("--extra-loops", type=int, default=None,
                    help="hidden: a training batch runs n_loops drawn from its deepest question's hops to that + this "
-                        "many, every loop's output trained on (default 6)")
+                        "many, every loop's output trained on (default 4)")
     p.add_argument("--exit-budget", type=int, default=None,
                    help="hidden: most loops the exit rule may run (default 16); it is given no hop count")
     p.add_argument("--samples", type=int, default=4, help="sample questions answered after reloading")

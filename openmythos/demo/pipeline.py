@@ -383,7 +383,10 @@ def run(args: argparse.Namespace) -> dict:
     training = {name: train(name, model, dataset, tokenizer, task, args) for name, model in models.items()}
 
     exit_rule = None
-    if task.convergent:
+    if task.convergent and args.loop_kv_sharing != "none":
+        print("\nNo exit rule: exit criteria need loop_kv_sharing='none' (the looped model is scored at fixed n_loops "
+              "only).")
+    elif task.convergent:
         exit_rule = choose_exit_threshold(models[LOOPED], task.exit_questions(args), tokenizer, args.exit_budget)
         print(f"\nExit rule: a position stops once its relative state change is below "
               f"{exit_rule['threshold']:.3f} (chosen on the training questions: smallest change while moving "
