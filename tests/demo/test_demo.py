@@ -153,7 +153,7 @@ def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys)
 
 def test_demo_defaults_train_the_hidden_task_with_packed_rows_and_score_16_loops():
     args = demo.parse_args([])
-    assert (args.pack, args.extra_loops, args.exit_budget, args.max_loops) == (3, 6, 16, 16)
+    assert (args.pack, args.extra_loops, args.exit_budget, args.max_loops) == (3, 4, 16, 16)
     context = demo.parse_args(["--task", "context"])
     assert (context.pack, context.extra_loops, context.exit_budget, context.max_loops) == (None, None, None, 10)
 
