@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 import torch.nn.functional as F
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, ProgressCallback, Trainer, TrainingArguments, set_seed
 from transformers.masking_utils import create_causal_mask
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
