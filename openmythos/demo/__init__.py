@@ -1,23 +1,29 @@
 """Does looping buy reasoning depth? Train on shallow multi-hop questions, test on deeper ones.
 
 ``mythos demo`` (or ``python -m openmythos.demo``) trains three models with the Hugging Face Trainer on k-hop
-pointer chasing (``openmythos.demo.tasks``) with k <= K:
+pointer chasing (``openmythos.demo.tasks``) with k <= K: the question ``q+++`` asks for the node three links after
+``q``, and every mark is trained to hold its intermediate node.
 
-- a small looped OpenMythos model, run with ``n_loops = k`` (one loop per hop);
+- a small looped OpenMythos model, trained on every mark's node after every loop (the j-th mark holds the node
+  min(j, t) links on after t loops), with n_loops drawn from the batch's deepest hop count to that + ``--extra-loops``;
 - a dense transformer (Llama) with about the same number of parameters;
 - a dense transformer with about the same compute per token as the looped model at depth K (one layer per pass).
 
-It then scores every model on every question with 1..2K hops (the looped one at n_loops 1..2K+2), prints the
-accuracy table, writes it as ``results.json`` / ``accuracy.md`` and plots ``accuracy.png``, saves the looped model
-with ``save_pretrained``, reloads it through ``AutoModelForCausalLM`` and answers sample questions with
-``generate(n_loops=...)``. Every setting is a flag. A seed fixes the results on one machine: the same seed, torch
-version, thread count and CPU kernels (or GPU) give the same table, and ``results.json`` records them. Another CPU
-can round differently (AVX-512 and AVX2 kernels sum in another order), so its table can differ by a few points.
+The dense models learn the same labels from their one output. The demo then scores every model on every question
+with 1..2K hops: the looped one at every n_loops 1..16 and with an exit rule that is given no hop count (each
+position stops once its state stops changing, ``exit_criterion="delta"``, at most ``--exit-budget`` loops, the
+threshold chosen on training questions only). It prints the accuracy table, writes it as ``results.json`` /
+``accuracy.md`` and plots ``accuracy.png``, saves the looped model with ``save_pretrained``, reloads it through
+``AutoModelForCausalLM`` and answers sample questions with ``generate`` and the exit rule. Every setting is a flag.
+A seed fixes the results on one machine: the same seed, torch version, thread count and CPU kernels (or GPU) give the
+same table, and ``results.json`` records them. Another CPU can round differently (AVX-512 and AVX2 kernels sum in
+another order), so its table can differ by a few points.
 
 ``--task context`` swaps the hidden graph for one written in the prompt, a new graph per example
 (``InContextPointerChasingTask``): training prompts query every node of graphs of varied size, the first
 ``--curriculum-steps`` batches are 1-hop only, and all three models see the same batches in the same order. Its
-defaults are the recipe that makes the looped model learn it (docs/demo.md).
+defaults are the recipe that makes the looped model learn it (docs/demo.md): the looped model trains with
+``n_loops = k`` and is scored at n_loops 1..2K+2 (no exit rule).
 
 ``--task text`` is a separate demo with its own flags (``mythos demo --task text --help``, ``openmythos.demo.text``):
 byte-level models on Python's own documentation, scored in held-out bits per byte at every loop count.
@@ -32,7 +38,7 @@ import argparse
 
 from . import text
 from .files import recover_folder, save_folder_atomically, write_atomically, write_text_atomically
-from .report import LOOPED, SAME_COMPUTE, SAME_PARAMS, format_table, summary
+from .report import EXIT, EXIT_LOOPS, LOOPED, SAME_COMPUTE, SAME_PARAMS, format_table, summary
 from .tasks import InContextPointerChasingTask, PointerChasingTask
 
 # --task value -> task kind
@@ -51,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-hops", type=int, default=4, help="K: training questions have 1..K hops")
     p.add_argument("--eval-hops", type=int, default=None, help="evaluate 1..this many hops (default 2K)")
     p.add_argument("--max-loops", type=int, default=None, help="evaluate the looped model at n_loops 1..this "
-                                                                 "(default 2K + 2)")
+                                                                 "(default 16; context: 2K + 2)")
     p.add_argument("--num-nodes", type=int, default=None, help="nodes in the hidden graph (2 to 52; default 24), or "
                                                                  "most nodes of an in-context graph (3 to 52; "
                                                                  "default 9)")
@@ -60,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loop-kv-sharing", choices=("none", "first", "last"), default="none",
                    help="the looped model's cross-loop KV sharing (config.loop_kv_sharing; 'last' trains one token "
                         "at a time, slowly)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps for the looped model (default 1500; "
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps for the looped model (default 1300; "
                                                               "context: 1200)")
     p.add_argument("--baseline-steps", type=int, default=None, help="optimizer steps per dense model "
                                                                       "(default: --steps)")
@@ -71,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curriculum-steps", type=int, default=None, help="context: the first this many batches are "
                                                                         "1-hop only (default 300)")
     p.add_argument("--eval-examples", type=int, default=500, help="context: scored prompts per hop count")
+    p.add_argument("--pack", type=int, default=None, help="hidden: each training row holds 1..this many questions "
+                                                          "(default 3)")
+    p.add_argument("--extra-loops", type=int, default=None,
+                   help="hidden: a training batch runs n_loops drawn from its deepest question's hops to that + this "
+                        "many, every loop's output trained on (default 4)")
+    p.add_argument("--exit-budget", type=int, default=None,
+                   help="hidden: most loops the exit rule may run (default 16); it is given no hop count")
     p.add_argument("--samples", type=int, default=4, help="sample questions answered after reloading")
     p.add_argument("--seed", type=int, default=0, help="seed of the graph, the data and the models (same "
                                                          "seed, machine, torch version and --threads: same results)")
@@ -89,9 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.train_examples is None:
         args.train_examples = max(args.steps, args.baseline_steps) * args.batch_size
     for name in ("train_hops", "eval_hops", "max_loops", "dim", "heads", "steps", "batch_size", "train_examples",
-                 "eval_examples"):
-        if getattr(args, name) < 1:
+                 "eval_examples", "pack", "exit_budget"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.extra_loops is not None and args.extra_loops < 0:
+        p.error(f"--extra-loops must be >= 0, got {args.extra_loops}")
     if args.eval_hops >= args.num_nodes:
         p.error(f"--eval-hops ({args.eval_hops}) must be below --num-nodes ({args.num_nodes}): past that, the "
                 f"cycle repeats and deeper questions share answers with shallower ones")
@@ -129,6 +144,6 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["TASKS", "LOOPED", "SAME_PARAMS", "SAME_COMPUTE", "parse_args", "kind_of", "task_of", "run", "main",
+__all__ = ["TASKS", "LOOPED", "EXIT", "EXIT_LOOPS", "SAME_PARAMS", "SAME_COMPUTE", "parse_args", "kind_of", "task_of", "run", "main",
            "format_table", "summary", "write_atomically", "write_text_atomically", "save_folder_atomically",
            "recover_folder", "PointerChasingTask", "InContextPointerChasingTask"]

@@ -7,13 +7,17 @@ see ``openmythos.demo.tasks``) supplies everything that differs between tasks; n
 
 import argparse
 import json
+import math
 import platform
+import random
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, ProgressCallback, Trainer, TrainingArguments, set_seed
+from transformers.masking_utils import create_causal_mask
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.utils import logging as hf_logging
 
@@ -23,7 +27,8 @@ from ..tokenization_mythos import MythosTokenizer
 from ..training import MythosTrainingCallback
 from . import task_of
 from .files import save_folder_atomically, write_text_atomically
-from .report import LOOPED, SAME_COMPUTE, SAME_PARAMS, describe_training, format_table, plot, summary, training_record
+from .report import (EXIT, EXIT_LOOPS, LOOPED, SAME_COMPUTE, SAME_PARAMS, describe_training, format_table, plot,
+                     summary, training_record)
 
 
 # ------------------------------------------------------------------------------------------------------------ models
@@ -32,7 +37,8 @@ def looped_config(args, tokenizer, max_seq_len: int) -> MythosConfig:
 
     The loop-index signal and the depth-wise LoRA are off: both are indexed by the loop number, and questions deeper
     than K would reach loop indices that training never used. Without them every iteration applies the same map,
-    which is what lets the model run more loops than it was trained with.
+    which is what lets the model run more loops than it was trained with. On the hidden task the default loop budget
+    (``config.n_loops``) is ``--exit-budget``.
     """
     return MythosConfig(
         vocab_size=len(tokenizer), dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, attn_type="gqa",
@@ -41,6 +47,8 @@ def looped_config(args, tokenizer, max_seq_len: int) -> MythosConfig:
         loop_signal_scale=0.0, rope_theta=10000.0, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         loop_kv_sharing=getattr(args, "loop_kv_sharing", "none"),
+        # the hidden task's default budget is the exit rule's: a call with no n_loops may run that deep
+        n_loops=getattr(args, "exit_budget", None),
     )
 
 
@@ -95,8 +103,8 @@ def describe(name: str, model, args) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- training
-def collate(features: list[dict], pad_token_id: int, with_hops: bool) -> dict:
-    """Right-pad questions of different lengths; padded labels are -100."""
+def collate(features: list[dict], pad_token_id: int, with_hops: bool = False, with_depths: bool = False) -> dict:
+    """Right-pad questions of different lengths; padded labels are -100 and padded depths -1."""
     width = max(len(f["input_ids"]) for f in features)
     batch = {
         "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * (width - len(f["input_ids"])) for f in features]),
@@ -106,6 +114,8 @@ def collate(features: list[dict], pad_token_id: int, with_hops: bool) -> dict:
     }
     if with_hops:
         batch["hops"] = torch.tensor([f["hops"] for f in features])
+    if with_depths:
+        batch["depths"] = torch.tensor([f["depths"] + [-1] * (width - len(f["depths"])) for f in features])
     return batch
 
 
@@ -135,6 +145,62 @@ class LoopsPerHopTrainer(Trainer):
                         labels=labels[rows], n_loops=int(k), num_items_in_batch=num_items_in_batch)
             loss = loss + out.loss
         return (loss, None) if return_outputs else loss
+
+
+def trace_targets(labels: torch.Tensor, depths: torch.Tensor, loops: int) -> torch.Tensor:
+    """What the logits at every position learn after ``loops`` loops, in the labels' (shifted) layout.
+
+    ``labels[:, p + 1]`` is the node position ``p`` stands for, ``depths[:, p]`` its hops from its question's start.
+    After t loops a mark j hops in holds the node min(j, t) hops in: the label of the position ``j - t`` places to its
+    left when j > t (the same question's mark t), its own label otherwise.
+    """
+    back = (depths - loops).clamp_min(0)  # [batch, seq]: how far left the target sits
+    source = torch.arange(depths.shape[1], device=depths.device) - back
+    targets = labels.clone()
+    targets[:, 1:] = labels.gather(1, source[:, :-1] + 1)
+    return targets
+
+
+class TraceTrainer(Trainer):
+    """Trainer for the looped model on the hidden task: every loop's output is trained (trace supervision).
+
+    A batch runs n_loops drawn uniformly (seeded) from its deepest question's hop count to that + ``extra_loops``.
+    After each loop t the loop state goes through the coda, the final norm and the head, and every position learns
+    the node ``trace_targets`` gives for t: the marks still waiting learn the node t hops on, the others their own
+    node, which later loops must keep. The loss is the mean over loops of each loop's mean over the labels.
+    """
+
+    def __init__(self, *args, extra_loops: int, loop_seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_loops = extra_loops
+        self.loop_draws = random.Random(loop_seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        depths, labels = inputs.pop("depths"), inputs.pop("labels")
+        deepest = max(1, int(depths.max()))
+        n_loops = self.loop_draws.randint(deepest, deepest + self.extra_loops)
+        out = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], n_loops=n_loops,
+                          output_hidden_states=True, use_cache=False)
+        first = 1 + model.config.prelude_layers  # hidden_states: embeddings, prelude layers, loops, coda layers
+        states = torch.cat(out.hidden_states[first:first + n_loops])  # [n_loops * batch, seq, dim], loop-major
+        logits = read_out(model, states)
+        targets = torch.cat([trace_targets(labels, depths, t) for t in range(1, n_loops + 1)])
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
+        return (loss, None) if return_outputs else loss
+
+
+def read_out(model, states: torch.Tensor) -> torch.Tensor:
+    """The logits the coda, final norm and head give for loop states [batch, seq, dim] (right-padded rows: the
+    causal mask alone keeps padding out of every real position)."""
+    inner = model.model
+    positions = torch.arange(states.shape[1], device=states.device).unsqueeze(0)
+    shared = {"position_embeddings": inner.rotary_emb(states, positions),
+              "attention_mask": create_causal_mask(inner.config, states, None, None, position_ids=positions),
+              "cache": None}
+    h = states
+    for layer in inner.coda:
+        h = layer(h, **shared)
+    return model.lm_head(inner.norm(h))
 
 
 class InOrderLoopsPerHopTrainer(InOrderTrainer, LoopsPerHopTrainer):
@@ -169,10 +235,13 @@ def train(name: str, model, dataset, tokenizer, task, args) -> dict:
         data_seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(), **task.lr_schedule(),
     )
-    trainer = TRAINERS[looped, task.in_order](
+    trace = looped and task.convergent
+    extra = {"extra_loops": args.extra_loops, "loop_seed": args.seed} if trace else {}
+    trainer = (TraceTrainer if trace else TRAINERS[looped, task.in_order])(
         model=model, args=training_args, train_dataset=dataset,
-        data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped),
-        callbacks=[MythosTrainingCallback()] if looped else None,
+        data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped and not trace,
+                                               with_depths=trace),
+        callbacks=[MythosTrainingCallback()] if looped else None, **extra,
     )
     trainer.remove_callback(DEFAULT_PROGRESS_CALLBACK)  # it prints every log dict, moe/... keys included
     trainer.add_callback(BarOnlyProgressCallback())
@@ -186,19 +255,57 @@ def train(name: str, model, dataset, tokenizer, task, args) -> dict:
 
 # -------------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def accuracy(model, questions: list[tuple[str, str]], tokenizer, n_loops: int | None = None) -> float:
+def accuracy(model, questions: list[tuple[str, str]], tokenizer, n_loops: int | None = None, **loop_options) -> float:
     """Exact accuracy: the answer is the model's most likely next token after the question (questions of one
-    hop count have one length)."""
+    hop count have one length). ``loop_options`` (``exit_criterion``, ``exit_threshold``) go to the forward."""
+    return answer(model, questions, tokenizer, n_loops, **loop_options)[0]
+
+
+@torch.no_grad()
+def answer(model, questions: list[tuple[str, str]], tokenizer, n_loops: int | None = None, **loop_options):
+    """(exact accuracy, mean loops the last position ran or None for a dense model) over ``questions``."""
     model.eval()
     answers = [tokenizer.encode(a, add_special_tokens=False)[0] for _, a in questions]
     input_ids = torch.tensor([tokenizer.encode(q, add_special_tokens=False) for q, _ in questions],
                              device=model.device)
     kwargs = {"n_loops": n_loops} if n_loops is not None else {}
-    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **kwargs).logits[:, -1]
-    return (logits.argmax(-1).cpu() == torch.tensor(answers)).float().mean().item()
+    out = model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **kwargs, **loop_options)
+    right = (out.logits[:, -1].argmax(-1).cpu() == torch.tensor(answers)).float().mean().item()
+    loops = getattr(out, "loops_used", None)
+    return right, None if loops is None else loops[:, -1].float().mean().item()
 
 
-def evaluate(models, task, tokenizer, args) -> dict:
+@torch.no_grad()
+def choose_exit_threshold(model, questions: list[tuple[str, str]], tokenizer, budget: int) -> dict:
+    """The ``"delta"`` exit rule's threshold, from training questions only (``x`` then k marks, k <= K).
+
+    Each question runs ``budget`` loops with per-loop statistics. A position j hops in (the start node counts as 1:
+    its first loop moves it too) should change at loops 1..j and stay put from loop j + 1 on. The threshold is the
+    geometric mean of the smallest change while moving and the largest once settled, over every position of every
+    question; ``separated`` says whether the first is above the second (a threshold then splits them exactly).
+    """
+    model.eval()
+    moving, settled = [], []
+    by_length = {}
+    for q, _ in questions:
+        by_length.setdefault(len(q), []).append(q)
+    for group in by_length.values():
+        input_ids = torch.tensor([tokenizer.encode(q, add_special_tokens=False) for q in group], device=model.device)
+        out = model(input_ids=input_ids, n_loops=budget, output_loop_stats=True, use_cache=False)
+        change = out.loop_stats.state_change.float().cpu()  # [loops, batch, seq]
+        depth = torch.arange(change.shape[2]).clamp_min(1)
+        still = (torch.arange(1, change.shape[0] + 1)[:, None] <= depth[None, :])[:, None, :].expand_as(change)
+        moving.append(change[still])
+        settled.append(change[~still])
+    smallest, largest = float(torch.cat(moving).min()), float(torch.cat(settled).max())
+    return {"criterion": "delta", "threshold": math.sqrt(smallest * max(largest, 1e-12)), "budget": budget,
+            "smallest_change_while_moving": smallest, "largest_change_once_settled": largest,
+            "separated": smallest > largest}
+
+
+def evaluate(models, task, tokenizer, args, exit_rule: dict | None = None) -> dict:
+    """Accuracy per hop count: the looped model at every n_loops (and, with ``exit_rule``, under that rule, with the
+    mean loops its answer position ran), the dense models once."""
     hop_range = range(1, args.eval_hops + 1)
     questions = {k: task.eval_questions(k, args) for k in hop_range}
     table = {f"{LOOPED}@{n}": [accuracy(models[LOOPED], questions[k], tokenizer, n) for k in hop_range]
@@ -206,13 +313,21 @@ def evaluate(models, task, tokenizer, args) -> dict:
     # n_loops = hops is the diagonal of the columns above; only depths past --max-loops need their own run
     table[f"{LOOPED}@hops"] = [table[f"{LOOPED}@{k}"][k - 1] if k <= args.max_loops
                                else accuracy(models[LOOPED], questions[k], tokenizer, k) for k in hop_range]
+    if exit_rule is not None:
+        # no hop count: the budget and the rule decide the depth
+        runs = [answer(models[LOOPED], questions[k], tokenizer, exit_rule["budget"],
+                       exit_criterion=exit_rule["criterion"], exit_threshold=exit_rule["threshold"])
+                for k in hop_range]
+        table[EXIT] = [right for right, _ in runs]
+        table[EXIT_LOOPS] = [loops for _, loops in runs]
     for name in (SAME_PARAMS, SAME_COMPUTE):
         table[name] = [accuracy(models[name], questions[k], tokenizer) for k in hop_range]
     return table
 
 
-def answer_samples(folder: Path, task, args) -> list[dict]:
-    """Reload the saved looped model through the Auto classes and answer questions with generate(n_loops=hops)."""
+def answer_samples(folder: Path, task, args, exit_rule: dict | None = None) -> list[dict]:
+    """Reload the saved looped model through the Auto classes and answer questions with ``generate``: with the exit
+    rule and no n_loops (the saved default budget) when there is one, else with ``n_loops=hops``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -223,12 +338,20 @@ def answer_samples(folder: Path, task, args) -> list[dict]:
         hops = depths[i % len(depths)]
         prompt, expected = task.sample_question(i, hops, args)
         ids = tokenizer(prompt, return_tensors="pt").input_ids
+        loop_options = {"n_loops": hops} if exit_rule is None else {
+            "exit_criterion": exit_rule["criterion"], "exit_threshold": exit_rule["threshold"]}
         # the answer is one node name: one new token
-        out = model.generate(ids, max_new_tokens=1, do_sample=False, n_loops=hops,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             **loop_options)
         reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        samples.append({"question": prompt, "hops": hops, "n_loops": hops, "answer": reply,
-                        "expected": expected})
+        sample = {"question": prompt, "hops": hops, "answer": reply, "expected": expected}
+        if exit_rule is None:
+            sample["n_loops"] = hops
+        else:
+            with torch.no_grad():
+                used = model(input_ids=ids, use_cache=False, **loop_options).loops_used
+            sample["loops_used"] = int(used[0, -1])
+        samples.append(sample)
     return samples
 
 
@@ -259,7 +382,17 @@ def run(args: argparse.Namespace) -> dict:
     models = build_models(args, tokenizer, task)
     training = {name: train(name, model, dataset, tokenizer, task, args) for name, model in models.items()}
 
-    table = evaluate(models, task, tokenizer, args)
+    exit_rule = None
+    if task.convergent and args.loop_kv_sharing != "none":
+        print("\nNo exit rule: exit criteria need loop_kv_sharing='none' (the looped model is scored at fixed n_loops "
+              "only).")
+    elif task.convergent:
+        exit_rule = choose_exit_threshold(models[LOOPED], task.exit_questions(args), tokenizer, args.exit_budget)
+        print(f"\nExit rule: a position stops once its relative state change is below "
+              f"{exit_rule['threshold']:.3f} (chosen on the training questions: smallest change while moving "
+              f"{exit_rule['smallest_change_while_moving']:.3f}, largest once settled "
+              f"{exit_rule['largest_change_once_settled']:.3f}), at most {exit_rule['budget']} loops.")
+    table = evaluate(models, task, tokenizer, args, exit_rule)
     text = format_table(table, args)
     print(f"\nAccuracy ({task.scored(args)}, exact):\n" + text)
     write_text_atomically(out / "accuracy.md", text + "\n")
@@ -275,11 +408,14 @@ def run(args: argparse.Namespace) -> dict:
     kept = save_folder_atomically(folder, save)
     if kept is not None:
         print(f"\nThe previous {folder} held files the demo did not write; it is kept as {kept}.")
-    samples = answer_samples(folder, task, args)
-    print(f"\nSample questions, answered by the reloaded model ({folder}) with generate(n_loops=hops):")
+    samples = answer_samples(folder, task, args, exit_rule)
+    how = "generate(n_loops=hops)" if exit_rule is None else (
+        f"generate(exit_criterion='delta', exit_threshold={exit_rule['threshold']:.3f}), no n_loops")
+    print(f"\nSample questions, answered by the reloaded model ({folder}) with {how}:")
     for s in samples:
         verdict = "right" if s["answer"] == s["expected"] else f"wrong, expected {s['expected']!r}"
-        print(f"  {s['question']!r} ({s['hops']} hops) -> {s['answer']!r} ({verdict})")
+        loops = f", {s['loops_used']} loops" if "loops_used" in s else ""
+        print(f"  {s['question']!r} ({s['hops']} hops{loops}) -> {s['answer']!r} ({verdict})")
 
     results = {
         "settings": {k: v for k, v in vars(args).items()},
@@ -290,6 +426,7 @@ def run(args: argparse.Namespace) -> dict:
         "environment": env,
         "hops": list(range(1, args.eval_hops + 1)),
         "accuracy": table,
+        "exit_rule": exit_rule,
         "summary": summary(table, args),
         "samples": samples,
         "total_seconds": time.perf_counter() - started,
@@ -301,6 +438,10 @@ def run(args: argparse.Namespace) -> dict:
           f"{s['looped_at_eval_hops_with_training_depth']:.0%} with n_loops={args.train_hops}. "
           f"Dense, same params: {s['dense_same_params_at_eval_hops']:.0%}; dense, same compute: "
           f"{s['dense_same_compute_at_eval_hops']:.0%} at {args.eval_hops} hops.")
+    if exit_rule is not None:
+        print(f"Exit rule (no hop count given): lowest accuracy over 1..{args.eval_hops} hops "
+              f"{s['exit_rule_lowest']:.0%}, at most {s['exit_rule_most_loops_past_hops']:.2f} loops past the hop "
+              f"count on average. Fixed n_loops >= hops: lowest {s['fixed_loops_at_or_past_hops_lowest']:.0%}.")
     print(f"Wrote {out / 'results.json'}, {out / 'accuracy.md'}"
           + ("" if args.no_plot else f", {out / 'accuracy.png'}") + f" in {results['total_seconds']:.0f} s.")
     return results

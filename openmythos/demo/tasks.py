@@ -2,12 +2,17 @@
 
 A seeded random permutation links every node (a letter) to its successor, forming one cycle through all nodes, so
 ``follow(x, k)`` differs for every k below the number of nodes: a model that stops one hop early or late is wrong.
-The links are never shown: a question is the start node preceded by one ``+`` per hop (``"+++q"`` asks for the node
-three links after ``q``), so answering needs exactly k composed lookups of facts the model has to learn. Writing the
-hop count in unary keeps every token of a deeper question one that training has seen.
+The links are never shown: a question is the start node followed by one ``+`` per hop (``"q+++"`` asks for the node
+three links after ``q``), and the answer is read at the last mark, so answering needs exactly k composed lookups of
+facts the model has to learn. Writing the hop count in unary keeps every token of a deeper question one that training
+has seen.
 
-A looped model can learn one lookup per loop iteration and answer deeper questions by looping more; a model of fixed
-depth has to spend layers per hop and runs out (``openmythos.demo`` measures both).
+Every mark is supervised, not only the last: the j-th mark's label is the node j links after the start (a latent
+scratchpad). A looped model can then learn a rule that is the same at every position and needs no count: each loop,
+a mark takes the node one link after the one its left neighbour holds. After t loops the j-th mark holds the node
+min(j, t) links on, so the last mark of a k-hop question stops changing after k loops (an exit rule can see that) and
+more loops leave it alone; a deeper question only has more marks. Training rows pack several questions into one
+sequence, so the rule is learned at many positions and distances, not only at the first five.
 
 ``InContextPointerChasingTask`` is the in-context variant: the links are written in the prompt, a new graph for every
 example, so the model has to learn the lookup procedure rather than the graph.
@@ -42,11 +47,15 @@ class PointerChasingTask:
 
     # The demo's settings for this kind (``--task hidden``). ``flag_defaults`` fill the flags left at None.
     flag: ClassVar[str] = "hidden"
-    flag_defaults: ClassVar[dict] = {"num_nodes": 24, "dim": 96, "steps": 1500, "lr": 2e-3, "train_examples": 20000,
-                                     "curriculum_steps": 0}
+    flag_defaults: ClassVar[dict] = {"num_nodes": 24, "dim": 96, "steps": 1300, "lr": 2e-3, "train_examples": 20000,
+                                     "curriculum_steps": 0, "max_loops": 16, "pack": 3, "extra_loops": 4,
+                                     "exit_budget": 16}
     max_seq_len: ClassVar[int] = 64
     # the Trainer shuffles the training set: its row order means nothing
     in_order: ClassVar[bool] = False
+    # the looped model learns every mark's node after every loop (trace supervision) and is also scored with an exit
+    # rule that is given no hop count (see openmythos.demo.pipeline)
+    convergent: ClassVar[bool] = True
 
     def __post_init__(self):
         if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) \
@@ -68,7 +77,13 @@ class PointerChasingTask:
 
     @staticmethod
     def question(start: str, hops: int) -> str:
-        return HOP_MARK * _check_hops(hops) + start
+        """The start node, then one mark per hop: ``question("q", 3) == "q+++"``."""
+        return start + HOP_MARK * _check_hops(hops)
+
+    def trace(self, start: str, hops: int) -> str:
+        """The nodes 0, 1, ..., ``hops`` links after ``start``: what each position of the question is trained to
+        hold (the start node itself, then one node per mark; the last is the answer)."""
+        return "".join(self.follow(start, j) if j else start for j in range(_check_hops(hops) + 1))
 
     def examples(self, hops: Iterable[int], num_examples: int, seed: int = 0) -> list[dict]:
         """``num_examples`` questions with start nodes and hop counts drawn uniformly (seeded) from ``hops``."""
@@ -80,20 +95,33 @@ class PointerChasingTask:
             rows.append({"question": self.question(start, k), "answer": self.follow(start, k), "hops": k})
         return rows
 
-    def dataset(self, tokenizer, hops: Iterable[int], num_examples: int, seed: int = 0):
-        """A ``datasets.Dataset`` of tokenized questions for causal-LM training.
+    def dataset(self, tokenizer, hops: Iterable[int], num_examples: int, seed: int = 0, pack: int = 1):
+        """A ``datasets.Dataset`` of tokenized training rows, each 1..``pack`` questions (uniform, seeded) written
+        one after another, e.g. ``"q+++c+h++"``.
 
-        Each row holds ``input_ids`` (question, answer, eos), ``labels`` (-100 on the question: only the answer and
-        the eos after it are learned), ``hops``, ``question`` and ``answer``.
+        ``input_ids`` is the questions, then the last question's answer. ``labels`` (the usual one-token shift:
+        ``labels[p + 1]`` is what the logits at position ``p`` learn) holds, for every position, the node it stands
+        for: a start node itself, and at the j-th mark of a question the node j links after its start, so every mark
+        is supervised with its intermediate node and the last mark with the answer. ``depths[p]`` is the hops done at
+        position ``p`` (0 at a start node, j at the j-th mark, -1 at the trailing answer, which has no label).
+        ``question`` is the row's text, ``hops`` its deepest question's hop count.
         """
         import datasets
 
-        rows = self.examples(hops, num_examples, seed)
-        for row in rows:
-            question = tokenizer.encode(row["question"], add_special_tokens=False)
-            answer = tokenizer.encode(row["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
-            row["input_ids"] = question + answer
-            row["labels"] = [-100] * len(question) + answer
+        if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
+            raise ValueError(f"`pack` must be a positive integer, got {pack!r}")
+        hop_choices = _hop_choices(hops)
+        rng = random.Random(seed)
+        rows = []
+        for _ in range(num_examples):
+            questions = [(rng.choice(self.nodes), rng.choice(hop_choices)) for _ in range(rng.randint(1, pack))]
+            text = "".join(self.question(start, k) for start, k in questions)
+            nodes = "".join(self.trace(start, k) for start, k in questions)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            node_ids = tokenizer.encode(nodes, add_special_tokens=False)
+            rows.append({"input_ids": ids + node_ids[-1:], "labels": [-100] + node_ids,
+                         "depths": [j for _, k in questions for j in range(k + 1)] + [-1],
+                         "question": text, "hops": max(k for _, k in questions)})
         return datasets.Dataset.from_list(rows)
 
     # ------------------------------------------------------------------------------- the demo (``--task hidden``)
@@ -103,7 +131,11 @@ class PointerChasingTask:
 
     @staticmethod
     def check_args(args) -> str | None:
-        """The demo's refusal of flags this kind cannot use together, or None (the hidden task has none)."""
+        """The demo's refusal of flags this kind cannot use together, or None."""
+        longest = args.pack * (args.train_hops + 1) + 1
+        if longest > PointerChasingTask.max_seq_len:
+            return (f"--pack {args.pack} questions of up to --train-hops {args.train_hops} hops make rows of "
+                    f"{longest} tokens, more than the {PointerChasingTask.max_seq_len} the models hold")
         return None
 
     @staticmethod
@@ -112,8 +144,14 @@ class PointerChasingTask:
         return {"lr_scheduler_type": "cosine"}
 
     def training_set(self, tokenizer, args):
-        """``--train-examples`` questions with 1..K hops (shuffled by the Trainer)."""
-        return self.dataset(tokenizer, range(1, args.train_hops + 1), args.train_examples, seed=args.seed)
+        """``--train-examples`` rows of 1..``--pack`` questions with 1..K hops each (shuffled by the Trainer)."""
+        return self.dataset(tokenizer, range(1, args.train_hops + 1), args.train_examples, seed=args.seed,
+                            pack=args.pack)
+
+    def exit_questions(self, args) -> list[tuple[str, str]]:
+        """The questions the exit rule's threshold is chosen on: training questions only (every start node at
+        1..K hops), so the deeper rows stay held out."""
+        return [pair for k in range(1, args.train_hops + 1) for pair in self.eval_questions(k, args)]
 
     def eval_questions(self, hops: int, args) -> list[tuple[str, str]]:
         """(question, answer) pairs scored at ``hops`` hops: every start node of the hidden graph."""
@@ -126,7 +164,8 @@ class PointerChasingTask:
 
     def introduction(self, args) -> str:
         return (f"Task: {self.num_nodes} nodes on one hidden random cycle; '{self.question('q', 3)}' asks for the "
-                f"node 3 links after 'q'. Training on 1..{args.train_hops} hops, testing on 1..{args.eval_hops}.")
+                f"node 3 links after 'q', read at the last mark (every mark learns its intermediate node). Training "
+                f"on 1..{args.train_hops} hops (1..{args.pack} questions per row), testing on 1..{args.eval_hops}.")
 
     @staticmethod
     def scored(args) -> str:
@@ -162,6 +201,8 @@ class InContextPointerChasingTask:
     max_seq_len = 128  # longer than the hidden task's 64: the prompt also holds the graph's links
     # the Trainer reads the training set in row order: the curriculum (1-hop batches first) is that order
     in_order = True
+    # trained with n_loops = hops and scored at fixed loop counts only (its recipe predates the convergent one)
+    convergent = False
 
     def __init__(self, max_nodes: int = 9, seed: int = 0):
         if isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or not 3 <= max_nodes <= len(NODE_NAMES):
@@ -249,6 +290,9 @@ class InContextPointerChasingTask:
         """The demo's refusal of flags this kind cannot use together, or None."""
         if args.train_examples < args.curriculum_steps * args.batch_size:
             return "--train-examples must cover the --curriculum-steps batches"
+        for name in ("pack", "extra_loops", "exit_budget"):
+            if getattr(args, name) is not None:
+                return f"--{name.replace('_', '-')} is for --task hidden (the context task trains n_loops = hops)"
         return None
 
     @staticmethod

@@ -35,7 +35,8 @@ def test_answer_is_the_composition_of_single_hops():
     task = PointerChasingTask(num_nodes=20, seed=5)
     for start in task.nodes:
         assert task.follow(start, 5) == task.follow(task.follow(start, 2), 3)
-        assert task.question(start, 5) == HOP_MARK * 5 + start
+        assert task.question(start, 5) == start + HOP_MARK * 5
+        assert task.trace(start, 5) == "".join([start] + [task.follow(start, j) for j in range(1, 6)])
 
 
 def test_task_is_deterministic_for_a_seed_and_differs_across_seeds():
@@ -46,18 +47,83 @@ def test_task_is_deterministic_for_a_seed_and_differs_across_seeds():
     assert {row["hops"] for row in one} == {1, 2, 3, 4}
 
 
-def test_dataset_rows_learn_only_the_answer_and_eos():
+def test_dataset_rows_label_every_mark_with_its_intermediate_node():
     tokenizer = MythosTokenizer()
     task = PointerChasingTask(num_nodes=8, seed=0)
-    data = task.dataset(tokenizer, [2, 3], num_examples=20, seed=0)
-    assert len(data) == 20 and set(data.column_names) >= {"input_ids", "labels", "hops", "question", "answer"}
+    data = task.dataset(tokenizer, [2, 3], num_examples=40, seed=0, pack=3)
+    assert len(data) == 40 and set(data.column_names) >= {"input_ids", "labels", "depths", "hops", "question"}
+    packed = set()
     for row in data:
-        question = tokenizer.encode(row["question"], add_special_tokens=False)
-        answer = tokenizer.encode(row["answer"], add_special_tokens=False)
-        assert row["input_ids"] == question + answer + [tokenizer.eos_token_id]
-        assert row["labels"] == [-100] * len(question) + answer + [tokenizer.eos_token_id]
-        assert row["answer"] == task.follow(row["question"][-1], row["hops"])
-        assert tokenizer.decode(row["input_ids"], skip_special_tokens=True) == row["question"] + row["answer"]
+        text, ids, labels, depths = row["question"], row["input_ids"], row["labels"], row["depths"]
+        questions = re.findall(rf"[a-z]\{HOP_MARK}+", text)
+        assert "".join(questions) == text and 1 <= len(questions) <= 3
+        assert {len(q) - 1 for q in questions} <= {2, 3} and row["hops"] == max(len(q) - 1 for q in questions)
+        packed.add(len(questions))
+        assert ids[:-1] == tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == len(labels) == len(depths) == len(text) + 1 and labels[0] == -100 and depths[-1] == -1
+        position = 0
+        for q in questions:
+            start = q[0]
+            for j in range(len(q)):
+                # the logits at position p learn labels[p + 1]: the node j links after the question's start
+                expected = start if j == 0 else task.follow(start, j)
+                assert tokenizer.decode([labels[position + 1]]) == expected and depths[position] == j
+                position += 1
+        # the last mark's label is the row's last answer, which is also the row's last input token
+        assert ids[-1] == labels[-1] and tokenizer.decode([ids[-1]]) == task.follow(questions[-1][0],
+                                                                                     len(questions[-1]) - 1)
+    assert packed == {1, 2, 3}
+    assert task.dataset(tokenizer, [1], 5, seed=0)["question"] == [row["question"] for row in task.dataset(
+        tokenizer, [1], 5, seed=0, pack=1)]
+
+
+def test_trace_targets_move_each_mark_one_hop_per_loop_and_then_hold_it():
+    from openmythos.demo.pipeline import trace_targets
+
+    tokenizer = MythosTokenizer()
+    task = PointerChasingTask(num_nodes=12, seed=4)
+    row = task.dataset(tokenizer, [3, 4], num_examples=1, seed=2, pack=1)[0]
+    labels, depths = torch.tensor([row["labels"]]), torch.tensor([row["depths"]])
+    start, k = row["question"][0], row["hops"]
+    for loops in range(1, k + 3):
+        targets = trace_targets(labels, depths, loops)[0]
+        assert targets[0] == -100 and torch.equal(trace_targets(labels, depths, k)[0], labels[0])
+        for j in range(k + 1):
+            # after t loops the j-th mark should hold the node min(j, t) links on
+            hops_done = min(j, loops)
+            assert tokenizer.decode([targets[j + 1]]) == (task.follow(start, hops_done) if hops_done else start)
+
+
+def test_exit_rule_evaluation_passes_no_hop_count():
+    """Under the exit rule every question runs the same budget, whatever its hop count."""
+    import argparse
+
+    from openmythos.demo import pipeline
+
+    tokenizer = MythosTokenizer()
+    args = argparse.Namespace(train_hops=2, eval_hops=4, max_loops=3, dim=32, heads=2, seed=0, exit_budget=7)
+    task = PointerChasingTask(num_nodes=8, seed=0)
+    models = pipeline.build_models(args, tokenizer, task)
+    calls = []
+    for name, model in models.items():
+        forward = model.forward
+
+        def recording(*a, _forward=forward, _name=name, **kw):
+            calls.append((_name, kw.get("n_loops"), kw.get("exit_criterion"), kw["input_ids"].shape[1] - 1))
+            return _forward(*a, **kw)
+
+        model.forward = recording
+    rule = pipeline.choose_exit_threshold(models["looped"], task.exit_questions(args), tokenizer, 7)
+    assert set(rule) >= {"threshold", "budget", "separated"} and rule["threshold"] > 0 and rule["budget"] == 7
+    # the threshold is chosen on training questions only (1..K hops)
+    assert {hops for _, _, _, hops in calls} == {1, 2}
+    calls.clear()
+    table = pipeline.evaluate(models, task, tokenizer, args, rule)
+    exit_calls = [call for call in calls if call[2] is not None]
+    assert [hops for *_, hops in exit_calls] == [1, 2, 3, 4]
+    assert all(name == "looped" and n_loops == 7 and criterion == "delta" for name, n_loops, criterion, _ in exit_calls)
+    assert all(n_loops is None for name, n_loops, _, _ in calls if name != "looped")
+    assert all(1 <= loops <= 7 for loops in table["looped@exit:mean_loops"]) and len(table["looped@exit"]) == 4
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -74,6 +140,24 @@ def test_bad_hop_counts_are_refused(hops):
         PointerChasingTask().follow("a", hops)
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["--pack", "0"], "--pack"), (["--extra-loops", "-1"], "--extra-loops"), (["--exit-budget", "0"], "--exit-budget"),
+    (["--pack", "20"], "--pack"), (["--task", "context", "--pack", "2"], "--pack"),
+    (["--task", "context", "--exit-budget", "9"], "--exit-budget"),
+])
+def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(argv)
+    assert flag in capsys.readouterr().err
+
+
+def test_demo_defaults_train_the_hidden_task_with_packed_rows_and_score_16_loops():
+    args = demo.parse_args([])
+    assert (args.pack, args.extra_loops, args.exit_budget, args.max_loops) == (3, 4, 16, 16)
+    context = demo.parse_args(["--task", "context"])
+    assert (context.pack, context.extra_loops, context.exit_budget, context.max_loops) == (None, None, None, 10)
+
+
 def test_demo_rejects_eval_depths_that_wrap_around_the_cycle():
     result = subprocess.run([sys.executable, "-m", "openmythos.demo", "--num-nodes", "6", "--eval-hops", "6"],
                             capture_output=True, text=True, timeout=120)
@@ -81,7 +165,8 @@ def test_demo_rejects_eval_depths_that_wrap_around_the_cycle():
 
 
 TOY_DEMO = ["--train-hops", "2", "--num-nodes", "8", "--dim", "32", "--heads", "2", "--steps", "12",
-            "--baseline-steps", "6", "--batch-size", "16", "--train-examples", "200", "--samples", "2"]
+            "--baseline-steps", "6", "--batch-size", "16", "--train-examples", "200", "--samples", "2",
+            "--max-loops", "6", "--exit-budget", "8"]
 
 
 def _run_demo(out, *extra):
@@ -105,11 +190,17 @@ def test_demo_runs_end_to_end_at_toy_size(toy_demo):
     results = json.loads((out / "results.json").read_text())
     assert results["hops"] == [1, 2, 3, 4]
     table = results["accuracy"]
-    expected_columns = {f"looped@{n}" for n in range(1, 7)} | {"looped@hops", "dense_same_params",
+    expected_columns = {f"looped@{n}" for n in range(1, 7)} | {"looped@hops", "looped@exit", "dense_same_params",
                                                                 "dense_same_compute"}
+    loops = table.pop("looped@exit:mean_loops")
     assert set(table) == expected_columns
     for column in table.values():
         assert len(column) == 4 and all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in column)
+    # the exit rule's mean loops at the answer position, over the 8 start nodes, within the budget of 8
+    assert len(loops) == 4 and all(1.0 <= n <= 8.0 and abs(n * 8 - round(n * 8)) < 1e-6 for n in loops)
+    rule = results["exit_rule"]
+    assert rule["criterion"] == "delta" and rule["budget"] == 8 and rule["threshold"] > 0
+    assert "Exit rule: a position stops once its relative state change is below" in result.stdout
     # the looped column at n_loops=hops is the diagonal of the per-n_loops columns
     assert table["looped@hops"] == [table[f"looped@{k}"][k - 1] for k in range(1, 5)]
     assert set(results["summary"]) >= {"looped_in_distribution", "dense_same_params_at_eval_hops"}
@@ -117,10 +208,17 @@ def test_demo_runs_end_to_end_at_toy_size(toy_demo):
     assert all(abs(a * 8 - round(a * 8)) < 1e-6 for column in table.values() for a in column)
     markdown = (out / "accuracy.md").read_text()
     assert markdown.count("\n") == 2 + 4 and "(held out)" in markdown
+    assert markdown.startswith("| hops | exit rule (no hop count) | exit rule: mean loops | n_loops >= hops: lowest |")
+    lowest = [min(table[f"looped@{n}"][k - 1] for n in range(k, 7)) for k in range(1, 5)]
+    assert [line.split(" | ")[3] for line in markdown.splitlines()[2:]] == [f"{a * 100:.0f}%" for a in lowest]
     png = (out / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (out / "looped-model" / "model.safetensors").exists()
-    assert len(results["samples"]) == 2 and all(s["n_loops"] == s["hops"] for s in results["samples"])
+    # the samples are answered with the exit rule, no n_loops given
+    assert len(results["samples"]) == 2 and all("n_loops" not in s and 1 <= s["loops_used"] <= 8
+                                                for s in results["samples"])
+    assert [s["question"] for s in results["samples"]] == [s["question"][0] + HOP_MARK * s["hops"]
+                                                           for s in results["samples"]]
     assert "Sample questions, answered by the reloaded model" in result.stdout
     params = results["parameters"]
     assert abs(params["dense_same_params"] - params["looped"]) / params["looped"] < 0.35
