@@ -11,12 +11,18 @@ exit criteria at several thresholds:
   fixed, criterion, ...) with the median of several rounds, because the machine is shared and noisy;
 - per-row budgets: 8 rows with n_loops=[1..8] against all rows at 8.
 
+Given the model that ``mythos demo`` saves (``--model demo_output/looped-model``; its folder's ``demo_task.json``
+names the hidden graph it learned), it scores accuracy instead of perplexity: every start node at 1..8 hops, the
+answer read at the last mark, against the model's own budget (``config.n_loops``, 16 for the demo) with no criterion.
+Time is one forward (``logits_to_keep=1``) and one ``generate`` of the answer token per hop count (1..8), summed over
+the hop counts; the "delta" and "kl" thresholds include the one the demo chose, if it chose one.
+
 The issue's goal, judged per criterion: at some threshold, >= 30% fewer loops, perplexity at most 1% higher, and each
 time ratio (forward, generate) <= 1 - (2/3) * that workload's loop saving.
 
     python benchmarks/adaptive_depth.py                       # trains in runs/adaptive-depth-model the first time
     python benchmarks/adaptive_depth.py --quick --json out.json   # seconds: tiny model, few steps (smoke test)
-    python benchmarks/adaptive_depth.py --model demo_output/looped-model   # an existing model, no training
+    python benchmarks/adaptive_depth.py --model demo_output/looped-model   # the reasoning demo's model: accuracy
 """
 
 import argparse
@@ -43,6 +49,10 @@ BUDGET = 8
 # act: halting mass to stop at; delta: relative state change; kl: KL between successive loops' next-token distributions
 DEFAULT_THRESHOLDS = {"act": [0.5, 0.8, 0.9, 0.99], "delta": [0.2, 0.1, 0.05, 0.02],
                       "kl": [0.03, 0.01, 0.003, 0.001]}
+# on the reasoning demo's model: a mark that has its node keeps it, so its state change falls to about 0.1-0.5 and
+# its KL to numerical noise (about 1e-7); a mark still moving changes by about 1 and has a KL of about 15
+DEMO_THRESHOLDS = {"act": [0.5, 0.9], "delta": [0.5, 0.3, 0.1], "kl": [1e-2, 1e-3, 1e-4, 1e-5]}
+GOAL_ACCURACY_DROP = 0.01
 RECIPE = 1  # bump when model_config or train change, so that cached models are trained again
 HALTING_WARMUP = 2 / 3  # share of the training steps with the halting head held at its initialisation
 GOAL_LOOP_SAVING = 0.30
@@ -102,6 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # --quick runs one default threshold per criterion; thresholds given on the command line all run
     default = {name: DEFAULT_THRESHOLDS[name][1:2] if quick else DEFAULT_THRESHOLDS[name] for name in CRITERIA}
     args.thresholds = {name: getattr(args, f"{name}_thresholds") or default[name] for name in CRITERIA}
+    args.given_thresholds = {name: getattr(args, f"{name}_thresholds") for name in CRITERIA}
     return args
 
 
@@ -232,6 +243,12 @@ def load_model(args):
     config = model.config
     info.update(parameters=model.num_parameters(), use_act=config.use_act, max_loop_iters=config.max_loop_iters,
                 dim=config.dim, attn_type=config.attn_type, loop_sampling=config.loop_sampling)
+    task_file = folder / "demo_task.json"
+    if task_file.exists():
+        info["demo_task"] = json.loads(task_file.read_text())
+        if info["demo_task"].get("task") != "hidden":
+            raise SystemExit(f"--model {folder}: a `mythos demo --task {info['demo_task'].get('task')}` model; the "
+                             f"benchmark scores the hidden-graph task (the default `mythos demo`) or text models")
     return model, tokenizer, info
 
 
@@ -398,6 +415,180 @@ def run_all(model, data: dict, args) -> dict:
             "per_row": per_row_budgets(model, data, args)}
 
 
+# ------------------------------------------------------------------------------ the reasoning demo's model: accuracy
+def pointer_questions(demo_task: dict, tokenizer) -> dict[int, dict]:
+    """Per hop count 1..eval_hops (1..8 in the default demo): every start node's question of the demo's hidden
+    graph, as one batch (a hop count has one length), and the answers."""
+    from openmythos.demo.tasks import PointerChasingTask
+
+    task = PointerChasingTask(num_nodes=demo_task["num_nodes"], seed=demo_task["seed"])
+    questions = {}
+    for k in range(1, demo_task["eval_hops"] + 1):
+        pairs = [(task.question(start, k), task.follow(start, k)) for start in task.nodes]
+        questions[k] = {"input_ids": torch.tensor([tokenizer.encode(q, add_special_tokens=False) for q, _ in pairs]),
+                        "answers": torch.tensor([tokenizer.encode(a, add_special_tokens=False)[0] for _, a in pairs])}
+    return questions
+
+
+@torch.no_grad()
+def pointer_score(model, questions: dict, kwargs: dict) -> dict:
+    """Exact accuracy (the most likely token after the last mark) per hop count and over all questions; mean loops
+    over every position (the work done) and at the answer position."""
+    accuracy, loops, answer_loops, weights = [], [], [], []
+    for q in questions.values():
+        out = model(input_ids=q["input_ids"], use_cache=False, logits_to_keep=1, **kwargs)
+        accuracy.append((out.logits[:, -1].argmax(-1) == q["answers"]).float().mean().item())
+        used = out.loops_used.float()
+        loops.append(used.mean().item())
+        answer_loops.append(used[:, -1].mean().item())
+        weights.append(used.numel())
+    return {"accuracy": statistics.mean(accuracy), "accuracy_by_hops": accuracy,
+            "mean_loops": sum(n * w for n, w in zip(loops, weights)) / sum(weights), "loops_by_hops": loops,
+            "answer_loops_by_hops": answer_loops}
+
+
+def pointer_misses(result: dict) -> list[str]:
+    """The parts of the goal a setting misses on the demo's model. Answering a question with generate is its
+    prefill, so both time ratios are judged against the loop saving over every position."""
+    missed = []
+    if result["loop_saving"] < GOAL_LOOP_SAVING:
+        missed.append("loops")
+    if result["accuracy_change"] < -GOAL_ACCURACY_DROP:
+        missed.append("accuracy")
+    for workload in ("forward", "generate"):
+        if result[workload]["ratio"] > 1 - GOAL_TIME_SHARE * result["loop_saving"]:
+            missed.append(f"{workload} time")
+    return missed
+
+
+@torch.no_grad()
+def pointer_compare(model, questions: dict, args, kwargs: dict, fixed: dict) -> dict:
+    """One adaptive setting against the fixed budget on the demo's questions: accuracy, loops, and the forward and
+    generate (the answer token) times, interleaved per hop count and summed over the hop counts."""
+    result = pointer_score(model, questions, kwargs)
+    budget = fixed["mean_loops"]
+    result["loop_saving"] = 1 - result["mean_loops"] / budget
+    result["accuracy_change"] = result["accuracy"] - fixed["accuracy"]
+    for workload in ("forward", "generate"):
+        by_hops = []
+        for q in questions.values():
+            ids = q["input_ids"]
+            if workload == "forward":
+                pair = [lambda kw=kw: model(input_ids=ids, use_cache=False, logits_to_keep=1, **kw)
+                        for kw in (fixed["kwargs"], kwargs)]
+            else:
+                pair = [generate_fn(model, ids, 1, kw) for kw in (fixed["kwargs"], kwargs)]
+            by_hops.append(interleaved(*pair, args.reps))
+        fixed_ms, adaptive_ms = sum(t["fixed_ms"] for t in by_hops), sum(t["adaptive_ms"] for t in by_hops)
+        result[workload] = {"fixed_ms": round(fixed_ms, 3), "adaptive_ms": round(adaptive_ms, 3),
+                            "ratio": adaptive_ms / fixed_ms, "ratio_by_hops": [t["ratio"] for t in by_hops],
+                            "reps": args.reps}
+    result["missed"] = pointer_misses(result)
+    return result
+
+
+def pointer_thresholds(args, demo_task: dict) -> dict[str, list[float]]:
+    """Thresholds given on the command line, else DEMO_THRESHOLDS (--quick: the first), plus the demo's own."""
+    chosen = demo_task.get("exit_rule") or {}
+    thresholds = {}
+    for name in CRITERIA:
+        values = args.given_thresholds[name] or DEMO_THRESHOLDS[name][: 1 if args.quick else None]
+        if chosen.get("criterion") == name and not args.given_thresholds[name]:
+            values = sorted({*values, chosen["threshold"]}, reverse=True)
+        thresholds[name] = list(values)
+    return thresholds
+
+
+def run_pointer(model, questions: dict, args, demo_task: dict) -> dict:
+    """Every measurement on the demo's model, with a progress line before each."""
+    budget = model.config.n_loops
+    print(f"Scoring the fixed budget (n_loops={budget}, the model's default) ...", flush=True)
+    fixed_kwargs = {"n_loops": budget}
+    fixed = {**pointer_score(model, questions, fixed_kwargs), "kwargs": fixed_kwargs}
+    thresholds = pointer_thresholds(args, demo_task)
+    results, skipped = {}, {}
+    for name, why in criteria_available(model).items():
+        if why is not None:
+            skipped[name] = why
+            print(f"Skipping {name!r}: {why}", flush=True)
+    settings = [(c, t) for c, why in criteria_available(model).items() if why is None for t in thresholds[c]]
+    for i, (name, value) in enumerate(settings, 1):
+        print(f"[{i}/{len(settings)}] {name} threshold {value:g}: accuracy, forward and generate timings ...",
+              flush=True)
+        results.setdefault(name, []).append(
+            {"threshold": value, **pointer_compare(model, questions, args, loop_kwargs(name, value, budget), fixed)})
+    fixed.pop("kwargs")
+    return {"fixed": fixed, "budget": budget, "criteria": results, "skipped": skipped}
+
+
+def pointer_table(measured: dict) -> str:
+    """The demo model's results as a markdown table; time ratios are adaptive / fixed (below 1: faster)."""
+    fixed, budget = measured["fixed"], measured["budget"]
+
+    def by_hops(values, fmt):
+        return " / ".join(format(v, fmt) for v in values)
+
+    hops = len(fixed["accuracy_by_hops"])
+    lines = ["| criterion | threshold | mean loops (every position) | loops saved | accuracy | accuracy change | "
+             f"accuracy at 1..{hops} hops | loops at the answer, 1..{hops} hops | forward time | generate time | "
+             "goal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| fixed (n_loops={budget}) | - | {fixed['mean_loops']:.2f} | 0% | {fixed['accuracy']:.1%} | - | "
+             f"{by_hops([100 * a for a in fixed['accuracy_by_hops']], '.0f')} | "
+             f"{by_hops(fixed['answer_loops_by_hops'], '.0f')} | 1 | 1 | - |"]
+    for name, rows in measured["criteria"].items():
+        for r in rows:
+            goal = "met" if not r["missed"] else "misses " + ", ".join(r["missed"])
+            lines.append(f"| {name} | {r['threshold']:g} | {r['mean_loops']:.2f} | {r['loop_saving']:.1%} | "
+                         f"{r['accuracy']:.1%} | {100 * r['accuracy_change']:+.1f} pt | "
+                         f"{by_hops([100 * a for a in r['accuracy_by_hops']], '.0f')} | "
+                         f"{by_hops(r['answer_loops_by_hops'], '.2f')} | {r['forward']['ratio']:.3f} | "
+                         f"{r['generate']['ratio']:.3f} | {goal} |")
+    return "\n".join(lines)
+
+
+def pointer_verdicts(measured: dict) -> dict[str, dict]:
+    """Per criterion: whether some threshold meets the goal on the demo's model, and the sentence that says so."""
+    out = {name: {"met": None, "threshold": None, "line": f"{name}: not run ({why})"}
+           for name, why in measured["skipped"].items()}
+    for name, rows in measured["criteria"].items():
+        met = [r for r in rows if not r["missed"]]
+        if met:
+            best = max(met, key=lambda r: r["loop_saving"])
+            line = (f"{name}: GOAL MET at threshold {best['threshold']:g} ({best['loop_saving']:.1%} fewer loops, "
+                    f"accuracy {100 * best['accuracy_change']:+.1f} points, forward time "
+                    f"x{best['forward']['ratio']:.3f}, generate time x{best['generate']['ratio']:.3f})")
+        else:
+            reasons = "; ".join(f"{r['threshold']:g} misses {', '.join(r['missed'])}" for r in rows)
+            line = f"{name}: goal NOT met at any threshold ({reasons})"
+        out[name] = {"met": bool(met), "threshold": best["threshold"] if met else None, "line": line}
+    return out
+
+
+def main_pointer(args, model, tokenizer, info: dict, started: dict) -> dict:
+    demo_task = info["demo_task"]
+    questions = pointer_questions(demo_task, tokenizer)
+    print(f"Model: {info['folder']} ({info['parameters']:,} parameters, dim {info['dim']}), the reasoning demo's "
+          f"(hidden graph of {demo_task['num_nodes']} nodes, seed {demo_task['seed']}, trained on 1..."
+          f"{demo_task['train_hops']} hops); questions: every start node at 1..{demo_task['eval_hops']} hops; "
+          f"{args.threads} torch thread(s), {args.reps} timed rounds; load average {started['load_average']}",
+          flush=True)
+    measured = run_pointer(model, questions, args, demo_task)
+    judged = pointer_verdicts(measured)
+    print(f"\nAdaptive depth against the fixed budget n_loops={measured['budget']} on pointer chasing (time = "
+          "adaptive / fixed median wall time, interleaved per hop count and summed; below 1 is faster)\n")
+    print(pointer_table(measured))
+    print(f"\nGoal: >= {GOAL_LOOP_SAVING:.0%} fewer loops, accuracy at most {100 * GOAL_ACCURACY_DROP:.0f} point "
+          f"lower, and each time ratio <= 1 - {GOAL_TIME_SHARE:.2f} x the loop saving")
+    for verdict in judged.values():
+        print(verdict["line"])
+    return {"meta": {"start": started, "end": machine(), "argv": sys.argv, "args": vars(args),
+                     "budget": measured["budget"]},
+            "model": info, "eval": {"source": "demo_task.json", "hops": list(questions),
+                                    "questions_per_hop_count": demo_task["num_nodes"]},
+            **measured, "verdicts": judged}
+
+
 # --------------------------------------------------------------------------------------------------------- report
 def table(measured: dict) -> str:
     """The results as a markdown table; time ratios are adaptive / fixed medians (below 1: faster)."""
@@ -467,6 +658,10 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     started = machine()
     model, tokenizer, info = load_model(args)
+    if "demo_task" in info:
+        result = main_pointer(args, model, tokenizer, info, started)
+        write_json(args, result)
+        return result
     data = eval_data(tokenizer, args, model.config.max_seq_len)
     print(f"Model: {info['folder']} ({info['parameters']:,} parameters, dim {info['dim']}, use_act "
           f"{info['use_act']}); held-out text: {data['rows'].numel()} bytes of pydoc topics in "
@@ -490,10 +685,14 @@ def main(argv=None) -> dict:
                                       "rows": data["rows"].shape[0], "seq_len": data["seq_len"],
                                       "prompt_shape": list(data["prompts"].shape), "new_tokens": args.new_tokens},
               **measured, "verdicts": judged}
+    write_json(args, result)
+    return result
+
+
+def write_json(args, result: dict) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nWrote {args.json}")
-    return result
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ pointer chasing (``openmythos.demo.tasks``) with k <= K: the question ``q+++`` a
 
 The dense models learn the same labels from their one output. The demo then scores every model on every question
 with 1..2K hops: the looped one at every n_loops 1..16 and with an exit rule that is given no hop count (each
-position stops once its state stops changing, ``exit_criterion="delta"``, at most ``--exit-budget`` loops, the
-threshold chosen on training questions only). It prints the accuracy table, writes it as ``results.json`` /
+position stops once its next-token distribution stops changing, ``exit_criterion="kl"``, at most ``--exit-budget``
+loops, the threshold chosen on training questions only). It prints the accuracy table, writes it as ``results.json`` /
 ``accuracy.md`` and plots ``accuracy.png``, saves the looped model with ``save_pretrained``, reloads it through
 ``AutoModelForCausalLM`` and answers sample questions with ``generate`` and the exit rule. Every setting is a flag.
 A seed fixes the results on one machine: the same seed, torch version, thread count and CPU kernels (or GPU) give the
@@ -84,11 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "many, every loop's output trained on (default 4)")
     p.add_argument("--exit-budget", type=int, default=None,
                    help="hidden: most loops the exit rule may run (default 16); it is given no hop count")
+    p.add_argument("--exit-criterion", choices=("kl", "delta"), default=None,
+                   help="hidden: what the exit rule watches; kl: the KL divergence between successive loops' "
+                        "next-token distributions (runs the coda and head every loop), delta: the relative state "
+                        "change (default kl)")
     p.add_argument("--samples", type=int, default=4, help="sample questions answered after reloading")
     p.add_argument("--seed", type=int, default=0, help="seed of the graph, the data and the models (same "
                                                          "seed, machine, torch version and --threads: same results)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these models are too small to gain "
                                                            "from more)")
+    p.add_argument("--jobs", type=int, choices=(1, 2), default=None,
+                   help="training processes: 2 trains the dense baselines in a second process beside the looped "
+                        "model (same results as 1; default 2 where the machine has 2 or more CPUs and no GPU)")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--no-plot", action="store_true", help="skip accuracy.png (no matplotlib needed)")
     args = p.parse_args(argv)

@@ -2,4 +2,5 @@
 
 from . import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # a spawned training process (--jobs 2) imports this module too
+    raise SystemExit(main())

@@ -8,9 +8,12 @@ see ``openmythos.demo.tasks``) supplies everything that differs between tasks; n
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import platform
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -222,7 +225,7 @@ TRAINERS = {(False, False): Trainer, (True, False): LoopsPerHopTrainer,
             (False, True): InOrderTrainer, (True, True): InOrderLoopsPerHopTrainer}
 
 
-def train(name: str, model, dataset, tokenizer, task, args) -> dict:
+def train(name: str, model, dataset, tokenizer, task, args, progress_bar: bool = True) -> dict:
     looped = name == LOOPED
     steps = args.steps if looped else args.baseline_steps
     if steps == 0:
@@ -244,13 +247,49 @@ def train(name: str, model, dataset, tokenizer, task, args) -> dict:
         callbacks=[MythosTrainingCallback()] if looped else None, **extra,
     )
     trainer.remove_callback(DEFAULT_PROGRESS_CALLBACK)  # it prints every log dict, moe/... keys included
-    trainer.add_callback(BarOnlyProgressCallback())
-    print(f"\nTraining {describe(name, model, args)}", flush=True)
+    if progress_bar:
+        trainer.add_callback(BarOnlyProgressCallback())
+    where = "" if progress_bar else " (in a second process)"
+    print(f"\nTraining {describe(name, model, args)}{where}", flush=True)
     start = time.perf_counter()
     trainer.train()
     record = training_record(steps, time.perf_counter() - start, trainer.state.log_history)
     print(describe_training(name, record), flush=True)
     return record
+
+
+def jobs(args) -> int:
+    """Training processes: ``--jobs``, by default 2 where there are 2 or more CPUs and no GPU (one model per core;
+    these models are too small for a second thread to speed one up), else 1."""
+    if getattr(args, "jobs", None) is not None:
+        return args.jobs
+    return 2 if (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available() else 1
+
+
+def _train_side(models: dict, dataset, task, args) -> dict:
+    """The second process's share (a fresh interpreter, spawned): train ``models`` one after another with the same
+    seeds as in one process, and return each one's weights and training record."""
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    tokenizer = MythosTokenizer()
+    return {name: (train(name, model, dataset, tokenizer, task, args, progress_bar=False), model.state_dict())
+            for name, model in models.items()}
+
+
+def train_all(models: dict, dataset, tokenizer, task, args) -> dict:
+    """Train every model and return the training records. With 2 jobs the dense baselines train in a second process
+    while the looped model trains here; each model's training is seeded alone, so the weights are the ones one
+    process would give (tested)."""
+    side = {name: model for name, model in models.items() if name != LOOPED}
+    if jobs(args) == 1 or args.baseline_steps == 0 or not side:
+        return {name: train(name, model, dataset, tokenizer, task, args) for name, model in models.items()}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        future = pool.submit(_train_side, side, dataset, task, args)
+        records = {LOOPED: train(LOOPED, models[LOOPED], dataset, tokenizer, task, args)}
+        for name, (record, weights) in future.result().items():
+            models[name].load_state_dict(weights)
+            records[name] = record
+    return {name: records[name] for name in models}
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -275,30 +314,46 @@ def answer(model, questions: list[tuple[str, str]], tokenizer, n_loops: int | No
     return right, None if loops is None else loops[:, -1].float().mean().item()
 
 
-@torch.no_grad()
-def choose_exit_threshold(model, questions: list[tuple[str, str]], tokenizer, budget: int) -> dict:
-    """The ``"delta"`` exit rule's threshold, from training questions only (``x`` then k marks, k <= K).
+# what each exit criterion measures, for the console
+EXIT_MEASURES = {"kl": "KL divergence between its successive next-token distributions",
+                 "delta": "relative state change"}
 
-    Each question runs ``budget`` loops with per-loop statistics. A position j hops in (the start node counts as 1:
-    its first loop moves it too) should change at loops 1..j and stay put from loop j + 1 on. The threshold is the
-    geometric mean of the smallest change while moving and the largest once settled, over every position of every
-    question; ``separated`` says whether the first is above the second (a threshold then splits them exactly).
+
+@torch.no_grad()
+def choose_exit_threshold(model, questions: list[tuple[str, str]], tokenizer, budget: int,
+                          criterion: str = "kl") -> dict:
+    """The exit rule's threshold, from training questions only (``x`` then k marks, k <= K).
+
+    Each question runs ``budget`` loops with per-loop statistics: the ``criterion``'s measure at every loop (for
+    ``"kl"``, the KL divergence between successive loops' next-token distributions; for ``"delta"``, the relative
+    state change). A position j hops in (the start node counts as 1: its first loop moves it too) should change at
+    loops 1..j and stay put from loop j + 1 on. The threshold lies a quarter of the way from the largest value once
+    settled to the smallest while moving, on a log scale: closer to the settled side, because stopping a loop late
+    costs a loop and stopping early costs the answer, and the marks far from the start node (deeper than any
+    training question) move less than the ones training shows. ``separated`` says whether the smallest moving value
+    is above the largest settled one (a threshold then splits them exactly).
     """
     model.eval()
     moving, settled = [], []
     by_length = {}
     for q, _ in questions:
         by_length.setdefault(len(q), []).append(q)
+    # every position runs the whole budget: a threshold no measure reaches
+    options = {"exit_criterion": "kl", "exit_threshold": 1e-30} if criterion == "kl" else {}
     for group in by_length.values():
         input_ids = torch.tensor([tokenizer.encode(q, add_special_tokens=False) for q in group], device=model.device)
-        out = model(input_ids=input_ids, n_loops=budget, output_loop_stats=True, use_cache=False)
-        change = out.loop_stats.state_change.float().cpu()  # [loops, batch, seq]
-        depth = torch.arange(change.shape[2]).clamp_min(1)
-        still = (torch.arange(1, change.shape[0] + 1)[:, None] <= depth[None, :])[:, None, :].expand_as(change)
-        moving.append(change[still])
-        settled.append(change[~still])
+        out = model(input_ids=input_ids, n_loops=budget, output_loop_stats=True, use_cache=False, **options)
+        stats = out.loop_stats.kl if criterion == "kl" else out.loop_stats.state_change
+        values = stats.float().cpu()  # [loops, batch, seq]; the KL is NaN at the first loop (nothing to compare)
+        depth = torch.arange(values.shape[2]).clamp_min(1)
+        still = (torch.arange(1, values.shape[0] + 1)[:, None] <= depth[None, :])[:, None, :].expand_as(values)
+        seen = ~values.isnan()
+        moving.append(values[still & seen])
+        settled.append(values[~still & seen])
     smallest, largest = float(torch.cat(moving).min()), float(torch.cat(settled).max())
-    return {"criterion": "delta", "threshold": math.sqrt(smallest * max(largest, 1e-12)), "budget": budget,
+    floor = 1e-12
+    threshold = math.exp(0.75 * math.log(max(largest, floor)) + 0.25 * math.log(max(smallest, floor)))
+    return {"criterion": criterion, "threshold": threshold, "budget": budget,
             "smallest_change_while_moving": smallest, "largest_change_once_settled": largest,
             "separated": smallest > largest}
 
@@ -380,18 +435,20 @@ def run(args: argparse.Namespace) -> dict:
           f"this torch version and thread count; other CPUs can round differently.")
     dataset = task.training_set(tokenizer, args)
     models = build_models(args, tokenizer, task)
-    training = {name: train(name, model, dataset, tokenizer, task, args) for name, model in models.items()}
+    args.jobs = jobs(args)  # recorded in results.json with the other settings
+    training = train_all(models, dataset, tokenizer, task, args)
 
     exit_rule = None
     if task.convergent and args.loop_kv_sharing != "none":
         print("\nNo exit rule: exit criteria need loop_kv_sharing='none' (the looped model is scored at fixed n_loops "
               "only).")
     elif task.convergent:
-        exit_rule = choose_exit_threshold(models[LOOPED], task.exit_questions(args), tokenizer, args.exit_budget)
-        print(f"\nExit rule: a position stops once its relative state change is below "
-              f"{exit_rule['threshold']:.3f} (chosen on the training questions: smallest change while moving "
-              f"{exit_rule['smallest_change_while_moving']:.3f}, largest once settled "
-              f"{exit_rule['largest_change_once_settled']:.3f}), at most {exit_rule['budget']} loops.")
+        exit_rule = choose_exit_threshold(models[LOOPED], task.exit_questions(args), tokenizer, args.exit_budget,
+                                          args.exit_criterion)
+        print(f"\nExit rule: a position stops once its {EXIT_MEASURES[exit_rule['criterion']]} is below "
+              f"{exit_rule['threshold']:.3g} (chosen on the training questions: smallest while moving "
+              f"{exit_rule['smallest_change_while_moving']:.3g}, largest once settled "
+              f"{exit_rule['largest_change_once_settled']:.3g}), at most {exit_rule['budget']} loops.")
     table = evaluate(models, task, tokenizer, args, exit_rule)
     text = format_table(table, args)
     print(f"\nAccuracy ({task.scored(args)}, exact):\n" + text)
@@ -404,13 +461,16 @@ def run(args: argparse.Namespace) -> dict:
     def save(tmp):
         models[LOOPED].save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # what the model was trained on, for tools that score it later (benchmarks/adaptive_depth.py)
+        (tmp / "demo_task.json").write_text(json.dumps(task.describe(args, exit_rule), indent=2) + "\n")
 
     kept = save_folder_atomically(folder, save)
     if kept is not None:
         print(f"\nThe previous {folder} held files the demo did not write; it is kept as {kept}.")
     samples = answer_samples(folder, task, args, exit_rule)
     how = "generate(n_loops=hops)" if exit_rule is None else (
-        f"generate(exit_criterion='delta', exit_threshold={exit_rule['threshold']:.3f}), no n_loops")
+        f"generate(exit_criterion={exit_rule['criterion']!r}, exit_threshold={exit_rule['threshold']:.3g}), "
+        f"no n_loops")
     print(f"\nSample questions, answered by the reloaded model ({folder}) with {how}:")
     for s in samples:
         verdict = "right" if s["answer"] == s["expected"] else f"wrong, expected {s['expected']!r}"

@@ -49,7 +49,7 @@ class PointerChasingTask:
     flag: ClassVar[str] = "hidden"
     flag_defaults: ClassVar[dict] = {"num_nodes": 24, "dim": 96, "steps": 1300, "lr": 2e-3, "train_examples": 20000,
                                      "curriculum_steps": 0, "max_loops": 16, "pack": 3, "extra_loops": 4,
-                                     "exit_budget": 16}
+                                     "exit_budget": 16, "exit_criterion": "kl"}
     max_seq_len: ClassVar[int] = 64
     # the Trainer shuffles the training set: its row order means nothing
     in_order: ClassVar[bool] = False
@@ -171,6 +171,11 @@ class PointerChasingTask:
     def scored(args) -> str:
         """What each accuracy is measured over, for the table's heading."""
         return "every start node"
+
+    def describe(self, args, exit_rule: dict | None) -> dict:
+        """What a saved model was trained on (its folder's ``demo_task.json``): enough to rebuild the questions."""
+        return {"task": self.flag, "num_nodes": self.num_nodes, "seed": self.seed, "train_hops": args.train_hops,
+                "eval_hops": args.eval_hops, "exit_rule": exit_rule}
 
     @staticmethod
     def plot_title(args) -> str:
@@ -334,6 +339,11 @@ class InContextPointerChasingTask:
     def scored(args) -> str:
         """What each accuracy is measured over, for the table's heading."""
         return f"{args.eval_examples} prompts per hop count"
+
+    def describe(self, args, exit_rule: dict | None) -> dict:
+        """What a saved model was trained on (its folder's ``demo_task.json``)."""
+        return {"task": self.flag, "max_nodes": self.max_nodes, "seed": self.seed, "train_hops": args.train_hops,
+                "eval_hops": args.eval_hops, "exit_rule": exit_rule}
 
     @staticmethod
     def plot_title(args) -> str:

@@ -1,17 +1,21 @@
 """The reasoning demo: its task generator, and the whole pipeline end to end at toy size."""
 
 import json
+import math
 import platform
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from openmythos import MythosTokenizer, demo
 from openmythos.demo.tasks import HOP_MARK, InContextPointerChasingTask, PointerChasingTask
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_hidden_links_form_one_cycle_through_every_node():
@@ -115,13 +119,18 @@ def test_exit_rule_evaluation_passes_no_hop_count():
         model.forward = recording
     rule = pipeline.choose_exit_threshold(models["looped"], task.exit_questions(args), tokenizer, 7)
     assert set(rule) >= {"threshold", "budget", "separated"} and rule["threshold"] > 0 and rule["budget"] == 7
+    # a quarter of the way from the largest settled value to the smallest moving one, on a log scale (the KL is
+    # NaN at the first loop, which has no previous loop: left out, so both ends are numbers)
+    settled, moving = rule["largest_change_once_settled"], rule["smallest_change_while_moving"]
+    assert math.isfinite(settled) and math.isfinite(moving) and rule["criterion"] == "kl"
+    assert rule["threshold"] == pytest.approx(settled ** 0.75 * moving ** 0.25)
     # the threshold is chosen on training questions only (1..K hops)
     assert {hops for _, _, _, hops in calls} == {1, 2}
     calls.clear()
     table = pipeline.evaluate(models, task, tokenizer, args, rule)
     exit_calls = [call for call in calls if call[2] is not None]
     assert [hops for *_, hops in exit_calls] == [1, 2, 3, 4]
-    assert all(name == "looped" and n_loops == 7 and criterion == "delta" for name, n_loops, criterion, _ in exit_calls)
+    assert all(name == "looped" and n_loops == 7 and criterion == "kl" for name, n_loops, criterion, _ in exit_calls)
     assert all(n_loops is None for name, n_loops, _, _ in calls if name != "looped")
     assert all(1 <= loops <= 7 for loops in table["looped@exit:mean_loops"]) and len(table["looped@exit"]) == 4
 
@@ -182,7 +191,7 @@ def toy_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "demo"
     out.mkdir()
     (out / "my-notes.txt").write_text("mine")
-    return out, _run_demo(out)
+    return out, _run_demo(out, "--jobs", "2")  # the dense baselines train in a second process
 
 
 def test_demo_runs_end_to_end_at_toy_size(toy_demo):
@@ -199,8 +208,9 @@ def test_demo_runs_end_to_end_at_toy_size(toy_demo):
     # the exit rule's mean loops at the answer position, over the 8 start nodes, within the budget of 8
     assert len(loops) == 4 and all(1.0 <= n <= 8.0 and abs(n * 8 - round(n * 8)) < 1e-6 for n in loops)
     rule = results["exit_rule"]
-    assert rule["criterion"] == "delta" and rule["budget"] == 8 and rule["threshold"] > 0
-    assert "Exit rule: a position stops once its relative state change is below" in result.stdout
+    assert rule["criterion"] == "kl" and rule["budget"] == 8 and rule["threshold"] > 0
+    assert ("Exit rule: a position stops once its KL divergence between its successive next-token distributions is "
+            "below") in result.stdout
     # the looped column at n_loops=hops is the diagonal of the per-n_loops columns
     assert table["looped@hops"] == [table[f"looped@{k}"][k - 1] for k in range(1, 5)]
     assert set(results["summary"]) >= {"looped_in_distribution", "dense_same_params_at_eval_hops"}
@@ -222,6 +232,53 @@ def test_demo_runs_end_to_end_at_toy_size(toy_demo):
     assert "Sample questions, answered by the reloaded model" in result.stdout
     params = results["parameters"]
     assert abs(params["dense_same_params"] - params["looped"]) / params["looped"] < 0.35
+
+
+def test_saved_demo_model_names_its_task_and_exit_rule(toy_demo):
+    out, _ = toy_demo
+    results = json.loads((out / "results.json").read_text())
+    described = json.loads((out / "looped-model" / "demo_task.json").read_text())
+    assert described == {"task": "hidden", "num_nodes": 8, "seed": 0, "train_hops": 2, "eval_hops": 4,
+                         "exit_rule": results["exit_rule"]}
+
+
+def test_adaptive_depth_benchmark_scores_the_demo_model_by_accuracy(toy_demo, tmp_path):
+    """benchmarks/adaptive_depth.py on the saved demo model: accuracy against the model's own budget, and at the
+    demo's exit threshold exactly the demo's own exit-rule accuracy and loops."""
+    out, _ = toy_demo
+    results = json.loads((out / "results.json").read_text())
+    report = tmp_path / "adaptive.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adaptive_depth.py"), "--quick", "--model",
+                             str(out / "looped-model"), "--json", str(report)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| fixed (n_loops=8) |" in result.stdout and "on pointer chasing" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["budget"] == 8 and data["eval"]["hops"] == [1, 2, 3, 4]
+    assert data["fixed"]["mean_loops"] == 8 and data["fixed"]["answer_loops_by_hops"] == [8, 8, 8, 8]
+    assert set(data["criteria"]) == {"delta", "kl"} and set(data["skipped"]) == {"act"}  # no halting head
+    criterion, chosen = results["exit_rule"]["criterion"], results["exit_rule"]["threshold"]
+    # --quick: each criterion's first default threshold, plus the demo's own for its criterion
+    assert [r["threshold"] for r in data["criteria"]["delta"]] == [0.5]
+    assert [r["threshold"] for r in data["criteria"][criterion]] == sorted({1e-2, chosen}, reverse=True)
+    for name, rows in data["criteria"].items():
+        for row in rows:
+            # 8 start nodes per hop count: accuracies are multiples of 1/8
+            assert all(abs(a * 8 - round(a * 8)) < 1e-6 for a in row["accuracy_by_hops"]), (name, row)
+            assert 1 <= row["mean_loops"] <= 8 and row["loop_saving"] == pytest.approx(1 - row["mean_loops"] / 8)
+            assert row["accuracy_change"] == pytest.approx(row["accuracy"] - data["fixed"]["accuracy"])
+            for workload in ("forward", "generate"):
+                timing = row[workload]
+                assert timing["ratio"] > 0 and len(timing["ratio_by_hops"]) == 4, (name, workload, timing)
+            assert set(row["missed"]) <= {"loops", "accuracy", "forward time", "generate time"}
+    at_demo = next(r for r in data["criteria"][criterion] if r["threshold"] == chosen)
+    assert at_demo["accuracy_by_hops"] == pytest.approx(results["accuracy"]["looped@exit"])
+    assert at_demo["answer_loops_by_hops"] == pytest.approx(results["accuracy"]["looped@exit:mean_loops"])
+    assert data["verdicts"]["act"] == {"met": None, "threshold": None,
+                                       "line": "act: not run (the model has no halting head (use_act=False))"}
+    for name in ("delta", "kl"):
+        verdict = data["verdicts"][name]
+        assert verdict["line"].startswith(name) and verdict["met"] == (verdict["threshold"] is not None)
 
 
 def test_demo_console_shows_one_summary_line_per_model_and_no_raw_log_dicts(toy_demo):
@@ -258,11 +315,13 @@ def test_demo_leaves_the_users_files_and_no_temporaries_in_its_output_folder(toy
 
 
 def test_rerun_with_the_same_seed_on_the_same_machine_gives_the_same_numbers(toy_demo, tmp_path):
-    first_out, _ = toy_demo
+    """Also in one process: training the dense baselines in a second process (--jobs 2) changes nothing."""
+    first_out, first_run = toy_demo
     out = tmp_path / "demo"
     shutil.copytree(first_out, out)  # rerun over a finished run: the model folder is replaced, not merged
     first = json.loads((first_out / "results.json").read_text())
-    _run_demo(out)
+    assert "(in a second process)" in first_run.stdout and first["settings"]["jobs"] == 2
+    _run_demo(out, "--jobs", "1")
     again = json.loads((out / "results.json").read_text())
     assert again["accuracy"] == first["accuracy"] and again["samples"] == first["samples"]
     for name, record in first["training"].items():
