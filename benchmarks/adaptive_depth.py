@@ -547,34 +547,22 @@ def pointer_table(measured: dict) -> str:
     return "\n".join(lines)
 
 
-def pointer_verdicts(measured: dict) -> dict[str, dict]:
-    """Per criterion: whether some threshold meets the goal on the demo's model, and the sentence that says so."""
-    out = {name: {"met": None, "threshold": None, "line": f"{name}: not run ({why})"}
-           for name, why in measured["skipped"].items()}
-    for name, rows in measured["criteria"].items():
-        met = [r for r in rows if not r["missed"]]
-        if met:
-            best = max(met, key=lambda r: r["loop_saving"])
-            line = (f"{name}: GOAL MET at threshold {best['threshold']:g} ({best['loop_saving']:.1%} fewer loops, "
-                    f"accuracy {100 * best['accuracy_change']:+.1f} points, forward time "
-                    f"x{best['forward']['ratio']:.3f}, generate time x{best['generate']['ratio']:.3f})")
-        else:
-            reasons = "; ".join(f"{r['threshold']:g} misses {', '.join(r['missed'])}" for r in rows)
-            line = f"{name}: goal NOT met at any threshold ({reasons})"
-        out[name] = {"met": bool(met), "threshold": best["threshold"] if met else None, "line": line}
-    return out
+def pointer_summary(best: dict) -> str:
+    """How a setting that meets the goal on the demo's model did, for its verdict line."""
+    return (f"{best['loop_saving']:.1%} fewer loops, accuracy {100 * best['accuracy_change']:+.1f} points, forward "
+            f"time x{best['forward']['ratio']:.3f}, generate time x{best['generate']['ratio']:.3f}")
 
 
 def main_pointer(args, model, tokenizer, info: dict, started: dict) -> dict:
     demo_task = info["demo_task"]
     questions = pointer_questions(demo_task, tokenizer)
     print(f"Model: {info['folder']} ({info['parameters']:,} parameters, dim {info['dim']}), the reasoning demo's "
-          f"(hidden graph of {demo_task['num_nodes']} nodes, seed {demo_task['seed']}, trained on 1..."
+          f"(hidden graph of {demo_task['num_nodes']} nodes, seed {demo_task['seed']}, trained on 1.."
           f"{demo_task['train_hops']} hops); questions: every start node at 1..{demo_task['eval_hops']} hops; "
           f"{args.threads} torch thread(s), {args.reps} timed rounds; load average {started['load_average']}",
           flush=True)
     measured = run_pointer(model, questions, args, demo_task)
-    judged = pointer_verdicts(measured)
+    judged = verdicts(measured, pointer_summary)
     print(f"\nAdaptive depth against the fixed budget n_loops={measured['budget']} on pointer chasing (time = "
           "adaptive / fixed median wall time, interleaved per hop count and summed; below 1 is faster)\n")
     print(pointer_table(measured))
@@ -622,8 +610,16 @@ def per_row_table(per_row: dict) -> str:
     return "\n".join(lines)
 
 
-def verdicts(measured: dict) -> dict[str, dict]:
-    """Per criterion: whether some threshold meets the goal, and the sentence that says so."""
+def text_summary(best: dict) -> str:
+    """How a setting that meets the goal on a text model did, for its verdict line."""
+    return (f"{best['loop_saving']:.1%} fewer loops, perplexity {best['ppl_change']:+.2%}, forward time "
+            f"x{best['forward']['ratio']:.3f}, generate time x{best['generate']['ratio']:.3f} (8 rows), "
+            f"x{best['generate_1']['ratio']:.3f} (1 row)")
+
+
+def verdicts(measured: dict, summary=text_summary) -> dict[str, dict]:
+    """Per criterion: whether some threshold meets the goal, and the sentence that says so (``summary(best)``
+    describes the setting that saves the most loops among those that meet it)."""
     out = {}
     for name, why in measured["skipped"].items():
         out[name] = {"met": None, "threshold": None, "line": f"{name}: not run ({why})"}
@@ -631,9 +627,7 @@ def verdicts(measured: dict) -> dict[str, dict]:
         met = [r for r in rows if not r["missed"]]
         if met:
             best = max(met, key=lambda r: r["loop_saving"])
-            line = (f"{name}: GOAL MET at threshold {best['threshold']:g} ({best['loop_saving']:.1%} fewer loops, "
-                    f"perplexity {best['ppl_change']:+.2%}, forward time x{best['forward']['ratio']:.3f}, generate "
-                    f"time x{best['generate']['ratio']:.3f} (8 rows), x{best['generate_1']['ratio']:.3f} (1 row))")
+            line = f"{name}: GOAL MET at threshold {best['threshold']:g} ({summary(best)})"
         else:
             reasons = "; ".join(f"{r['threshold']:g} misses {', '.join(r['missed'])}" for r in rows)
             line = f"{name}: goal NOT met at any threshold ({reasons})"

@@ -6,14 +6,12 @@ see ``openmythos.demo.tasks``) supplies everything that differs between tasks; n
 """
 
 import argparse
+import functools
 import json
 import math
-import multiprocessing
-import os
 import platform
 import random
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from ..tokenization_mythos import MythosTokenizer
 from ..training import MythosTrainingCallback
 from . import task_of
 from .files import save_folder_atomically, write_text_atomically
+from .parallel import jobs, train_models
 from .report import (EXIT, EXIT_LOOPS, LOOPED, SAME_COMPUTE, SAME_PARAMS, describe_training, format_table, plot,
                      summary, training_record)
 
@@ -254,42 +253,9 @@ def train(name: str, model, dataset, tokenizer, task, args, progress_bar: bool =
     start = time.perf_counter()
     trainer.train()
     record = training_record(steps, time.perf_counter() - start, trainer.state.log_history)
-    print(describe_training(name, record), flush=True)
+    # from the second process, start a line of its own: the first one's progress bar holds the current one
+    print(("" if progress_bar else "\n") + describe_training(name, record), flush=True)
     return record
-
-
-def jobs(args) -> int:
-    """Training processes: ``--jobs``, by default 2 where there are 2 or more CPUs and no GPU (one model per core;
-    these models are too small for a second thread to speed one up), else 1."""
-    if getattr(args, "jobs", None) is not None:
-        return args.jobs
-    return 2 if (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available() else 1
-
-
-def _train_side(models: dict, dataset, task, args) -> dict:
-    """The second process's share (a fresh interpreter, spawned): train ``models`` one after another with the same
-    seeds as in one process, and return each one's weights and training record."""
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    tokenizer = MythosTokenizer()
-    return {name: (train(name, model, dataset, tokenizer, task, args, progress_bar=False), model.state_dict())
-            for name, model in models.items()}
-
-
-def train_all(models: dict, dataset, tokenizer, task, args) -> dict:
-    """Train every model and return the training records. With 2 jobs the dense baselines train in a second process
-    while the looped model trains here; each model's training is seeded alone, so the weights are the ones one
-    process would give (tested)."""
-    side = {name: model for name, model in models.items() if name != LOOPED}
-    if jobs(args) == 1 or args.baseline_steps == 0 or not side:
-        return {name: train(name, model, dataset, tokenizer, task, args) for name, model in models.items()}
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        future = pool.submit(_train_side, side, dataset, task, args)
-        records = {LOOPED: train(LOOPED, models[LOOPED], dataset, tokenizer, task, args)}
-        for name, (record, weights) in future.result().items():
-            models[name].load_state_dict(weights)
-            records[name] = record
-    return {name: records[name] for name in models}
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -410,13 +376,14 @@ def answer_samples(folder: Path, task, args, exit_rule: dict | None = None) -> l
     return samples
 
 
-def environment() -> dict:
-    """What besides the seed the numbers depend on: same values here, same table."""
+def environment(args) -> dict:
+    """What besides the seed the numbers depend on (same values here, same table), and the training processes
+    (``--jobs``), which do not change them."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device": device, "platform": platform.platform(), "machine": platform.machine(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "training_processes": jobs(args)}
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -429,14 +396,15 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = MythosTokenizer()
     task = task_of(args)
     print(task.introduction(args))
-    env = environment()
+    env = environment(args)
     print(f"Seed {args.seed}; torch {env['torch']}, {env['torch_threads']} CPU thread(s), {env['cpu_capability']} "
           f"kernels, {env['device']}, {env['platform']}. The same seed gives the same table on this machine with "
           f"this torch version and thread count; other CPUs can round differently.")
     dataset = task.training_set(tokenizer, args)
     models = build_models(args, tokenizer, task)
-    args.jobs = jobs(args)  # recorded in results.json with the other settings
-    training = train_all(models, dataset, tokenizer, task, args)
+    # with 2 jobs the dense baselines train in a second process beside the looped model
+    train_one = functools.partial(train, dataset=dataset, tokenizer=tokenizer, task=task, args=args)
+    training = train_models(models, train_one, [] if args.baseline_steps == 0 else [SAME_PARAMS, SAME_COMPUTE], args)
 
     exit_rule = None
     if task.convergent and args.loop_kv_sharing != "none":

@@ -5,6 +5,7 @@ Imported by ``openmythos.demo.text.run`` only, so parsing the flags never import
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ from ..tokenization_mythos import MythosTokenizer
 from ..training import MythosTrainingCallback
 from ..training.data import causal_lm_collator, pack_documents
 from .files import write_text_atomically
+from .parallel import jobs, train_models
 from .pipeline import BarOnlyProgressCallback, dense_config, environment
 from .report import describe_training, training_record
 from .text import DENSE, FIXED, SAMPLED, TITLES, collect_documents, format_table, plot, split_documents, summary
@@ -133,7 +135,7 @@ def describe(name: str, model, args) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- training
-def train(name: str, model, rows: torch.Tensor, args) -> dict:
+def train(name: str, model, rows: torch.Tensor, args, progress_bar: bool = True) -> dict:
     """The stock Trainer on the packed training blocks (the same shuffled order for every model: same data seed);
     the looped models get ``MythosTrainingCallback`` (loop sampling and expert balancing)."""
     training_args = TrainingArguments(
@@ -148,12 +150,15 @@ def train(name: str, model, rows: torch.Tensor, args) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=causal_lm_collator,
                       callbacks=[MythosTrainingCallback()] if name != DENSE else None)
     trainer.remove_callback(DEFAULT_PROGRESS_CALLBACK)
-    trainer.add_callback(BarOnlyProgressCallback())
-    print(f"\nTraining {describe(name, model, args)}", flush=True)
+    if progress_bar:
+        trainer.add_callback(BarOnlyProgressCallback())
+    where = "" if progress_bar else " (in a second process)"
+    print(f"\nTraining {describe(name, model, args)}{where}", flush=True)
     start = time.perf_counter()
     trainer.train()
     record = training_record(args.steps, time.perf_counter() - start, trainer.state.log_history)
-    print(describe_training(name, record), flush=True)
+    # from the second process, start a line of its own: the first one's progress bar holds the current one
+    print(("" if progress_bar else "\n") + describe_training(name, record), flush=True)
     return record
 
 
@@ -243,11 +248,13 @@ def run(args: argparse.Namespace) -> dict:
           f"standard-library docstrings), {corpus_record['bytes']['all']:,} bytes; split by document: "
           f"{corpus_record['blocks']['train']:,} training, {corpus_record['blocks']['validation']:,} validation and "
           f"{corpus_record['blocks']['test']:,} test blocks of {args.seq_len} bytes.")
-    env = environment()
+    env = environment(args)
     print(f"Seed {args.seed}; torch {env['torch']}, {env['torch_threads']} CPU thread(s), {env['cpu_capability']} "
           f"kernels, {env['device']}, {env['platform']}; load average {load_at_start}.")
     models = build_models(args, tokenizer)
-    training = {name: train(name, model, data["train"], args) for name, model in models.items()}
+    # with 2 jobs the fixed-loop and dense models train in a second process beside the loop-sampled one
+    train_one = functools.partial(train, rows=data["train"], args=args)
+    training = train_models(models, train_one, [FIXED, DENSE], args)
 
     scoring_started = time.perf_counter()
     bpb = {name: score(name, model, data, args, tokenizer.eos_token_id) for name, model in models.items()}

@@ -71,10 +71,24 @@ def test_text_flags_parse_lists_and_leave_the_other_tasks_alone():
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("text") / "demo"
-    result = subprocess.run([sys.executable, "-m", "openmythos.demo", *TOY, "--output-dir", str(out)],
+    # the fixed-loop and dense models train in a second process
+    result = subprocess.run([sys.executable, "-m", "openmythos.demo", *TOY, "--jobs", "2", "--output-dir", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result, json.loads((out / "results.json").read_text())
+
+
+def test_training_in_one_process_gives_the_same_models_as_in_two(toy_run, tmp_path):
+    _, first_run, first = toy_run
+    assert first_run.stdout.count("(in a second process)") == 2 and first["settings"]["jobs"] == 2
+    result = subprocess.run([sys.executable, "-m", "openmythos.demo", *TOY, "--jobs", "1", "--output-dir",
+                             str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert "(in a second process)" not in result.stdout and again["settings"]["jobs"] == 1
+    assert again["bpb"] == first["bpb"]
+    for name, record in first["training"].items():
+        assert again["training"][name]["last_loss"] == record["last_loss"], name
 
 
 def test_text_demo_runs_end_to_end_and_scores_every_loop_count(toy_run):
