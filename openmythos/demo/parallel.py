@@ -21,18 +21,18 @@ def jobs(args) -> int:
 
 
 def _train_side(train_one, models: dict, threads: int) -> dict:
-    """The second process's share (a fresh interpreter, spawned): train ``models`` one after another, return each
-    one's training record and weights."""
+    """The second process's share (a fresh interpreter, spawned): train ``models`` one after another, return what
+    ``train_one`` returned for each and its weights."""
     hf_logging.set_verbosity_error()
     torch.set_num_threads(threads)
     return {name: (train_one(name, model, progress_bar=False), model.state_dict()) for name, model in models.items()}
 
 
 def train_models(models: dict, train_one, side: list[str], args) -> dict:
-    """Train every model with ``train_one(name, model, progress_bar=...)`` (a picklable callable) and return the
-    training records, in the order of ``models``. With 2 jobs (``jobs(args)``) the models named in ``side`` train
-    one after another in a second, spawned process while the others train here, with a progress bar; their trained
-    weights are then loaded into ``models``."""
+    """Train every model with ``train_one(name, model, progress_bar=...)`` (a picklable callable, which may also
+    score the model) and return what it returned for each, in the order of ``models``. With 2 jobs (``jobs(args)``)
+    the models named in ``side`` train one after another in a second, spawned process while the others train here,
+    with a progress bar; their trained weights are then loaded into ``models``."""
     side = [name for name in side if name in models]
     if jobs(args) == 1 or not side:
         return {name: train_one(name, model) for name, model in models.items()}

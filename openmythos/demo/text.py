@@ -185,9 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the models and the batch order")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--jobs", type=int, choices=(1, 2), default=None,
-                   help="training processes: 2 trains the fixed-loop and dense models in a second process beside the "
-                        "loop-sampled one (same results as 1; default 2 where the machine has 2 or more CPUs and no "
-                        "GPU)")
+                   help="training processes: 2 trains and scores the fixed-loop model in a second process beside "
+                        "the other two (same results as 1; default 2 where the machine has 2 or more CPUs and no GPU)")
     p.add_argument("--output-dir", default="demo_output/text")
     p.add_argument("--no-plot", action="store_true", help="skip bpb.png (no matplotlib needed)")
     args = p.parse_args(argv)

@@ -226,6 +226,15 @@ def score(name: str, model, data: dict, args, eos_token_id: int) -> dict:
     return row
 
 
+def train_and_score(name: str, model, data: dict, args, eos_token_id: int, progress_bar: bool = True) -> dict:
+    """Train one model, then score it: one process's whole share of the work for that model."""
+    record = {"training": train(name, model, data["train"], args, progress_bar=progress_bar)}
+    started = time.perf_counter()
+    record["bpb"] = score(name, model, data, args, eos_token_id)
+    record["scoring_seconds"] = time.perf_counter() - started
+    return record
+
+
 def load_average() -> list[float] | None:
     try:
         with open("/proc/loadavg") as f:
@@ -252,13 +261,13 @@ def run(args: argparse.Namespace) -> dict:
     print(f"Seed {args.seed}; torch {env['torch']}, {env['torch_threads']} CPU thread(s), {env['cpu_capability']} "
           f"kernels, {env['device']}, {env['platform']}; load average {load_at_start}.")
     models = build_models(args, tokenizer)
-    # with 2 jobs the fixed-loop and dense models train in a second process beside the loop-sampled one
-    train_one = functools.partial(train, rows=data["train"], args=args)
-    training = train_models(models, train_one, [FIXED, DENSE], args)
-
-    scoring_started = time.perf_counter()
-    bpb = {name: score(name, model, data, args, tokenizer.eos_token_id) for name, model in models.items()}
-    scoring_seconds = time.perf_counter() - scoring_started
+    # with 2 jobs the fixed-loop model trains and is scored in a second process while the loop-sampled and dense
+    # models are trained and scored here (the two shares take about as long)
+    work = train_models(models, functools.partial(train_and_score, data=data, args=args,
+                                                  eos_token_id=tokenizer.eos_token_id), [FIXED], args)
+    training = {name: record["training"] for name, record in work.items()}
+    bpb = {name: record["bpb"] for name, record in work.items()}
+    scoring_seconds = sum(record["scoring_seconds"] for record in work.values())
     text = format_table(bpb, args)
     print(f"\nTest bits per byte ({corpus_record['blocks']['test']} blocks of {args.seq_len} bytes; lower is better):\n"
           + text)
