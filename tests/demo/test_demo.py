@@ -153,6 +153,8 @@ def test_bad_hop_counts_are_refused(hops):
     (["--pack", "0"], "--pack"), (["--extra-loops", "-1"], "--extra-loops"), (["--exit-budget", "0"], "--exit-budget"),
     (["--pack", "20"], "--pack"), (["--task", "context", "--pack", "2"], "--pack"),
     (["--task", "context", "--exit-budget", "9"], "--exit-budget"),
+    (["--task", "context", "--exit-criterion", "kl"], "--exit-criterion"),
+    (["--exit-criterion", "act"], "--exit-criterion"),
 ])
 def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys):
     with pytest.raises(SystemExit):
@@ -163,6 +165,7 @@ def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys)
 def test_demo_defaults_train_the_hidden_task_with_packed_rows_and_score_16_loops():
     args = demo.parse_args([])
     assert (args.pack, args.extra_loops, args.exit_budget, args.max_loops) == (3, 4, 16, 16)
+    assert args.exit_criterion == "kl"
     context = demo.parse_args(["--task", "context"])
     assert (context.pack, context.extra_loops, context.exit_budget, context.max_loops) == (None, None, None, 10)
 
