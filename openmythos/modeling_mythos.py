@@ -438,6 +438,15 @@ class MythosActiveRows:
             self.attention_mask = self.take(attention_mask)
         self.cache = None if cache is None else _RowsCache(cache, self, batch)
 
+    @classmethod
+    def at_loop(cls, t: int, row_loops: tuple[int, ...], seq: int, position_embeddings, attention_mask, cache,
+                device) -> "MythosActiveRows | None":
+        """The rows whose budget (``row_loops``) reaches loop ``t``; None when every row does (the plain step)."""
+        rows = [row for row, loops in enumerate(row_loops) if loops > t]
+        if len(rows) == len(row_loops):
+            return None
+        return cls(rows, len(row_loops), seq, position_embeddings, attention_mask, cache, device)
+
     @functools.cached_property
     def index(self) -> torch.Tensor:
         """The running rows as an index tensor (built on first use: slices need none)."""
@@ -1750,9 +1759,8 @@ class MythosRecurrence(nn.Module):
         for t in range(plan.n_loops):
             run = (budget > t) & ~stopped
             if plan.rows_only:
-                rows = [row for row, loops in enumerate(plan.row_loops) if loops > t]
-                active = None if len(rows) == batch else MythosActiveRows(
-                    rows, batch, seq, position_embeddings, attention_mask, cache, e.device)
+                active = MythosActiveRows.at_loop(t, plan.row_loops, seq, position_embeddings, attention_mask, cache,
+                                                  e.device)
             elif plan.paged is not None:  # a request's keys/values are needed up to its own budget
                 active = plan.paged.active(run, budget > t)
             else:
@@ -1782,7 +1790,7 @@ class MythosRecurrence(nn.Module):
         """Per-row budgets in inference, the lean form of :meth:`_adaptive_forward`: whole rows stop at loops known
         before the call and nothing is decided on the way, so each loop just runs its rows as a smaller batch. A
         decode step is bound by per-op overhead, and per-position bookkeeping would cost more than the rows save."""
-        batch, seq = e.shape[:2]
+        seq = e.shape[1]
         halting = MythosHaltingState(e) if self.halt is not None else None
         offset = lasts = None
         if halting is not None:
@@ -1790,9 +1798,8 @@ class MythosRecurrence(nn.Module):
             lasts = plan.budget == torch.arange(1, plan.n_loops + 1, device=e.device)[:, None, None]  # [loop, b, s]
         h = e
         for t in range(plan.n_loops):
-            rows = [row for row, loops in enumerate(plan.row_loops) if loops > t]
-            active = None if len(rows) == batch else MythosActiveRows(
-                rows, batch, seq, position_embeddings, attention_mask, cache, e.device)
+            active = MythosActiveRows.at_loop(t, plan.row_loops, seq, position_embeddings, attention_mask, cache,
+                                              e.device)
             h = self.step(h, e, t, position_embeddings, attention_mask, cache, active=active, **kwargs)[0]
             if halting is not None:  # as MythosExitRule.update with no criterion: a row halts at its budget
                 halting.update(h, self.halt.probability(h, offset), self.config.act_threshold, lasts[t])

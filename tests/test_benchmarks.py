@@ -90,6 +90,9 @@ def test_quick_adaptive_depth_benchmark_trains_measures_every_criterion_and_judg
             assert 1 <= row["mean_loops"] <= 8 and row["perplexity"] > 1, (name, row)
             assert row["loop_saving"] == pytest.approx(1 - row["mean_loops"] / 8)
             assert 1 <= row["forward"]["mean_loops"] <= 8 and 1 <= row["generate"]["loops_per_token"] <= 8
+            # a decode step runs the most loops of its tokens; with one row, exactly that token's
+            assert row["generate"]["loops_per_token"] <= row["generate"]["loops_per_step"] <= 8
+            assert row["generate_1"]["loops_per_step"] == pytest.approx(row["generate_1"]["loops_per_token"])
             for workload in ("forward", "generate", "generate_1"):
                 timing = row[workload]
                 assert timing["ratio"] > 0 and timing["fixed_ms"] > 0 and timing["adaptive_ms"] > 0, (name, timing)

@@ -88,6 +88,14 @@ def test_readme_training_and_hub_commands_run(tmp_path):
     assert "would upload" in result.stdout
 
 
+def assert_made_with_the_defaults(settings: dict, defaults: dict) -> None:
+    """A recorded run's settings are the demo's current defaults (the output folder aside). A flag added after the
+    run that this task leaves unset (None, e.g. the hidden task's --pack for --task context) cannot have changed it."""
+    settings = {k: v for k, v in settings.items() if k != "output_dir"}
+    unset_later = {k for k, v in defaults.items() if v is None and k not in settings}
+    assert settings == {k: v for k, v in defaults.items() if k != "output_dir" and k not in unset_later}
+
+
 @pytest.mark.parametrize("marker, folder, argv", [
     ("demo-table", "docs/demo", []),
     ("demo-context-table", "docs/demo/context", ["--task", "context"]),
@@ -105,11 +113,7 @@ def test_readme_demo_tables_are_the_recorded_default_runs(marker, folder, argv):
     assert table == recorded
     results = json.loads((ROOT / folder / "results.json").read_text())
     defaults = vars(parse_args(argv))
-    settings = {k: v for k, v in results["settings"].items() if k != "output_dir"}
-    # a flag added after the run that this task leaves unset (None, e.g. the hidden task's --pack for --task context)
-    # cannot have changed it
-    unset_later = {k for k, v in defaults.items() if v is None and k not in settings}
-    assert settings == {k: v for k, v in defaults.items() if k != "output_dir" and k not in unset_later}
+    assert_made_with_the_defaults(results["settings"], defaults)
     assert format_table(results["accuracy"], argparse.Namespace(**defaults)) == recorded
     assert (ROOT / folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -209,10 +213,6 @@ def test_readme_text_demo_table_is_the_recorded_default_run():
     assert table == recorded
     results = json.loads((folder / "results.json").read_text())
     defaults = vars(parse_args(["--task", "text"]))
-    settings = {k: v for k, v in results["settings"].items() if k != "output_dir"}
-    # a flag added after the run that this task leaves unset (None, e.g. the hidden task's --pack for --task context)
-    # cannot have changed it
-    unset_later = {k for k, v in defaults.items() if v is None and k not in settings}
-    assert settings == {k: v for k, v in defaults.items() if k != "output_dir" and k not in unset_later}
+    assert_made_with_the_defaults(results["settings"], defaults)
     assert format_table(results["bpb"], argparse.Namespace(**defaults)) == recorded
     assert (folder / "bpb.png").read_bytes()[:4] == b"\x89PNG"

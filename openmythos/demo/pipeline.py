@@ -23,7 +23,7 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.utils import logging as hf_logging
 
 from ..configuration_mythos import MythosConfig
-from ..modeling_mythos import MythosForCausalLM
+from ..modeling_mythos import MythosForCausalLM, MythosLoopRecorder
 from ..tokenization_mythos import MythosTokenizer
 from ..training import MythosTrainingCallback
 from . import task_of
@@ -361,17 +361,16 @@ def answer_samples(folder: Path, task, args, exit_rule: dict | None = None) -> l
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         loop_options = {"n_loops": hops} if exit_rule is None else {
             "exit_criterion": exit_rule["criterion"], "exit_threshold": exit_rule["threshold"]}
+        recorder = MythosLoopRecorder()
         # the answer is one node name: one new token
         out = model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             **loop_options)
+                             loop_recorder=recorder, **loop_options)
         reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         sample = {"question": prompt, "hops": hops, "answer": reply, "expected": expected}
         if exit_rule is None:
             sample["n_loops"] = hops
-        else:
-            with torch.no_grad():
-                used = model(input_ids=ids, use_cache=False, **loop_options).loops_used
-            sample["loops_used"] = int(used[0, -1])
+        else:  # the loops the position that chose the answer ran
+            sample["loops_used"] = int(recorder.token_loops()[0, 0])
         samples.append(sample)
     return samples
 

@@ -23,7 +23,7 @@ from ..tokenization_mythos import MythosTokenizer
 from ..training import MythosTrainingCallback
 from ..training.data import causal_lm_collator, pack_documents
 from .files import write_text_atomically
-from .parallel import jobs, train_models
+from .parallel import train_models
 from .pipeline import BarOnlyProgressCallback, dense_config, environment
 from .report import describe_training, training_record
 from .text import DENSE, FIXED, SAMPLED, TITLES, collect_documents, format_table, plot, split_documents, summary
