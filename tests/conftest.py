@@ -5,7 +5,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (the CI command runs two workers) each worker takes one thread, so the two share the cores.
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, torch.get_num_threads()))
 
 import openmythos  # noqa: E402  (registers the Auto classes)
 from openmythos import MythosForCausalLM, mythos_tiny  # noqa: E402
@@ -62,3 +63,21 @@ def run_on_two_processes(worker_file, *args, out, while_running, timeout=300):
             run.communicate()
     assert run.returncode == 0, log[-5000:]
     return torch.load(out, weights_only=False), reference
+
+
+# The suite runs on two pytest-xdist workers, one file at a time each (pytest.ini). Files are handed out in
+# collection order, so the slowest go first: started last, one of them would leave the other worker idle.
+SLOWEST_FIRST = ["tests/test_benchmarks.py", "tests/test_readme.py", "tests/test_examples.py", "tests/demo/test_demo.py",
+                 "tests/demo/test_text_demo.py", "tests/hub/test_hub.py", "tests/training/test_data_parallel.py",
+                 "tests/models/mythos/test_parallel_plans.py", "tests/models/mythos/test_compile_mythos.py",
+                 "tests/serving/test_lm_eval.py", "tests/serving/test_transformers_serve.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
+
+    def file_rank(item):
+        path = item.nodeid.split("::", 1)[0]
+        return rank.get(path, len(SLOWEST_FIRST))
+
+    items.sort(key=file_rank)  # stable: the order inside a file and among the other files is kept
