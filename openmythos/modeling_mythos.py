@@ -1518,7 +1518,8 @@ class MythosExitRule:
         logp = self.plan.probe(h_next, flat)
         kl = nan.clone()
         if self.previous is not None:
-            values = (logp.exp() * (logp - self.previous[flat])).sum(-1)
+            # >= 0 exactly; rounding gives -1e-7 or so for equal distributions, which must not read as "less than 0"
+            values = (logp.exp() * (logp - self.previous[flat])).sum(-1).clamp_min(0)
             kl.view(-1).index_copy_(0, flat, values.float())
         else:
             self.previous = logp.new_zeros(run.numel(), logp.shape[-1])
