@@ -346,6 +346,34 @@ def evaluate(models, task, tokenizer, args, exit_rule: dict | None = None) -> di
     return table
 
 
+@torch.no_grad()
+def wave(model, task, tokenizer, args) -> dict:
+    """How the looped model's marks follow their trace, loop by loop, on the deepest questions (every start node).
+
+    Each loop's state goes through the coda and the head (``read_out``, as in training). After t loops mark j should
+    hold the node min(j, t) links on: its own node once the wave has reached it (t >= j), else the wave front, the
+    node t links on. ``right[j - 1][t - 1]`` is the share of questions where mark j holds it. A causal model's mark j
+    of a deep question is the last mark of the j-hop question, so the cells with t >= j are the fixed-loop accuracy
+    table's; the cells with t < j show whether the waiting marks keep the front (docs/demo.md, "Why some seeds
+    arrive late").
+    """
+    model.eval()
+    hops, loops = args.eval_hops, args.max_loops
+    starts = task.nodes
+    input_ids = torch.tensor([tokenizer.encode(task.question(x, hops), add_special_tokens=False) for x in starts],
+                             device=model.device)
+    # [questions, hops + 1]: the node min(j, t) links on is column min(j, t) of each question's trace
+    nodes = torch.tensor([tokenizer.encode(task.trace(x, hops), add_special_tokens=False) for x in starts])
+    out = model.model(input_ids=input_ids, n_loops=loops, output_hidden_states=True, use_cache=False)
+    first = 1 + model.config.prelude_layers  # hidden_states: embeddings, prelude layers, loops, coda layers
+    right = torch.zeros(hops, loops)
+    for t in range(1, loops + 1):
+        predicted = read_out(model, out.hidden_states[first + t - 1]).argmax(-1).cpu()
+        for j in range(1, hops + 1):
+            right[j - 1, t - 1] = (predicted[:, j] == nodes[:, min(j, t)]).float().mean()
+    return {"hops": hops, "right": right.tolist()}
+
+
 def answer_samples(folder: Path, task, args, exit_rule: dict | None = None) -> list[dict]:
     """Reload the saved looped model through the Auto classes and answer questions with ``generate``: with the exit
     rule and no n_loops (the saved default budget) when there is one, else with ``n_loops=hops``."""
@@ -417,6 +445,7 @@ def run(args: argparse.Namespace) -> dict:
               f"{exit_rule['smallest_change_while_moving']:.3g}, largest once settled "
               f"{exit_rule['largest_change_once_settled']:.3g}), at most {exit_rule['budget']} loops.")
     table = evaluate(models, task, tokenizer, args, exit_rule)
+    marks = wave(models[LOOPED], task, tokenizer, args) if task.convergent else None
     text = format_table(table, args)
     print(f"\nAccuracy ({task.scored(args)}, exact):\n" + text)
     write_text_atomically(out / "accuracy.md", text + "\n")
@@ -454,6 +483,7 @@ def run(args: argparse.Namespace) -> dict:
         "hops": list(range(1, args.eval_hops + 1)),
         "accuracy": table,
         "exit_rule": exit_rule,
+        "wave": marks,
         "summary": summary(table, args),
         "samples": samples,
         "total_seconds": time.perf_counter() - started,

@@ -237,6 +237,19 @@ def test_demo_runs_end_to_end_at_toy_size(toy_demo):
     assert abs(params["dense_same_params"] - params["looped"]) / params["looped"] < 0.35
 
 
+def test_wave_record_agrees_with_the_accuracy_table_where_the_wave_has_arrived(toy_demo):
+    """results.json's per-mark, per-loop record: a causal model's mark j of the deepest question is the last mark of
+    the j-hop question, so once t >= j its cell is the fixed-loop table's; before, it is whether the mark holds the
+    wave front, which no table shows."""
+    out, _ = toy_demo
+    results = json.loads((out / "results.json").read_text())
+    marks, table = results["wave"], results["accuracy"]
+    assert marks["hops"] == 4 and len(marks["right"]) == 4 and all(len(row) == 6 for row in marks["right"])
+    for j, row in enumerate(marks["right"], start=1):
+        assert all(0.0 <= share <= 1.0 and abs(share * 8 - round(share * 8)) < 1e-6 for share in row)
+        assert row[j - 1:] == [table[f"looped@{t}"][j - 1] for t in range(j, 7)], j
+
+
 def test_saved_demo_model_names_its_task_and_exit_rule(toy_demo):
     out, _ = toy_demo
     results = json.loads((out / "results.json").read_text())
