@@ -32,7 +32,8 @@ setup(
         "serve": ["fastapi", "uvicorn", "openai>=1.98", "pydantic>=2", "starlette", "rich"],
         "eval": ["lm-eval>=0.4.8,<0.5"],  # `lm_eval --model hf` (docs/evaluation.md)
         # the serving and lm-eval tests need both; lm-eval adds about 80 s to a fresh install (docs/evaluation.md)
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "datasets>=3.0", "peft>=0.17", "matplotlib>=3.7", "transformers-mlinter==0.1.5",
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "datasets>=3.0", "peft>=0.17", "matplotlib>=3.7",
+                 "transformers-mlinter==0.1.5",
                  "fastapi", "uvicorn", "openai>=1.98", "pydantic>=2", "starlette", "rich", "lm-eval>=0.4.8,<0.5"],
     },
     entry_points={"console_scripts": ["mythos=openmythos.cli:main"]},

@@ -1518,7 +1518,7 @@ class MythosExitRule:
         logp = self.plan.probe(h_next, flat)
         kl = nan.clone()
         if self.previous is not None:
-            # >= 0 exactly; rounding gives -1e-7 or so for equal distributions, which must not read as "less than 0"
+            # >= 0 exactly: rounding gave -4e-7 for equal distributions, which stopped even exit_threshold=0
             values = (logp.exp() * (logp - self.previous[flat])).sum(-1).clamp_min(0)
             kl.view(-1).index_copy_(0, flat, values.float())
         else:
@@ -2044,18 +2044,19 @@ def _check_loop_budgets(n_loops, config: MythosConfig, batch: int, seq: int):
 
 
 def _check_exit(criterion, threshold, config: MythosConfig, has_head: bool, cache):
-    """``exit_criterion`` is None or one of EXIT_CRITERIA, with a positive finite ``exit_threshold`` (at most 1 for
-    "act", a halting mass); the model must have what the criterion reads."""
+    """``exit_criterion`` is None or one of EXIT_CRITERIA, with a finite ``exit_threshold``: in (0, 1] for "act" (a
+    halting mass), >= 0 for "delta" and "kl", whose measures are never negative, so 0 runs every loop of the budget and
+    only records the measure (``output_loop_stats``); the model must have what the criterion reads."""
     if criterion is None:
         if threshold is not None:
             raise ValueError(f"`exit_threshold`={threshold!r} needs an `exit_criterion` (one of {EXIT_CRITERIA})")
         return None
     if criterion not in EXIT_CRITERIA:
         raise ValueError(f"`exit_criterion` must be None or one of {EXIT_CRITERIA}, got {criterion!r}")
-    top = 1.0 if criterion == "act" else math.inf
+    accepted = "(0, 1.0]" if criterion == "act" else "[0, inf) (0: run the whole budget, record only)"
     if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold)
-            or not 0 < threshold <= top):
-        raise ValueError(f"`exit_threshold` must be a number in (0, {top}] for exit_criterion={criterion!r}, got "
+            or not (0 < threshold <= 1.0 if criterion == "act" else 0 <= threshold)):
+        raise ValueError(f"`exit_threshold` must be a number in {accepted} for exit_criterion={criterion!r}, got "
                          f"{threshold!r}")
     if criterion == "act" and not config.use_act:
         raise ValueError("exit_criterion='act' reads the halting head, and this model has none (use_act=False): "
@@ -2249,6 +2250,7 @@ class MythosModel(MythosPreTrainedModel):
             ``"kl"`` (change of the next-token distribution; MythosForCausalLM only). See ``MythosExitRule``.
         exit_threshold (`float`, *optional*):
             The criterion's threshold: a position stops once its criterion falls below it (``"act"``: reaches it).
+            In (0, 1] for ``"act"``; >= 0 for ``"delta"`` and ``"kl"``, where 0 stops nothing and only records.
         output_loop_stats (`bool`, *optional*, defaults to `False`):
             Whether to return per-loop statistics (`MythosLoopStats`) as ``loop_stats``.
         exit_head (`nn.Module`, *optional*):
@@ -2588,6 +2590,7 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
             ``"kl"`` (change of the next-token distribution). See ``MythosExitRule``.
         exit_threshold (`float`, *optional*):
             The criterion's threshold: a position stops once its criterion falls below it (``"act"``: reaches it).
+            In (0, 1] for ``"act"``; >= 0 for ``"delta"`` and ``"kl"``, where 0 stops nothing and only records.
         output_loop_stats (`bool`, *optional*, defaults to `False`):
             Whether to return per-loop statistics (`MythosLoopStats`) as ``loop_stats``.
         loop_recorder (`MythosLoopRecorder`, *optional*):

@@ -66,9 +66,11 @@ def run_on_two_processes(worker_file, *args, out, while_running, timeout=300):
 
 
 # The suite runs on two pytest-xdist workers, one file at a time each (pytest.ini). Files are handed out in
-# collection order, so the slowest go first: started last, one of them would leave the other worker idle.
-SLOWEST_FIRST = ["tests/test_benchmarks.py", "tests/test_readme.py", "tests/test_examples.py", "tests/demo/test_demo.py",
-                 "tests/demo/test_text_demo.py", "tests/hub/test_hub.py", "tests/training/test_data_parallel.py",
+# collection order (--no-loadscope-reorder), so the slowest go first: started last, one of them would leave the
+# other worker idle.
+SLOWEST_FIRST = ["tests/test_benchmarks.py", "tests/test_readme.py", "tests/test_examples.py",
+                 "tests/demo/test_demo.py", "tests/demo/test_text_demo.py", "tests/hub/test_hub.py",
+                 "tests/training/test_data_parallel.py",
                  "tests/models/mythos/test_parallel_plans.py", "tests/models/mythos/test_compile_mythos.py",
                  "tests/serving/test_lm_eval.py", "tests/serving/test_transformers_serve.py", "tests/test_plan.py",
                  "tests/models/mythos/test_continuous_batching.py", "tests/hub/test_cli.py"]

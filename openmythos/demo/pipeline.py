@@ -304,8 +304,8 @@ def choose_exit_threshold(model, questions: list[tuple[str, str]], tokenizer, bu
     by_length = {}
     for q, _ in questions:
         by_length.setdefault(len(q), []).append(q)
-    # every position runs the whole budget: a threshold no measure reaches
-    options = {"exit_criterion": "kl", "exit_threshold": 1e-30} if criterion == "kl" else {}
+    # every position runs the whole budget: threshold 0 only records the KL ("delta" is recorded without a rule)
+    options = {"exit_criterion": "kl", "exit_threshold": 0.0} if criterion == "kl" else {}
     for group in by_length.values():
         input_ids = torch.tensor([tokenizer.encode(q, add_special_tokens=False) for q in group], device=model.device)
         out = model(input_ids=input_ids, n_loops=budget, output_loop_stats=True, use_cache=False, **options)
