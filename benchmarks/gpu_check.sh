@@ -39,9 +39,9 @@ LAUNCH="$PY -m accelerate.commands.launch --config_file examples/accelerate_fsdp
 TOY_RUN="--toy --precision bf16 --max-steps 4 --save-steps 100000 --logging-steps 1"
 # name | time limit (s) | command
 STEPS=(
-  "flash_attention|60|$PY -m pytest -q -rs tests/models/mythos -k flash_attention"
+  "flash_attention|60|$PY -m pytest -q -n 0 -rs tests/models/mythos -k flash_attention"
   "fsdp_trainer|150|$LAUNCH examples/pretrain.py $TOY_RUN --output-dir $OUT/fsdp_trainer"
-  "parallel_nccl|90|env MYTHOS_TEST_BACKEND=nccl $PY -m pytest -q -rs tests/models/mythos -k parallel"
+  "parallel_nccl|90|env MYTHOS_TEST_BACKEND=nccl $PY -m pytest -q -n 0 -rs tests/models/mythos -k parallel"
   "mfu|90|$PY benchmarks/gpu_mfu.py train --preset mythos_1b --attn sdpa flash_attention_2 --json $OUT/mfu.json"
   "decode|60|$PY benchmarks/gpu_mfu.py decode --preset mythos_1b --attn sdpa --batch-sizes 1 64 --json $OUT/decode.json"
 )
