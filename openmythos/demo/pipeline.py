@@ -183,12 +183,18 @@ class TraceTrainer(Trainer):
         n_loops = self.loop_draws.randint(deepest, deepest + self.extra_loops)
         out = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], n_loops=n_loops,
                           output_hidden_states=True, use_cache=False)
-        first = 1 + model.config.prelude_layers  # hidden_states: embeddings, prelude layers, loops, coda layers
-        states = torch.cat(out.hidden_states[first:first + n_loops])  # [n_loops * batch, seq, dim], loop-major
+        states = torch.cat(loop_states(model, out.hidden_states, n_loops))  # [n_loops * batch, seq, dim], loop-major
         logits = read_out(model, states)
         targets = torch.cat([trace_targets(labels, depths, t) for t in range(1, n_loops + 1)])
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
         return (loss, None) if return_outputs else loss
+
+
+def loop_states(model, hidden_states: tuple, n_loops: int) -> tuple:
+    """The state after each of the ``n_loops`` loops, from a forward's ``hidden_states`` (embeddings, one per
+    prelude layer, one per loop, one per coda layer)."""
+    first = 1 + model.config.prelude_layers
+    return hidden_states[first:first + n_loops]
 
 
 def read_out(model, states: torch.Tensor) -> torch.Tensor:
@@ -359,19 +365,15 @@ def wave(model, task, tokenizer, args) -> dict:
     """
     model.eval()
     hops, loops = args.eval_hops, args.max_loops
-    starts = task.nodes
-    input_ids = torch.tensor([tokenizer.encode(task.question(x, hops), add_special_tokens=False) for x in starts],
-                             device=model.device)
+    input_ids = torch.tensor([tokenizer.encode(task.question(x, hops), add_special_tokens=False)
+                              for x in task.nodes], device=model.device)
     # [questions, hops + 1]: the node min(j, t) links on is column min(j, t) of each question's trace
-    nodes = torch.tensor([tokenizer.encode(task.trace(x, hops), add_special_tokens=False) for x in starts])
+    nodes = torch.tensor([tokenizer.encode(task.trace(x, hops), add_special_tokens=False) for x in task.nodes])
     out = model.model(input_ids=input_ids, n_loops=loops, output_hidden_states=True, use_cache=False)
-    first = 1 + model.config.prelude_layers  # hidden_states: embeddings, prelude layers, loops, coda layers
-    right = torch.zeros(hops, loops)
-    for t in range(1, loops + 1):
-        predicted = read_out(model, out.hidden_states[first + t - 1]).argmax(-1).cpu()
-        for j in range(1, hops + 1):
-            right[j - 1, t - 1] = (predicted[:, j] == nodes[:, min(j, t)]).float().mean()
-    return {"hops": hops, "right": right.tolist()}
+    marks = torch.arange(1, hops + 1)
+    right = [(read_out(model, state).argmax(-1).cpu()[:, 1:] == nodes[:, marks.clamp(max=t)]).float().mean(0)
+             for t, state in enumerate(loop_states(model, out.hidden_states, loops), start=1)]
+    return {"hops": hops, "right": torch.stack(right, 1).tolist()}  # [marks, loops]
 
 
 def answer_samples(folder: Path, task, args, exit_rule: dict | None = None) -> list[dict]:

@@ -252,16 +252,17 @@ def test_wave_record_agrees_with_the_accuracy_table_where_the_wave_has_arrived(t
     # read at mark j, gives the logits of the model's own forward on the j-hop question with n_loops=t
     from transformers import AutoModelForCausalLM
 
-    from openmythos.demo.pipeline import read_out
+    from openmythos.demo.pipeline import loop_states, read_out
 
     model = AutoModelForCausalLM.from_pretrained(out / "looped-model").eval()
     tokenizer = MythosTokenizer()
     ids = torch.tensor([tokenizer.encode(PointerChasingTask(8, 0).question(x, 4), add_special_tokens=False)
                         for x in "abc"])
     with torch.no_grad():
-        states = model.model(input_ids=ids, n_loops=6, output_hidden_states=True, use_cache=False).hidden_states
+        hidden = model.model(input_ids=ids, n_loops=6, output_hidden_states=True, use_cache=False).hidden_states
+        states = loop_states(model, hidden, 6)
         for t in (1, 3, 6):
-            logits = read_out(model, states[1 + model.config.prelude_layers + t - 1])
+            logits = read_out(model, states[t - 1])
             for j in (1, 2, 4):
                 alone = model(input_ids=ids[:, :j + 1], n_loops=t, use_cache=False).logits[:, -1]
                 torch.testing.assert_close(logits[:, j], alone, rtol=1e-4, atol=1e-4)
