@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loop-kv-sharing", choices=("none", "first", "last"), default="none",
                    help="the looped model's cross-loop KV sharing (config.loop_kv_sharing; 'last' trains one token "
                         "at a time, slowly)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps for the looped model (default 1300; "
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps for the looped model (default 1700; "
                                                               "context: 1200)")
     p.add_argument("--baseline-steps", type=int, default=None, help="optimizer steps per dense model "
                                                                       "(default: --steps)")

@@ -47,7 +47,7 @@ class PointerChasingTask:
 
     # The demo's settings for this kind (``--task hidden``). ``flag_defaults`` fill the flags left at None.
     flag: ClassVar[str] = "hidden"
-    flag_defaults: ClassVar[dict] = {"num_nodes": 24, "dim": 96, "steps": 1300, "lr": 2e-3, "train_examples": 20000,
+    flag_defaults: ClassVar[dict] = {"num_nodes": 24, "dim": 96, "steps": 1700, "lr": 2e-3, "train_examples": 20000,
                                      "curriculum_steps": 0, "max_loops": 16, "pack": 3, "extra_loops": 4,
                                      "exit_budget": 16, "exit_criterion": "kl"}
     max_seq_len: ClassVar[int] = 64
