@@ -38,9 +38,10 @@ def looped_config(args, tokenizer, max_seq_len: int) -> MythosConfig:
     """A tiny looped model: one prelude block, one shared MoE block looped n_loops times, one coda block.
 
     The loop-index signal and the depth-wise LoRA are off: both are indexed by the loop number, and questions deeper
-    than K would reach loop indices that training never used. Without them every iteration applies the same map,
-    which is what lets the model run more loops than it was trained with. On the hidden task the default loop budget
-    (``config.n_loops``) is ``--exit-budget``.
+    than K would reach loop indices that training never used. Without them every iteration applies nearly the same
+    map, which is what lets the model run more loops than it was trained with (the router's balancing bias keeps
+    one row per loop up to ``max_loop_iters``; one row for all loops was tried, docs/demo.md). On the hidden task the
+    default loop budget (``config.n_loops``) is ``--exit-budget``.
     """
     return MythosConfig(
         vocab_size=len(tokenizer), dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, attn_type="gqa",
