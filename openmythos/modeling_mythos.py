@@ -1562,6 +1562,40 @@ class MythosRecurrenceOutput(ModelOutput):
     loop_stats: MythosLoopStats | None = None
 
 
+def token_exchange_group(config: MythosConfig, experts: nn.Module):
+    """The process group whose ranks send tokens to each other's experts while each holds a batch of its own (expert
+    parallelism with ``ep_size > tp_size``), or None. Every rank of it must join every expert call's all-to-all."""
+    layout = getattr(config, "distributed_config", None)  # set by from_pretrained(distributed_config=...)
+    if layout is None or layout.ep_size <= layout.tp_size:
+        return None
+    mesh = getattr(getattr(experts, "gate_up_proj", None), "device_mesh", None)  # the experts' DTensor mesh
+    if mesh is None or "ep" not in (mesh.mesh_dim_names or ()):
+        return None
+    return mesh["ep"].get_group()
+
+
+def check_scan_lengths_agree(config: MythosConfig, experts: nn.Module, seq: int) -> None:
+    """``loop_kv_sharing="last"`` runs a call's positions through the loop one at a time, so a rank calls the experts
+    ``seq * n_loops`` times. Ranks that exchange tokens with each other's experts must make the same number of calls,
+    or the all-to-all waits forever: every rank checks the group's lengths first and all raise the same error."""
+    group = token_exchange_group(config, experts)
+    if group is None:
+        return
+    import torch.distributed as dist  # only reached under a distributed_config
+
+    lengths = torch.tensor([seq, -seq], device=experts.gate_up_proj.device)
+    dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=group)
+    longest, shortest = int(lengths[0]), -int(lengths[1])
+    if longest != shortest:
+        layout = config.distributed_config
+        raise ValueError(
+            f"loop_kv_sharing='last' runs a call's positions through the loop one at a time, so every rank of the "
+            f"expert-parallel group must pass inputs of one length; this model's ranks hold different batches "
+            f"(ep_size={layout.ep_size} > tp_size={layout.tp_size}) and got {shortest} to {longest} positions. Pad "
+            f"every rank's input_ids to the same length (for example padding='max_length'), or use a model with "
+            f"loop_kv_sharing='first' or 'none'.")
+
+
 class MythosRecurrence(nn.Module):
     """The loop, and everything about looping: h_{t+1} = A * h_t + B * e + F_t(h_t + e + signal_t), for t < n_loops.
 
@@ -1666,6 +1700,9 @@ class MythosRecurrence(nn.Module):
         # CODEPATH: loop_kv_sharing="none" by default; "first" / "last" read one shared loop slot
         if self.config.loop_kv_sharing != "none":
             shared = MythosSharedKV(self.config, cache, plan.key_mask, plan.past_length, n_loops)
+            # CODEPATH: loop_kv_sharing="last" checkpoints check that ranks exchanging tokens pass one length
+            if self.config.loop_kv_sharing == "last":
+                check_scan_lengths_agree(self.config, self.layer.mlp.experts, e.shape[1])
             # CODEPATH: loop_kv_sharing="last" checkpoints run a call of several positions one position at a time
             if self.config.loop_kv_sharing == "last" and e.shape[1] > 1:
                 return self._scan(e, shared, position_embeddings, token_mask, **kwargs)

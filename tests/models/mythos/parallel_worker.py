@@ -47,6 +47,8 @@ REFUSED = {
 }
 # Widths may split unevenly: an odd expert_dim gives each rank 16 or 15 of every expert's 31 gate/up/down columns.
 UNEVEN = dict(expert_dim=31)
+# loop_kv_sharing="last" runs positions one at a time: under FSDP x EP every rank must pass the same length.
+LAST = dict(attn_type="gqa", loop_kv_sharing="last")
 
 
 def tiny(**overrides):
@@ -58,7 +60,7 @@ def save_checkpoints(root: Path) -> None:
     """Seeded checkpoints with every weight random (the depth-wise LoRA's up and the balancing bias are zero at init,
     which would leave their paths untested)."""
     for name, overrides in [(attn, dict(attn_type=attn)) for attn in ATTN_TYPES] + \
-                           [(name, spec[0]) for name, spec in REFUSED.items()] + [("uneven", UNEVEN)]:
+                           [(name, spec[0]) for name, spec in REFUSED.items()] + [("uneven", UNEVEN), ("last", LAST)]:
         torch.manual_seed(0)
         model = MythosForCausalLM(tiny(**overrides))
         with torch.no_grad():
@@ -127,6 +129,22 @@ def run(model: MythosForCausalLM, data_parallel: bool = False, exit_refused: boo
     return dict(outcome, loss=loss, grads=grads, bias=bias)
 
 
+def last_sharing(model: MythosForCausalLM) -> dict:
+    """loop_kv_sharing="last" under FSDP x EP: the logits of equal-length halves, then halves of 8 and 10 positions,
+    which every rank must refuse with the same error rather than wait in the experts' all-to-all."""
+    ids = inputs().chunk(dist.get_world_size())[dist.get_rank()]
+    with torch.no_grad():
+        logits = gathered(model(input_ids=ids, n_loops=N_LOOPS).logits, data_parallel=True)
+        try:
+            model(input_ids=ids[:, :8] if dist.get_rank() == 0 else ids, n_loops=N_LOOPS)
+            error = ""
+        except ValueError as refused:
+            error = str(refused)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return dict(logits=logits, errors=errors)
+
+
 def reference(root: Path, name: str) -> dict:
     """The single-process results for checkpoint ``root / name``."""
     return run(MythosForCausalLM.from_pretrained(root / name))
@@ -156,6 +174,8 @@ def main(root: str, out_path: str):
             result[(attn_type, layout)] = outcome
     result[("uneven", "tp")] = run(MythosForCausalLM.from_pretrained(root / "uneven",
                                                                      distributed_config=DistributedConfig(tp_size=2)))
+    result[("last", "fsdp_ep")] = last_sharing(
+        MythosForCausalLM.from_pretrained(root / "last", distributed_config=DistributedConfig(**LAYOUTS["fsdp_ep"])))
     for name, (_, sizes, _) in REFUSED.items():
         try:
             MythosForCausalLM.from_pretrained(root / name, distributed_config=DistributedConfig(**sizes))

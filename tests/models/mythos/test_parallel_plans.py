@@ -31,6 +31,9 @@ def two_rank_run(tmp_path_factory):
 
     def references():
         reference = {name: parallel_worker.reference(root, name) for name in (*parallel_worker.ATTN_TYPES, "uneven")}
+        with torch.no_grad():
+            reference["last"] = MythosForCausalLM.from_pretrained(root / "last")(
+                input_ids=parallel_worker.inputs(), n_loops=parallel_worker.N_LOOPS).logits
         initial_bias = {attn_type: MythosForCausalLM.from_pretrained(root / attn_type).model.recurrent.layer.mlp.gate
                         .e_score_correction_bias for attn_type in parallel_worker.ATTN_TYPES}
         return reference, initial_bias
@@ -66,6 +69,18 @@ def test_early_exit_is_refused_when_experts_exchange_tokens_between_different_ba
     # Each rank would run the experts' all-to-all a different number of times, and the ranks would wait forever.
     message = two_rank_run["sharded"][(attn_type, "fsdp_ep")]["adaptive_error"]
     assert message.startswith("exit_criterion lets positions stop early") and "ep_size=2 > tp_size=1" in message
+
+
+def test_last_loop_sharing_under_fsdp_and_expert_parallelism_equals_one_process_and_refuses_unequal_lengths(
+        two_rank_run):
+    """loop_kv_sharing="last" runs positions one at a time, one expert all-to-all each: ranks holding batches of
+    different lengths would wait for each other forever, so every rank refuses them with the same error."""
+    sharded = two_rank_run["sharded"][("last", "fsdp_ep")]
+    torch.testing.assert_close(sharded["logits"], two_rank_run["reference"]["last"], rtol=0, atol=1e-5)
+    first, second = sharded["errors"]
+    assert first == second
+    assert first.startswith("loop_kv_sharing='last' runs a call's positions through the loop one at a time")
+    assert "ep_size=2 > tp_size=1" in first and "got 8 to 10 positions" in first
 
 
 @pytest.mark.parametrize("attn_type,layout", CASES)
