@@ -2102,7 +2102,8 @@ def _check_exit(criterion, threshold, config: MythosConfig, has_head: bool, cach
         raise ValueError("exit_criterion='kl' compares next-token distributions, so it needs the LM head: call "
                          "MythosForCausalLM, not MythosModel")
     if criterion == "kl" and cache is not None and not all(
-            type(layer) is DynamicLayer for layer in getattr(cache, "layers", [])):
+            isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False)
+            for layer in getattr(cache, "layers", [])):
         raise ValueError(f"exit_criterion='kl' runs the coda once per loop without writing the cache, which only a "
                          f"DynamicCache supports; got a {type(cache).__name__}")
     return float(threshold)

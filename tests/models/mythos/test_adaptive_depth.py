@@ -362,10 +362,12 @@ class TestCacheConsistencyUnderExit:
         replay = model(ids, n_loops=loops, use_cache=False)
         torch.testing.assert_close(replay.logits, one_shot.logits, atol=1e-5, rtol=0)
 
-    def test_exit_with_per_row_budgets(self, model, ids):
-        threshold = delta_threshold(model, ids)
+    @pytest.mark.parametrize("criterion", ["delta", "kl"])
+    def test_exit_with_per_row_budgets(self, model, ids, criterion):
+        """Unequal budgets leave loop slots that hold only some rows (``MythosRowsLayer``); "kl" reads them too."""
+        threshold = delta_threshold(model, ids) if criterion == "delta" else clear_threshold(model, ids, "kl")
         recorder = MythosLoopRecorder()
-        sequences = model.generate(ids, n_loops=BUDGETS, exit_criterion="delta", exit_threshold=threshold,
+        sequences = model.generate(ids, n_loops=BUDGETS, exit_criterion=criterion, exit_threshold=threshold,
                                    loop_recorder=recorder, max_new_tokens=4, do_sample=False)
         loops = torch.cat(recorder.calls, dim=1)
         assert (loops <= torch.tensor(BUDGETS)[:, None]).all()
