@@ -2061,6 +2061,11 @@ def _check_loop_budgets(n_loops, config: MythosConfig, batch: int, seq: int):
     budgets give None, the plain loop."""
     accepted = (f"an int, one per row (a list or 1-D tensor of {batch} ints) or one per position (a [{batch}, {seq}] "
                 f"integer tensor), each from 1 to {config.loop_limit}")
+    def holds_bool(value):
+        return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(map(holds_bool, value)))
+
+    if holds_bool(n_loops):  # torch.tensor([True, 2]) would read True as 1 loop
+        raise ValueError(f"`n_loops` must be {accepted}; got a bool in {n_loops!r}")
     try:
         values = n_loops if isinstance(n_loops, torch.Tensor) else torch.tensor(n_loops)
     except (TypeError, ValueError, RuntimeError):
@@ -2146,10 +2151,22 @@ def _check_cache_fits(cache: Cache, batch: int, past_length: int | None, seq: in
             f"(e.g. StaticCache(config=model.config, max_cache_len={past_length + seq})), or use a DynamicCache.")
 
 
-def _check_attention_mask(attention_mask: torch.Tensor, batch: int, total: int | None, check_values: bool = True):
-    """A 2-D mask is [batch, past + new tokens] of 1 (attend) / 0 (padding); a 4-D mask is taken as prepared.
+def _check_attention_mask(attention_mask: torch.Tensor, batch: int, total: int | None, check_values: bool = True,
+                          seq: int | None = None, heads: int | None = None, keys: int | None = None):
+    """A 2-D mask is [batch, past + new tokens] of 1 (attend) / 0 (padding); a 4-D mask is taken as prepared, of
+    shape [batch, 1 or heads, seq, keys] (``keys``: past + new tokens, or a static cache's length).
     ``total`` None: the cached length is not known on the host (a compiled step), so only the batch is checked."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask.dim() == 4:
+        shape = tuple(attention_mask.shape)
+        if shape[0] != batch or (heads is not None and shape[1] not in (1, heads)) or \
+                (seq is not None and shape[2] != seq) or (keys is not None and shape[3] != keys):
+            expected = (batch, "1" if heads is None else f"1 or {heads}", "seq" if seq is None else seq,
+                        "keys" if keys is None else keys)
+            raise ValueError(f"A prepared 4-D `attention_mask` must have shape [batch, 1 or heads, new tokens, past + "
+                             f"new tokens (a static cache: its length)] = ({', '.join(map(str, expected))}), got "
+                             f"{shape}")
         return
     if attention_mask.dim() != 2:
         raise ValueError(f"`attention_mask` must be 2-D [batch, past + new tokens] (or a prepared 4-D mask), "
@@ -2166,6 +2183,9 @@ def _check_attention_mask(attention_mask: torch.Tensor, batch: int, total: int |
                              f"{bad.numel()} other values: {sorted(set(bad.unique().tolist()))[:5]}")
 
 
+TOKEN_ID_DTYPES = (torch.int64, torch.int32)
+
+
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int):
     low, high = torch.aminmax(input_ids)
     if low < 0 or high >= vocab_size:
@@ -2174,7 +2194,11 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int):
 
 
 def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int):
-    """[batch, seq], [1, seq] (shared by every row) or [seq]: another batch size would broadcast wrongly or crash."""
+    """[batch, seq], [1, seq] (shared by every row) or [seq] integers: another batch size would broadcast wrongly or
+    crash, and a float or bool position would be rotated by a position no token has."""
+    if position_ids.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"`position_ids` must hold integer positions of dtype torch.int64 (long) or torch.int32, got "
+                         f"dtype {position_ids.dtype}")
     if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq or (
             position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
         given = position_ids.shape[0] if position_ids.dim() == 2 else None
@@ -2224,11 +2248,16 @@ class MythosModel(MythosPreTrainedModel):
     def _validate_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, past_length):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`")
+        for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                            ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"`input_ids` must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
-            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-                raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
+            if input_ids.dtype not in TOKEN_ID_DTYPES:
+                raise ValueError(f"`input_ids` must hold integer token ids of dtype torch.int64 (long) or torch.int32, "
+                                 f"got dtype {input_ids.dtype}")
             shape = input_ids.shape
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.dim:
@@ -2252,8 +2281,11 @@ class MythosModel(MythosPreTrainedModel):
         if cache is not None:
             _check_cache_fits(cache, batch, known_past, seq)
         if attention_mask is not None:
-            _check_attention_mask(attention_mask, batch, None if known_past is None else known_past + seq,
-                                  check_values=host_checks)
+            total = None if known_past is None else known_past + seq
+            layer = _cache_layer(cache) if cache is not None else None
+            capacity = None if getattr(layer, "is_sliding", False) else getattr(layer, "max_cache_len", None)
+            _check_attention_mask(attention_mask, batch, total, check_values=host_checks, seq=seq,
+                                  heads=self.config.n_heads, keys=capacity if capacity is not None else total)
         if position_ids is not None:
             _check_position_ids(position_ids, batch, seq)
 
@@ -2555,12 +2587,33 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         """What the steps of generate no longer check: the prompt's token ids, its 2-D attention mask's values, and
         room for the whole generation in a StaticCache passed in."""
         prompt = kwargs.get("input_ids", inputs)
-        if isinstance(prompt, torch.Tensor) and not prompt.is_floating_point() and prompt.dtype != torch.bool \
-                and prompt.numel() > 0:
+        if prompt is not None and "inputs_embeds" not in kwargs:
+            if not isinstance(prompt, torch.Tensor):
+                raise TypeError(f"`input_ids` must be a torch.Tensor of token ids [batch, seq_len], got "
+                                f"{type(prompt).__name__}")
+            if prompt.dim() != 2 or prompt.numel() == 0:
+                raise ValueError(f"`input_ids` must have shape [batch, seq_len] with batch size and sequence length "
+                                 f">= 1, got {tuple(prompt.shape)}")
+            if prompt.dtype not in TOKEN_ID_DTYPES:
+                raise ValueError(f"`input_ids` must hold integer token ids of dtype torch.int64 (long) or "
+                                 f"torch.int32, got dtype {prompt.dtype}")
             _check_token_ids(prompt, self.config.vocab_size)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype != torch.bool:
-            _check_attention_mask(mask, mask.shape[0], None)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"`attention_mask` in generate must be a 2-D tensor [batch, seq_len] of 1 (token) / "
+                                 f"0 (padding), got {shape}")
+            if isinstance(prompt, torch.Tensor) and "inputs_embeds" not in kwargs and mask.shape != prompt.shape:
+                raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(prompt.shape)}, got "
+                                 f"{tuple(mask.shape)}")
+            if mask.dtype != torch.bool:
+                _check_attention_mask(mask, mask.shape[0], None)
+        n_loops = kwargs.get("n_loops")
+        if isinstance(n_loops, torch.Tensor) and n_loops.dim() == 2:
+            raise ValueError(f"`n_loops` per position (a [batch, seq_len] tensor, got shape {tuple(n_loops.shape)}) "
+                             f"is for a forward without a cache; generate takes an int, or one per row (a list or "
+                             f"1-D tensor of batch size ints)")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         new_tokens = kwargs.get("max_new_tokens")
         if isinstance(cache, Cache) and isinstance(prompt, torch.Tensor) and prompt.dim() == 2 \

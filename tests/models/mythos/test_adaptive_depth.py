@@ -190,7 +190,7 @@ class TestPerRowBudgets:
 
 @pytest.mark.parametrize("n_loops, match", [
     ([1, 2], r"shape \(2,\)"), ([1, 0, 2], "from 0 to 2"), ([1, 2, 10**6], "max_inference_loops"),
-    ([1.5, 2, 3], "dtype"), ([True, True, False], "dtype"), ([[1, 2], [3]], "n_loops"),
+    ([1.5, 2, 3], "dtype"), ([True, True, False], "a bool"), ([True, 2, 3], "a bool"), ([[1, 2], [3]], "n_loops"),
     (torch.ones(3, 4, dtype=torch.long), r"shape \(3, 4\)"),
 ])
 def test_bad_budgets_name_n_loops(n_loops, match, ids):

@@ -190,3 +190,94 @@ class TestGenerationLength:
     def test_generation_up_to_max_seq_len_is_fine(self, model):
         out = model.generate(torch.ones(1, 120, dtype=torch.long), max_new_tokens=8, do_sample=False, n_loops=1)
         assert out.shape == (1, 128)
+
+
+class TestInputTypes:
+    @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int8])
+    def test_token_ids_of_a_dtype_the_embedding_cannot_take(self, model, dtype):
+        """uint8 once failed with a message contradicting itself ('values from 1 to 3' outside [0, 512)), the others
+        inside the embedding."""
+        calls = count_layer_calls(model)
+        ids = torch.tensor([[1, 2, 3]], dtype=dtype)
+        with pytest.raises(ValueError, match=r"`input_ids` must hold integer token ids of dtype torch.int64"):
+            model(ids, n_loops=1)
+        with pytest.raises(ValueError, match=r"`input_ids` must hold integer token ids of dtype torch.int64"):
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+        assert calls == []
+        expected = model(ids.long(), n_loops=1).logits
+        torch.testing.assert_close(model(ids.int(), n_loops=1).logits, expected)
+
+    @pytest.mark.parametrize("name", ["input_ids", "attention_mask", "position_ids"])
+    def test_a_list_instead_of_a_tensor_is_named(self, model, input_ids, name):
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                      position_ids=torch.arange(input_ids.shape[1])[None])
+        kwargs[name] = kwargs[name].tolist()
+        with pytest.raises(TypeError, match=f"`{name}` must be a torch.Tensor, got list"):
+            model(**kwargs, n_loops=1)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+    def test_position_ids_must_be_integers(self, model, input_ids, dtype):
+        positions = torch.arange(input_ids.shape[1])[None].to(dtype)
+        with pytest.raises(ValueError, match=r"`position_ids` must hold integer positions"):
+            model(input_ids, position_ids=positions, n_loops=1)
+
+
+class TestPreparedMasks:
+    def test_a_4d_mask_of_the_wrong_shape_is_named(self, model, input_ids):
+        batch, seq = input_ids.shape
+        calls = count_layer_calls(model)
+        for shape in [(batch, 1, seq - 1, seq - 1), (batch + 1, 1, seq, seq), (batch, 3, seq, seq),
+                      (batch, 1, seq, seq + 2)]:
+            with pytest.raises(ValueError, match=r"A prepared 4-D `attention_mask` must have shape") as error:
+                model(input_ids, attention_mask=torch.ones(shape), n_loops=1)
+            assert str(shape) in str(error.value)
+        assert calls == []
+
+    def test_a_4d_mask_of_the_right_shape_equals_the_2d_mask(self, model, input_ids):
+        batch, seq = input_ids.shape
+        causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))[None, None].expand(batch, 1, seq, seq)
+        expected = model(input_ids, n_loops=2, use_cache=False).logits
+        torch.testing.assert_close(model(input_ids, attention_mask=causal, n_loops=2, use_cache=False).logits,
+                                   expected)
+
+
+class TestGeneratePrompt:
+    """generate checks the prompt itself, before transformers' own code reads it."""
+
+    @pytest.mark.parametrize("prompt, match", [
+        (torch.tensor([5, 6, 7]), r"shape \[batch, seq_len\].*\(3,\)"),
+        (torch.zeros(2, 0, dtype=torch.long), r"shape \[batch, seq_len\].*\(2, 0\)"),
+    ])
+    def test_a_prompt_of_the_wrong_shape(self, model, prompt, match):
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match=match):
+            model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert calls == []
+
+    def test_a_list_prompt(self, model):
+        with pytest.raises(TypeError, match="`input_ids` must be a torch.Tensor"):
+            model.generate([[5, 6, 7]], max_new_tokens=2, do_sample=False)
+
+    @pytest.mark.parametrize("length", [4, 6, 9])
+    def test_a_mask_of_another_length_than_the_prompt(self, model, length):
+        """A shorter mask was blamed on `position_ids`; an all-ones longer one was silently accepted."""
+        prompt = torch.randint(3, 512, (2, 5))
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match=r"`attention_mask` must have the shape of `input_ids` \(2, 5\)"):
+            model.generate(prompt, attention_mask=torch.ones(2, length, dtype=torch.long), max_new_tokens=2,
+                           do_sample=False)
+        assert calls == []
+
+    def test_a_one_dimensional_mask(self, model):
+        with pytest.raises(ValueError, match=r"`attention_mask` in generate must be a 2-D tensor"):
+            model.generate(torch.randint(3, 512, (1, 5)), attention_mask=torch.ones(5, dtype=torch.long),
+                           max_new_tokens=2, do_sample=False)
+
+    def test_per_position_budgets_are_refused_before_the_prefill(self, model):
+        prompt = torch.randint(3, 512, (2, 5))
+        calls = count_layer_calls(model)
+        for use_cache in (True, False):
+            with pytest.raises(ValueError, match=r"`n_loops` per position .* is for a forward without a cache"):
+                model.generate(prompt, n_loops=torch.full((2, 5), 2), max_new_tokens=3, do_sample=False,
+                               use_cache=use_cache)
+        assert calls == []
