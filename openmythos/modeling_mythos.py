@@ -40,7 +40,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, 
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_torchdynamo_compiling
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, _active_collector, capture_outputs
 
 from .configuration_mythos import MythosConfig
 
@@ -2425,11 +2425,15 @@ class MythosModel(MythosPreTrainedModel):
         """The ``"kl"`` criterion's next-token log-probabilities [len(flat), vocab] if the loop stopped at ``h``.
 
         The coda runs on every position of the call (its attention needs them), reading the cache without writing
-        it; the head runs on the positions ``flat`` (indices into batch * seq) only. Layers are called through
-        ``forward`` so that output recording (``output_hidden_states``) does not see the probe.
+        it; the head runs on the positions ``flat`` (indices into batch * seq) only. Output recording
+        (``output_hidden_states``, ``output_attentions``, router logits) is paused, so that it does not see the probe.
         """
-        for layer in self.coda:
-            h = layer.forward(h, **shared, **kwargs)
+        recording = _active_collector.set(None)  # transformers' capture hooks record nothing while it is None
+        try:
+            for layer in self.coda:
+                h = layer.forward(h, **shared, **kwargs)
+        finally:
+            _active_collector.reset(recording)
         return F.log_softmax(head(self.norm(h).flatten(0, 1)[flat]).float(), dim=-1)
 
 def _check_labels(labels, input_ids, inputs_embeds, vocab_size: int, ignore_index: int):

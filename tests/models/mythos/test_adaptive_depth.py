@@ -388,12 +388,15 @@ def test_recorder_keeps_stats_and_refuses_other_types(model, ids):
 
 def test_hidden_states_are_full_size_under_exit(model, ids):
     threshold = clear_threshold(model, ids, "kl")
+    model.set_attn_implementation("eager")  # attention weights come back from eager attention only
     out = model(ids, n_loops=6, exit_criterion="kl", exit_threshold=threshold, output_hidden_states=True,
-                use_cache=False)
+                output_attentions=True, use_cache=False)
     # embeddings, prelude (1), one entry per loop that any position ran, coda (1); the KL probe's coda runs are not
-    # recorded
-    assert len(out.hidden_states) == 1 + 1 + int(out.loops_used.max()) + 1
+    # recorded, neither as hidden states nor as attentions (prelude, loops, coda)
+    loops = int(out.loops_used.max())
+    assert loops < 6 and len(out.hidden_states) == 1 + 1 + loops + 1
     assert all(h.shape == (3, 10, model.config.dim) for h in out.hidden_states)
+    assert len(out.attentions) == 1 + loops + 1
 
 
 def test_frozen_loops_written_at_once_equal_loop_by_loop(model, ids, monkeypatch):
