@@ -1774,7 +1774,9 @@ class MythosRecurrence(nn.Module):
     def _output(h, halting, token_mask, aux_losses, loops_used, loop_stats=None) -> MythosRecurrenceOutput:
         ponder = None
         if halting is not None:
-            ponder = (halting.ponder if token_mask is None else halting.ponder[token_mask]).mean()
+            ponder = halting.ponder if token_mask is None else halting.ponder[token_mask]
+            # a batch of padding only has no token to average over: its ponder cost is 0, not NaN
+            ponder = ponder.mean() if ponder.numel() else halting.ponder.sum() * 0
         return MythosRecurrenceOutput(last_hidden_state=h, ponder_cost=ponder, loops_used=loops_used,
                                       aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
                                       loop_stats=loop_stats)
@@ -2326,6 +2328,8 @@ class MythosModel(MythosPreTrainedModel):
         exit_head (`nn.Module`, *optional*):
             The LM head the ``"kl"`` criterion reads (MythosForCausalLM passes its own).
         """
+        if output_loop_stats is not None and not isinstance(output_loop_stats, bool):
+            raise ValueError(f"`output_loop_stats` must be True or False, got {output_loop_stats!r}")
         paged = None
         if is_paged_cache(cache):  # continuous batching: requests packed into one row, each with its loop controls
             self._validate_inputs(input_ids, inputs_embeds, None, position_ids, None, 0)

@@ -281,3 +281,19 @@ class TestGeneratePrompt:
                 model.generate(prompt, n_loops=torch.full((2, 5), 2), max_new_tokens=3, do_sample=False,
                                use_cache=use_cache)
         assert calls == []
+
+
+def test_output_loop_stats_must_be_a_bool(model, input_ids):
+    with pytest.raises(ValueError, match=r"`output_loop_stats` must be True or False, got 'no'"):
+        model(input_ids, n_loops=2, output_loop_stats="no")
+
+
+def test_a_halting_model_trained_on_a_batch_of_padding_only_gets_a_finite_loss():
+    """The ponder cost averaged over no token was NaN, and so was the loss."""
+    model = make_model("gqa", use_act=True).train()
+    ids = torch.randint(3, 512, (2, 6))
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = ids[:, 1]
+    out = model(ids, attention_mask=mask, labels=labels, n_loops=3)
+    assert torch.isfinite(out.loss)
