@@ -2195,6 +2195,23 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int):
                          f"{int(high)}")
 
 
+def _check_batch_prompts(inputs, vocab_size: int) -> None:
+    """generate_batch's prompts, each a non-empty list of token ids in [0, vocab_size): checked before any request
+    starts, since one bad prompt inside the batch loop fails every request beside it."""
+    if not isinstance(inputs, (list, tuple)) or not inputs:
+        raise ValueError(f"`inputs` must be a non-empty list of prompts (each a list of token ids), got "
+                         f"{type(inputs).__name__}" + ("" if inputs else " of length 0"))
+    for i, prompt in enumerate(inputs):
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 else prompt
+        if not isinstance(ids, (list, tuple)) or not ids or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"`inputs[{i}]` must be a non-empty list of int token ids, got {prompt!r:.80}")
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"`inputs[{i}]` must hold token ids in [0, vocab_size={vocab_size}), got values from "
+                             f"{low} to {high}")
+
+
 def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int):
     """[batch, seq], [1, seq] (shared by every row) or [seq] integers: another batch size would broadcast wrongly or
     crash, and a float or bool position would be rotated by a position no token has."""
@@ -2519,6 +2536,7 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         its tokens do not depend on the other requests of its batch. Returns ``{request_id: GenerationOutput}`` in
         input order.
         """
+        _check_batch_prompts(inputs, self.config.vocab_size)
         lists = [isinstance(v, (list, tuple)) for v in (n_loops, exit_criterion, exit_threshold)]
         if not any(lists):
             if (n_loops, exit_criterion, exit_threshold) != (None, None, None):

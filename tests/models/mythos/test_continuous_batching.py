@@ -219,6 +219,21 @@ def test_bad_loop_controls_are_refused_before_any_work(model, prompts, loops, ma
         model.generate_batch(prompts, generation_config=greedy(), continuous_batching_config=cb_config(), **loops)
 
 
+@pytest.mark.parametrize("bad, match", [
+    ([5, 900], r"`inputs\[1\]` must hold token ids in \[0, vocab_size=512\), got values from 5 to 900"),
+    ([], r"`inputs\[1\]` must be a non-empty list of int token ids"),
+    ([5, 1.5], r"`inputs\[1\]` must be a non-empty list of int token ids"),
+])
+@pytest.mark.parametrize("attn_type", ["mla"])
+def test_one_bad_prompt_is_refused_before_any_request_starts(model, prompts, bad, match):
+    """Inside the batch loop it failed every request beside it."""
+    with pytest.raises(ValueError, match=match):
+        model.generate_batch([prompts[0], bad], generation_config=greedy(), continuous_batching_config=cb_config())
+    with pytest.raises(ValueError, match=match):
+        model.generate_batch([prompts[0], bad], generation_config=greedy(), continuous_batching_config=cb_config(),
+                             n_loops=[1, 2])
+
+
 def test_act_cannot_share_a_batch_with_other_rules(prompts):
     model = sharp_model("mla", use_act=True)
     with pytest.raises(ValueError, match="exit_criterion"):
