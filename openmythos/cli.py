@@ -82,6 +82,14 @@ def _demo(args, demo_argv):
     from .demo import parse_args, run  # the standard library only: run imports the training pipeline
 
     demo_args = parse_args(demo_argv)  # --help and refused flags exit here, before torch is imported
+    from .demo.files import claim_output_dir
+
+    try:
+        claim_output_dir(Path(demo_args.output_dir))
+    except OSError as error:  # what a permission check cannot see (a read-only mount, /proc)
+        print(f"mythos demo: error: --output-dir {demo_args.output_dir!r} cannot be created: "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 2
     _load_stack()
     run(demo_args)
     return 0

@@ -38,8 +38,9 @@ import argparse
 
 from . import text
 from .files import recover_folder, save_folder_atomically, write_atomically, write_text_atomically
+from .flags import common_problem
 from .report import EXIT, EXIT_LOOPS, LOOPED, SAME_COMPUTE, SAME_PARAMS, format_table, summary
-from .tasks import InContextPointerChasingTask, PointerChasingTask
+from .tasks import NODE_NAMES, InContextPointerChasingTask, PointerChasingTask
 
 # --task value -> task kind
 TASKS = {kind.flag: kind for kind in (PointerChasingTask, InContextPointerChasingTask)}
@@ -97,14 +98,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training processes: 2 trains the dense baselines in a second process beside the looped "
                         "model (same results as 1; default 2 where the machine has 2 or more CPUs and no GPU)")
     p.add_argument("--output-dir", default="demo_output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output-dir that no earlier demo run wrote (its files of the demo's "
+                        "names are replaced)")
     p.add_argument("--no-plot", action="store_true", help="skip accuracy.png (no matplotlib needed)")
     args = p.parse_args(argv)
     task_kind = kind_of(args)
+    defaulted = {name for name in task_kind.flag_defaults if getattr(args, name) is None}
     for name, value in task_kind.flag_defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.eval_hops = args.eval_hops or 2 * args.train_hops
-    args.max_loops = args.max_loops or 2 * args.train_hops + 2
+    if args.train_hops < 1:
+        p.error(f"--train-hops must be >= 1, got {args.train_hops}")
+    # the looped model's loop bound (MythosConfig.loop_limit: 8 x max_loop_iters, and max_loop_iters is K)
+    limit = 8 * args.train_hops
+    for name in ("max_loops", "exit_budget"):
+        if name in defaulted and getattr(args, name) is not None:
+            setattr(args, name, min(getattr(args, name), limit))
+    if args.eval_hops is None:
+        args.eval_hops = 2 * args.train_hops
+    if args.max_loops is None:
+        args.max_loops = 2 * args.train_hops + 2
     args.baseline_steps = args.baseline_steps if args.baseline_steps is not None else args.steps
     if args.train_examples is None:
         args.train_examples = max(args.steps, args.baseline_steps) * args.batch_size
@@ -112,8 +126,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "eval_examples", "pack", "exit_budget"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.extra_loops is not None and args.extra_loops < 0:
-        p.error(f"--extra-loops must be >= 0, got {args.extra_loops}")
+    for name in ("extra_loops", "baseline_steps", "samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_loops", "exit_budget"):
+        if getattr(args, name) is not None and getattr(args, name) > limit:
+            p.error(f"--{name.replace('_', '-')} must be at most {limit} (8 x --train-hops, the looped model's loop "
+                    f"bound), got {getattr(args, name)}")
+    if (problem := common_problem(args)) is not None:
+        p.error(problem)
+    low = 3 if args.task == "context" else 2
+    if not low <= args.num_nodes <= len(NODE_NAMES):
+        p.error(f"--num-nodes must be from {low} to {len(NODE_NAMES)} for --task {args.task}, got {args.num_nodes}")
     if args.eval_hops >= args.num_nodes:
         p.error(f"--eval-hops ({args.eval_hops}) must be below --num-nodes ({args.num_nodes}): past that, the "
                 f"cycle repeats and deeper questions share answers with shallower ones")

@@ -7,6 +7,33 @@ import os
 import shutil
 from pathlib import Path
 
+# written into --output-dir by every run: a folder holding it is the demo's own, which a later run may write into
+MARKER = ".mythos-demo"
+
+
+def output_dir_problem(folder: str, overwrite: bool) -> str | None:
+    """Why the demo may not write into ``folder``, or None. A folder that holds files and no demo marker is the
+    user's: the demo would replace its same-named files, so it needs ``--overwrite``."""
+    path = Path(folder) if folder else Path(".")
+    if path.exists() and not path.is_dir():
+        return f"--output-dir {folder!r} is a file, not a folder"
+    if path.is_dir():
+        entries = sorted(entry.name for entry in path.iterdir())
+        if entries and MARKER not in entries and not overwrite:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            return (f"--output-dir {folder!r} already holds files an earlier demo run did not write ({shown}); "
+                    f"pick a new or empty folder, or pass --overwrite to let the demo replace its own file names there")
+    parent = path if path.is_dir() else next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"--output-dir {folder!r} cannot be written: {str(parent)!r} is not a writable folder"
+    return None
+
+
+def claim_output_dir(folder: Path) -> None:
+    """Create ``folder`` if needed and mark it as the demo's (see ``output_dir_problem``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("Written by `mythos demo`; a later run may replace the demo's files here.\n")
+
 
 def write_atomically(path: Path, write) -> None:
     """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one rename: a crash

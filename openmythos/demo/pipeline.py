@@ -27,7 +27,7 @@ from ..modeling_mythos import MythosForCausalLM, MythosLoopRecorder
 from ..tokenization_mythos import MythosTokenizer
 from ..training import MythosTrainingCallback
 from . import task_of
-from .files import save_folder_atomically, write_text_atomically
+from .files import claim_output_dir, save_folder_atomically, write_text_atomically
 from .parallel import jobs, train_models
 from .report import (EXIT, EXIT_LOOPS, LOOPED, SAME_COMPUTE, SAME_PARAMS, describe_training, format_table, plot,
                      summary, training_record)
@@ -420,7 +420,7 @@ def environment(args) -> dict:
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out)
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     tokenizer = MythosTokenizer()

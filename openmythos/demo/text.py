@@ -25,6 +25,8 @@ import inspect
 import zlib
 from dataclasses import dataclass
 
+from .flags import common_problem
+
 FLAG = "text"
 
 # The standard-library modules whose docstrings join the pydoc topics. Fixed, so the corpus is the same on every run
@@ -150,6 +152,9 @@ def _float_list(value: str) -> list[float]:
     return sorted(set(values), reverse=True)
 
 
+MAX_MEAN_LOOPS, MAX_EVAL_LOOPS = 64, 256
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mythos demo --task text", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training processes: 2 trains and scores the fixed-loop model in a second process beside "
                         "the other two (same results as 1; default 2 where the machine has 2 or more CPUs and no GPU)")
     p.add_argument("--output-dir", default="demo_output/text")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output-dir that no earlier demo run wrote (its files of the demo's "
+                        "names are replaced)")
     p.add_argument("--no-plot", action="store_true", help="skip bpb.png (no matplotlib needed)")
     args = p.parse_args(argv)
     args.eval_loops = _int_list(args.eval_loops) if isinstance(args.eval_loops, str) else args.eval_loops
@@ -205,8 +213,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--dim ({args.dim}) must be divisible by --heads ({args.heads}) into an even head size")
     if not 0 <= args.exit_tolerance < 1:
         p.error(f"--exit-tolerance must be in [0, 1), got {args.exit_tolerance}")
-    if not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
+    # each loop is one more block pass per token: a mistyped depth would run for hours, not fail
+    if args.mean_loops > MAX_MEAN_LOOPS:
+        p.error(f"--mean-loops must be from 1 to {MAX_MEAN_LOOPS}, got {args.mean_loops}")
+    if max(args.eval_loops) > MAX_EVAL_LOOPS:
+        p.error(f"--eval-loops must each be from 1 to {MAX_EVAL_LOOPS}, got {max(args.eval_loops)}")
+    if (problem := common_problem(args)) is not None:
+        p.error(problem)
     return args
 
 

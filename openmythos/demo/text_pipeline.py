@@ -22,7 +22,7 @@ from ..modeling_mythos import MythosForCausalLM
 from ..tokenization_mythos import MythosTokenizer
 from ..training import MythosTrainingCallback
 from ..training.data import causal_lm_collator, pack_documents
-from .files import write_text_atomically
+from .files import claim_output_dir, write_text_atomically
 from .parallel import train_models
 from .pipeline import BarOnlyProgressCallback, dense_config, environment
 from .report import describe_training, training_record
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     load_at_start = load_average()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out)
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     tokenizer = MythosTokenizer()

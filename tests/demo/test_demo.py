@@ -155,11 +155,25 @@ def test_bad_hop_counts_are_refused(hops):
     (["--task", "context", "--exit-budget", "9"], "--exit-budget"),
     (["--task", "context", "--exit-criterion", "kl"], "--exit-criterion"),
     (["--exit-criterion", "act"], "--exit-criterion"),
+    # once silently replaced by a default (0 read as "not given") or accepted and run wrongly or into a traceback
+    (["--max-loops", "0"], "--max-loops"), (["--eval-hops", "0"], "--eval-hops"),
+    (["--baseline-steps", "-5"], "--baseline-steps"), (["--samples", "-3"], "--samples"),
+    (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--threads", "0"], "--threads"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**32)], "--seed"), (["--num-nodes", "100"], "--num-nodes"),
+    (["--task", "context", "--num-nodes", "60"], "--num-nodes"),
+    (["--max-loops", "100000"], "--max-loops"), (["--train-hops", "1", "--exit-budget", "9"], "--exit-budget"),
 ])
 def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(argv)
     assert flag in capsys.readouterr().err
+
+
+def test_defaulted_depths_fit_a_small_training_depth():
+    """With --train-hops 1 the looped model runs at most 8 loops: the default budgets of 16 shrink to fit, instead of
+    failing after training."""
+    args = demo.parse_args(["--train-hops", "1"])
+    assert (args.exit_budget, args.max_loops) == (8, 8)
 
 
 def test_demo_defaults_train_the_hidden_task_with_packed_rows_and_score_16_loops():
@@ -194,7 +208,33 @@ def toy_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "demo"
     out.mkdir()
     (out / "my-notes.txt").write_text("mine")
-    return out, _run_demo(out, "--jobs", "2")  # the dense baselines train in a second process
+    # the folder is not the demo's (no marker): it writes there only when told to; the dense baselines train in a
+    # second process
+    return out, _run_demo(out, "--jobs", "2", "--overwrite")
+
+
+@pytest.mark.parametrize("task", [[], ["--task", "text"]])
+def test_an_output_folder_holding_the_users_files_is_refused_without_overwrite(tmp_path, task):
+    """The demo replaces its own file names in --output-dir (results.json, accuracy.md, ...): in a folder an earlier
+    run did not mark as the demo's, that needs --overwrite. A file given as the folder is refused too."""
+    from openmythos.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.json").write_text("my own results")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *task, "--output-dir", str(out)])
+    assert exit_info.value.code == 2
+    assert (out / "results.json").read_text() == "my own results" and not (out / ".mythos-demo").exists()
+    with pytest.raises(SystemExit):
+        main(["demo", *task, "--output-dir", str(out / "results.json")])
+    from openmythos.demo import parse_args
+
+    assert parse_args([*task, "--output-dir", str(out), "--overwrite"]).overwrite
+    (out / "results.json").unlink()
+    (out / ".mythos-demo").write_text("")  # an earlier run's folder: no --overwrite needed
+    (out / "results.json").write_text("an earlier run's results")
+    assert not parse_args([*task, "--output-dir", str(out)]).overwrite
 
 
 def test_demo_runs_end_to_end_at_toy_size(toy_demo):

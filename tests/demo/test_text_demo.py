@@ -49,6 +49,9 @@ def test_test_split_is_disjoint_from_training_and_about_a_tenth(documents):
     (["--exit-criterion", "act"], "--exit-criterion"),
     (["--dim", "30", "--heads", "4"], "--dim"),
     (["--exit-tolerance", "1.5"], "--exit-tolerance"),
+    # once a hang (hours of loops) or a table of NaN
+    (["--eval-loops", "1,2,100000"], "--eval-loops"), (["--mean-loops", "100000"], "--mean-loops"),
+    (["--lr", "inf"], "--lr"), (["--seed", "-1"], "--seed"),
 ])
 def test_bad_text_flags_are_refused_naming_the_flag(flags, match, capsys):
     with pytest.raises(SystemExit) as refused:
