@@ -95,11 +95,9 @@ def _refuse_request_depth_with_continuous_batching():
 
 def serve(argv: list[str]) -> int:
     """Run ``transformers serve`` with ``argv`` (its own options) after making the Mythos classes loadable."""
-    model = argv[0] if argv and not argv[0].startswith("-") else None
-    if model is not None and model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
-        # transformers would take it for a Hub repo id and fail with a traceback
-        print(f"mythos serve: error: {model!r} is not a folder; pass a save_pretrained folder (with its tokenizer) "
-              f"or a Hub repo id", file=sys.stderr)
+    problem = _argument_problem(argv)
+    if problem is not None:
+        print(f"mythos serve: error: {problem}", file=sys.stderr)
         return 2
     missing = missing_serve_dependencies()
     if missing:
@@ -116,7 +114,26 @@ def serve(argv: list[str]) -> int:
         app(["serve", *argv], prog_name="mythos")
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except (ValueError, OSError) as error:  # a setting transformers refused while starting (--dtype, --device, ...)
+        print(f"mythos serve: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _argument_problem(argv: list[str]) -> str | None:
+    """The refusals transformers would turn into a traceback or a wrong port: a model path that is not a folder
+    (taken for a Hub repo id), wherever it stands among the options, and a port outside 1..65535."""
+    for i, token in enumerate(argv):
+        follows_option = i > 0 and argv[i - 1].startswith("-") and "=" not in argv[i - 1]
+        if not token.startswith("-") and not follows_option and token.startswith(("/", "./", "../", "~")) \
+                and not Path(token).expanduser().is_dir():
+            return (f"{token!r} is not a folder; pass a save_pretrained folder (with its tokenizer) or a Hub repo "
+                    f"id")
+        port = token.split("=", 1)[1] if token.startswith("--port=") else \
+            argv[i + 1] if token == "--port" and i + 1 < len(argv) else None
+        if port is not None and port.lstrip("-").isdigit() and not 1 <= int(port) <= 65535:
+            return f"--port must be from 1 to 65535, got {port}"
+    return None
 
 
 if __name__ == "__main__":

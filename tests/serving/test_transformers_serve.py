@@ -184,3 +184,13 @@ def test_a_missing_checkpoint_folder_is_one_line_before_anything_loads(tmp_path)
     assert result.stderr.strip().splitlines() == [
         f"mythos serve: error: {str(missing)!r} is not a folder; pass a save_pretrained folder (with its tokenizer) "
         f"or a Hub repo id"]
+
+
+def test_bad_serve_arguments_are_named_without_starting(tmp_path, capsys):
+    from openmythos.serving import serve
+
+    assert serve(["--port", "8000", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"mythos serve: error: {str(tmp_path / 'nope')!r} is not a folder; " \
+                                              f"pass a save_pretrained folder (with its tokenizer) or a Hub repo id"
+    assert serve([str(tmp_path), "--port", "99999"]) == 2
+    assert capsys.readouterr().err.strip() == "mythos serve: error: --port must be from 1 to 65535, got 99999"
