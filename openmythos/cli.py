@@ -24,6 +24,14 @@ class CommandError(Exception):
     """A refused command: printed as one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``<prog>: error: ...`` (argparse prints the usage block first);
+    ``--help`` still shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def _load_stack():
     """Import torch/transformers and register the Auto classes (what a plain ``import openmythos`` does)."""
     from . import _load
@@ -72,8 +80,16 @@ def _plan(args):
 
 
 def _quickstart(args):
+    bad = [n for n in args.n_loops if n < 1]
+    if bad:
+        raise CommandError(f"--n-loops must be positive integers, got {bad[0]}")
     _load_stack()
-    from .quickstart import run
+    from .quickstart import readme_config, run
+
+    limit = readme_config("gqa").loop_limit
+    if max(args.n_loops) > limit:
+        raise CommandError(f"--n-loops must be at most {limit} for this model (8 x max_loop_iters), got "
+                           f"{max(args.n_loops)}")
 
     run(attn_types=args.attn_type, n_loops=args.n_loops)
 
@@ -101,14 +117,42 @@ def _serve(args, serve_argv):
     return serve(serve_argv)
 
 
+def _check_mythos_folder(flag: str, folder: Path) -> None:
+    """A save_pretrained folder of a Mythos model: a readable config.json of model_type "mythos", and weights."""
+    import json
+
+    if not (folder / "config.json").is_file():
+        raise CommandError(f"{flag} {str(folder)!r} has no config.json; pass a folder written by save_pretrained")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (ValueError, OSError) as error:
+        raise CommandError(f"{flag} {str(folder)!r}: config.json is not readable JSON ({error})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "mythos":
+        raise CommandError(f"{flag} {str(folder)!r} holds a {model_type or 'model without a model_type'!s} checkpoint, "
+                           f"not a Mythos one (config.json model_type 'mythos')")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((folder / name).is_file() for name in weights):
+        raise CommandError(f"{flag} {str(folder)!r} has no weights ({' or '.join(weights[:2])}); pass the folder "
+                           f"save_pretrained wrote")
+
+
+def _load_checkpoint(flag: str, folder: Path):
+    """The model of a checked folder; a file that does not load is one line, not a traceback."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise CommandError(f"{flag} {str(folder)!r} did not load: {error}") from None
+
+
 def _check_export(args):
     """Every refusal of ``mythos export``, before the checkpoint is loaded."""
     from .hub import _check_card_inputs, check_export_target
 
     checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"--from {str(checkpoint)!r} has no config.json; pass a save_pretrained / Trainer "
-                                f"checkpoint folder")
+    _check_mythos_folder("--from", checkpoint)
     check_export_target(args.folder, sources=[checkpoint], overwrite=args.overwrite, repo_id=args.repo_id)
     _check_card_inputs({"datasets": args.datasets, "training": args.training})
 
@@ -121,10 +165,8 @@ def _export(args):
     except (ValueError, TypeError, OSError) as error:
         raise CommandError(error) from None
     _load_stack()
-    from transformers import AutoModelForCausalLM
-
     checkpoint = Path(args.checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    model = _load_checkpoint("--from", checkpoint)
     tokenizer = None
     if any((checkpoint / name).exists() for name in ("tokenizer_config.json", "tokenizer.json")):
         from transformers import AutoTokenizer
@@ -160,8 +202,7 @@ def _push(args):
 def _check_loops(args):
     """Every refusal of ``mythos loops`` that needs no model: the flags, the folder, matplotlib for --heatmap."""
     folder = Path(args.model)
-    if not (folder / "config.json").is_file():
-        raise CommandError(f"--model {str(folder)!r} has no config.json; pass a folder written by save_pretrained")
+    _check_mythos_folder("--model", folder)
     if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
         raise CommandError(f"--model {str(folder)!r} has no tokenizer (tokenizer_config.json); save one beside the "
                            f"weights with tokenizer.save_pretrained({str(folder)!r})")
@@ -181,16 +222,23 @@ def _check_loops(args):
     if args.max_new_tokens < 0:
         raise CommandError(f"--max-new-tokens must be >= 0 (0: just the prompt), got {args.max_new_tokens}")
     if args.heatmap is not None:
-        _check_heatmap(Path(args.heatmap))
+        _check_heatmap(Path(args.heatmap), args.overwrite)
 
 
-def _check_heatmap(path: Path):
+def _check_heatmap(path: Path, overwrite: bool = False):
     if path.suffix.lower() != ".png":
         raise CommandError(f"--heatmap {str(path)!r} must name a .png file")
     if path.is_dir():
         raise CommandError(f"--heatmap {str(path)!r} is a folder; name the .png file to write")
     if not path.parent.is_dir():
-        raise CommandError(f"--heatmap {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+        raise CommandError(f"--heatmap {str(path)!r}: {str(path.parent)!r} is not an existing folder")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise CommandError(f"--heatmap {str(path)!r} already exists; name a new file, or pass --overwrite to replace "
+                           f"it")
+    import os
+
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CommandError(f"--heatmap {str(path)!r}: the folder {str(path.parent)!r} is not writable")
     if importlib.util.find_spec("matplotlib") is None:
         raise CommandError("--heatmap needs matplotlib: pip install matplotlib (or pip install 'openmythos[demo]')")
 
@@ -202,11 +250,10 @@ def _loops(args):
     from transformers.utils.logging import disable_progress_bar
 
     from .loop_report import format_table, loop_report, write_heatmap
-    from .modeling_mythos import MythosForCausalLM
 
     if not sys.stderr.isatty():  # a log or a pipe: keep stderr for the errors
         disable_progress_bar()
-    model = MythosForCausalLM.from_pretrained(args.model).eval()
+    model = _load_checkpoint("--model", Path(args.model)).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     try:
         report = loop_report(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -224,7 +271,7 @@ def _loops(args):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mythos", description="OpenMythos looped transformer tools")
+    parser = OneLineParser(prog="mythos", description="OpenMythos looped transformer tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("presets", help="print the preset table with total and active parameter counts")
     p.set_defaults(func=_presets)
@@ -291,6 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=0, help="tokens to generate greedily (0: just the prompt)")
     p.add_argument("--heatmap", default=None, metavar="PATH.png",
                    help="also write a tokens x loops heatmap of the state change (needs matplotlib)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --heatmap file")
     p.set_defaults(func=_loops)
     return parser
 

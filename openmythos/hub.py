@@ -324,10 +324,18 @@ def _manifest_names(folder: Path) -> list[dict]:
     if not folder.is_dir() or not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not an export folder (no {MANIFEST}); run export() "
                                 f"(CLI: mythos export) first: push uploads only the files export wrote")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} has format {manifest.get('format')!r}, this version reads {MANIFEST_FORMAT}; "
-                         f"export again")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); export again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path} has format {found!r}, this version reads {MANIFEST_FORMAT}; export again")
+    files = manifest.get("files")
+    if not isinstance(files, list) or not files or not all(
+            isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str) for entry in files):
+        raise ValueError(f"{path} must list the exported files, each with a name, size and sha256; export again")
     for entry in manifest["files"]:
         name = entry["name"]
         parts = Path(name).parts

@@ -38,6 +38,7 @@ import argparse
 
 from . import text
 from .files import recover_folder, save_folder_atomically, write_atomically, write_text_atomically
+from ..cli import OneLineParser
 from .flags import common_problem
 from .report import EXIT, EXIT_LOOPS, LOOPED, SAME_COMPUTE, SAME_PARAMS, format_table, summary
 from .tasks import NODE_NAMES, InContextPointerChasingTask, PointerChasingTask
@@ -49,7 +50,7 @@ TASKS = {kind.flag: kind for kind in (PointerChasingTask, InContextPointerChasin
 def parse_args(argv=None) -> argparse.Namespace:
     if text.wants_text(argv):  # --task text has its own flags (openmythos.demo.text)
         return text.parse_args(argv)
-    p = argparse.ArgumentParser(prog="mythos demo", description=__doc__,
+    p = OneLineParser(prog="mythos demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=sorted([*TASKS, text.FLAG]), default="hidden",
                    help="hidden: one graph learned into the weights; context: a new graph written in every prompt; "

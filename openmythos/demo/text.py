@@ -25,6 +25,7 @@ import inspect
 import zlib
 from dataclasses import dataclass
 
+from ..cli import OneLineParser
 from .flags import common_problem
 
 FLAG = "text"
@@ -156,7 +157,7 @@ MAX_MEAN_LOOPS, MAX_EVAL_LOOPS = 64, 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mythos demo --task text", description=__doc__,
+    p = OneLineParser(prog="mythos demo --task text", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DEFAULTS
     p.add_argument("--task", choices=[FLAG], default=FLAG, help="text (this demo)")
@@ -227,7 +228,7 @@ def wants_text(argv) -> bool:
     """Whether ``mythos demo`` was asked for this task (``--task text`` or ``--task=text``); the other tasks keep
     their own parser."""
     probe = argparse.ArgumentParser(add_help=False)
-    probe.add_argument("--task")
+    probe.add_argument("--task", nargs="?")  # a missing value is the real parser's error to report
     known, _ = probe.parse_known_args(argv)
     return known.task == FLAG
 

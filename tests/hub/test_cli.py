@@ -139,3 +139,42 @@ def test_unexpected_errors_keep_their_traceback(tmp_path):
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "KeyError: 'a bug'" in result.stderr
+
+
+def test_a_non_mythos_or_weightless_checkpoint_is_refused_before_loading(run_folder, tmp_path):
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "llama"}')
+    (other / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(mythos("export", str(tmp_path / "out"), "--from", str(other)), "export",
+                          "holds a llama checkpoint, not a Mythos one")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_bytes((run_folder / "checkpoint-20" / "config.json").read_bytes())
+    assert_one_line_error(mythos("export", str(tmp_path / "out"), "--from", str(tmp_path / "bare")), "export",
+                          "has no weights")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("manifest, fragment", [
+    ("[]", "has format 'list'"), ('{"format": 1}', "must list the exported files"),
+    ('{"format": 1, "files": [{"name": "config.json"}]}', "must list the exported files"),
+    ("{broken", "is not valid JSON"),
+])
+def test_a_malformed_manifest_is_one_line(tmp_path, manifest, fragment):
+    (tmp_path / "export_manifest.json").write_text(manifest)
+    assert_one_line_error(mythos("push", "me/x", "--folder", str(tmp_path), "--dry-run"), "push", fragment)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["plan", "--preset", "bogus", "--gpus", "1"], "argument --preset: invalid choice: 'bogus'"),
+    (["quickstart", "--n-loops", "0"], "--n-loops must be positive integers, got 0"),
+])
+def test_argument_errors_are_one_line_without_the_usage_block(argv, fragment):
+    assert_one_line_error(mythos(*argv), argv[0], fragment)
+
+
+def test_demo_argument_errors_are_one_line_too():
+    for argv, prog, fragment in ((["demo", "--task"], "demo", "argument --task: expected one argument"),
+                                 (["demo", "--steps", "x"], "demo", "invalid int value: 'x'"),
+                                 (["demo", "--task", "text", "--steps", "x"], "demo --task text", "--steps")):
+        assert_one_line_error(mythos(*argv), prog, fragment)

@@ -110,7 +110,7 @@ def assert_one_line_error(result, *fragments, heavy=False):
     (["--n-loops", "0"], ["--n-loops", "positive", "got 0"]),
     (["--max-new-tokens", "-2"], ["--max-new-tokens", "got -2"]),
     (["--heatmap", "out.jpg"], ["--heatmap", "out.jpg", ".png"]),
-    (["--heatmap", "/nowhere/out.png"], ["--heatmap", "'/nowhere' does not exist"]),
+    (["--heatmap", "/nowhere/out.png"], ["--heatmap", "'/nowhere' is not an existing folder"]),
 ])
 def test_bad_flags_are_refused_in_one_line_before_loading_anything(model_dir, flags, fragments):
     assert_one_line_error(mythos("loops", "--model", str(model_dir), "--prompt", "x", *flags), *fragments)
@@ -136,3 +136,33 @@ def test_the_models_own_refusals_are_one_line_too(model_dir, capsys):
     assert main(["loops", "--model", str(model_dir), "--prompt", "x", "--n-loops", "1000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mythos loops: error: ") and err.count("\n") == 0 and "n_loops" in err and "1000" in err
+
+
+def test_an_existing_heatmap_file_is_kept_unless_overwrite(model_dir, tmp_path, capsys):
+    png = tmp_path / "mine.png"
+    png.write_bytes(b"my picture")
+    argv = ["loops", "--model", str(model_dir), "--prompt", "ab", "--n-loops", "2", "--heatmap", str(png)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mythos loops: error: --heatmap {str(png)!r} already exists; name a new file, or pass --overwrite " \
+                  f"to replace it"
+    assert png.read_bytes() == b"my picture"
+    assert main([*argv, "--overwrite"]) == 0
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("config_text, fragment", [
+    ('{"model_type": "llama"}', "holds a llama checkpoint, not a Mythos one"),
+    ("{not json", "config.json is not readable JSON"),
+    ("{}", "holds a model without a model_type checkpoint"),
+])
+def test_a_folder_of_another_model_or_a_broken_config_is_refused(tmp_path, config_text, fragment):
+    (tmp_path / "config.json").write_text(config_text)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert_one_line_error(mythos("loops", "--model", str(tmp_path), "--prompt", "x"), "--model", fragment)
+
+
+def test_a_folder_without_weights_is_refused(model_dir, tmp_path):
+    for name in ("config.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    assert_one_line_error(mythos("loops", "--model", str(tmp_path), "--prompt", "x"), "--model", "has no weights")
