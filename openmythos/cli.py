@@ -61,11 +61,19 @@ def _plan(args):
                         ("--ep", args.ep)):
         if value is not None and value < 1:
             raise CommandError(f"{flag} must be a positive integer, got {value}")
+    # a degree the chosen layouts never use would be silently ignored
+    if args.tp is not None and args.layout not in ("all", "fsdp+ep+tp"):
+        raise CommandError(f"--tp is the TP degree of the fsdp+ep+tp layout; --layout {args.layout} has no TP")
+    if args.ep is not None and args.layout == "fsdp":
+        raise CommandError("--ep is the EP degree of the fsdp+ep and fsdp+ep+tp layouts; --layout fsdp has no EP")
     precision = Precision(args.param_dtype, args.grad_dtype, args.master_dtype, args.optimizer_state_dtype)
     _load_stack()
     from .configuration_mythos import PRESETS
 
     config = PRESETS[args.preset]()
+    if args.n_loops is not None and args.n_loops > config.loop_limit:
+        raise CommandError(f"--n-loops must be at most {config.loop_limit} for {args.preset} (the model refuses more), "
+                           f"got {args.n_loops}")
     if args.loop_kv_sharing:
         config.loop_kv_sharing = "first"
     layouts = LAYOUTS if args.layout == "all" else (args.layout,)

@@ -145,6 +145,11 @@ def test_plan_command_prints_memory_traffic_and_fit_for_the_three_layouts():
     (["--gpus", "0"], "--gpus must be a positive integer", False),
     (["--gpus", "64", "--tp", "3"], "--tp must divide", True),
     (["--gpus", "64", "--ep", "3"], "--ep must divide", True),
+    # once silently ignored
+    (["--gpus", "8", "--layout", "fsdp", "--tp", "2"], "--layout fsdp has no TP", False),
+    (["--gpus", "8", "--layout", "fsdp", "--ep", "2"], "--layout fsdp has no EP", False),
+    (["--gpus", "8", "--layout", "fsdp+ep", "--tp", "2"], "--layout fsdp+ep has no TP", False),
+    (["--gpus", "8", "--n-loops", "100000"], "--n-loops must be at most", True),
 ])
 def test_plan_command_refuses_bad_flags_in_one_line(argv, message, torch_loaded):
     result = _mythos("plan", "--preset", "mythos_100b", *argv)
