@@ -35,6 +35,7 @@ byte-level models on Python's own documentation, scored in held-out bits per byt
 # pipeline (pipeline.py: torch, transformers, datasets) when it is called.
 
 import argparse
+import math
 
 from . import text
 from .files import recover_folder, save_folder_atomically, write_atomically, write_text_atomically
@@ -84,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra-loops", type=int, default=None,
                    help="hidden: a training batch runs n_loops drawn from its deepest question's hops to that + this "
                         "many, every loop's output trained on (default 4)")
+    p.add_argument("--state-noise", type=float, default=None,
+                   help="hidden: in training, add Gaussian noise of this size relative to each position's RMS to "
+                        "the loop state after every loop (default: none; tried at 0.1, docs/demo.md)")
     p.add_argument("--exit-budget", type=int, default=None,
                    help="hidden: most loops the exit rule may run (default 16); it is given no hop count")
     p.add_argument("--exit-criterion", choices=("kl", "delta"), default=None,
@@ -134,6 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) > limit:
             p.error(f"--{name.replace('_', '-')} must be at most {limit} (8 x --train-hops, the looped model's loop "
                     f"bound), got {getattr(args, name)}")
+    if args.state_noise is not None and not (math.isfinite(args.state_noise) and 0 <= args.state_noise < 10):
+        p.error(f"--state-noise must be a number in [0, 10), got {args.state_noise}")
     if (problem := common_problem(args)) is not None:
         p.error(problem)
     low = 3 if args.task == "context" else 2

@@ -164,6 +164,10 @@ def trace_targets(labels: torch.Tensor, depths: torch.Tensor, loops: int) -> tor
     return targets
 
 
+# the state noise's own generator: the same draws for every --seed, as in the five-seed check (docs/demo.md)
+NOISE_SEED = 4321
+
+
 class TraceTrainer(Trainer):
     """Trainer for the looped model on the hidden task: every loop's output is trained (trace supervision).
 
@@ -171,14 +175,30 @@ class TraceTrainer(Trainer):
     After each loop t the loop state goes through the coda, the final norm and the head, and every position learns
     the node ``trace_targets`` gives for t: the marks still waiting learn the node t hops on, the others their own
     node, which later loops must keep. The loss is the mean over loops of each loop's mean over the labels.
+
+    ``state_noise`` > 0: in training, every loop's new state gets Gaussian noise of that size relative to each
+    position's root-mean-square (a forward hook on the injection, added at the first step), so that the one-hop step
+    cannot lean on how many loops ran (docs/demo.md, "State noise").
     """
 
-    def __init__(self, *args, extra_loops: int, loop_seed: int, **kwargs):
+    def __init__(self, *args, extra_loops: int, loop_seed: int, state_noise: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.extra_loops = extra_loops
         self.loop_draws = random.Random(loop_seed)
+        self.state_noise = state_noise
+        self.noise_draws = None
+
+    def _add_state_noise(self, module, args, state):
+        if not module.training:
+            return state
+        rms = state.pow(2).mean(-1, keepdim=True).sqrt().detach()
+        noise = torch.randn(state.shape, generator=self.noise_draws, device="cpu").to(state.device, state.dtype)
+        return state + self.state_noise * rms * noise
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.state_noise > 0 and self.noise_draws is None:
+            self.noise_draws = torch.Generator().manual_seed(NOISE_SEED)
+            model.model.recurrent.injection.register_forward_hook(self._add_state_noise)
         depths, labels = inputs.pop("depths"), inputs.pop("labels")
         deepest = max(1, int(depths.max()))
         n_loops = self.loop_draws.randint(deepest, deepest + self.extra_loops)
@@ -245,7 +265,8 @@ def train(name: str, model, dataset, tokenizer, task, args, progress_bar: bool =
         dataloader_pin_memory=torch.cuda.is_available(), **task.lr_schedule(),
     )
     trace = looped and task.convergent
-    extra = {"extra_loops": args.extra_loops, "loop_seed": args.seed} if trace else {}
+    extra = {"extra_loops": args.extra_loops, "loop_seed": args.seed,
+             "state_noise": getattr(args, "state_noise", None) or 0.0} if trace else {}
     trainer = (TraceTrainer if trace else TRAINERS[looped, task.in_order])(
         model=model, args=training_args, train_dataset=dataset,
         data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped and not trace,

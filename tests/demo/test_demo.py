@@ -162,6 +162,8 @@ def test_bad_hop_counts_are_refused(hops):
     (["--seed", "-1"], "--seed"), (["--seed", str(2**32)], "--seed"), (["--num-nodes", "100"], "--num-nodes"),
     (["--task", "context", "--num-nodes", "60"], "--num-nodes"),
     (["--max-loops", "100000"], "--max-loops"), (["--train-hops", "1", "--exit-budget", "9"], "--exit-budget"),
+    (["--state-noise", "-0.1"], "--state-noise"), (["--state-noise", "nan"], "--state-noise"),
+    (["--task", "context", "--state-noise", "0.1"], "--state-noise"),
 ])
 def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys):
     with pytest.raises(SystemExit):
@@ -179,7 +181,7 @@ def test_defaulted_depths_fit_a_small_training_depth():
 def test_demo_defaults_train_the_hidden_task_with_packed_rows_and_score_16_loops():
     args = demo.parse_args([])
     assert (args.pack, args.extra_loops, args.exit_budget, args.max_loops) == (3, 4, 16, 16)
-    assert args.exit_criterion == "kl"
+    assert args.exit_criterion == "kl" and args.state_noise is None
     context = demo.parse_args(["--task", "context"])
     assert (context.pack, context.extra_loops, context.exit_budget, context.max_loops) == (None, None, None, 10)
 
@@ -585,3 +587,37 @@ def test_context_demo_rejects_eval_depths_that_wrap_around_the_cycle():
     result = subprocess.run([sys.executable, "-m", "openmythos.demo", "--task", "context", "--num-nodes", "6",
                              "--eval-hops", "6"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "--eval-hops" in result.stderr
+
+
+def test_state_noise_perturbs_the_training_loop_only_from_its_own_generator():
+    """The hook adds noise of the given size relative to each position's RMS to every loop's new state in training;
+    in evaluation the loop is untouched. Two trainers draw the same noise (its generator does not follow --seed)."""
+    from transformers import TrainingArguments
+
+    from openmythos.demo.pipeline import TraceTrainer, looped_config
+
+    args = demo.parse_args(["--dim", "32", "--heads", "2", "--train-hops", "2"])
+    tokenizer = MythosTokenizer()
+    ids = torch.tensor([tokenizer.encode("a++b+", add_special_tokens=False)])
+
+    def states(noise, train):
+        torch.manual_seed(0)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(looped_config(args, tokenizer, 16))
+        trainer = TraceTrainer(model=model, args=TrainingArguments(output_dir="unused", report_to="none"),
+                               extra_loops=1, loop_seed=0, state_noise=noise)
+        if noise:
+            trainer.noise_draws = torch.Generator().manual_seed(4321)
+            model.model.recurrent.injection.register_forward_hook(trainer._add_state_noise)
+        model.train(train)
+        with torch.no_grad():
+            hidden = model.model(input_ids=ids, n_loops=3, output_hidden_states=True, use_cache=False).hidden_states
+        return torch.stack(hidden[2:5])  # the three loop states
+
+    clean = states(0.0, train=True)
+    noisy = states(0.1, train=True)
+    relative = ((noisy - clean).pow(2).mean(-1).sqrt() / clean.pow(2).mean(-1).sqrt())
+    assert 0.02 < relative[0].mean() < 0.3  # the first loop's state moved by about 0.1 of its size
+    assert torch.equal(noisy, states(0.1, train=True))  # the same draws each time
+    assert torch.equal(states(0.1, train=False), states(0.0, train=False))  # evaluation: no noise
