@@ -107,7 +107,11 @@ def _demo(args, demo_argv):
 
     demo_args = parse_args(demo_argv)  # --help and refused flags exit here, before torch is imported
     from .demo.files import claim_output_dir
+    from .demo.flags import output_problem
 
+    if (problem := output_problem(demo_args)) is not None:
+        print(f"mythos demo: error: {problem}", file=sys.stderr)
+        return 2
     try:
         claim_output_dir(Path(demo_args.output_dir))
     except OSError as error:  # what a permission check cannot see (a read-only mount, /proc)

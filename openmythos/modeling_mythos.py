@@ -1574,26 +1574,27 @@ def token_exchange_group(config: MythosConfig, experts: nn.Module):
     return mesh["ep"].get_group()
 
 
-def check_scan_lengths_agree(config: MythosConfig, experts: nn.Module, seq: int) -> None:
+def check_scan_lengths_agree(config: MythosConfig, experts: nn.Module, seq: int, n_loops: int, device) -> None:
     """``loop_kv_sharing="last"`` runs a call's positions through the loop one at a time, so a rank calls the experts
     ``seq * n_loops`` times. Ranks that exchange tokens with each other's experts must make the same number of calls,
-    or the all-to-all waits forever: every rank checks the group's lengths first and all raise the same error."""
+    or the all-to-all waits forever: every rank checks the group's lengths and loop counts first (one all-reduce),
+    and all raise the same error."""
     group = token_exchange_group(config, experts)
     if group is None:
         return
     import torch.distributed as dist  # only reached under a distributed_config
 
-    lengths = torch.tensor([seq, -seq], device=experts.gate_up_proj.device)
-    dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=group)
-    longest, shortest = int(lengths[0]), -int(lengths[1])
-    if longest != shortest:
+    sizes = torch.tensor([seq, -seq, n_loops, -n_loops], device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+    longest, shortest, most, fewest = int(sizes[0]), -int(sizes[1]), int(sizes[2]), -int(sizes[3])
+    if longest != shortest or most != fewest:
         layout = config.distributed_config
         raise ValueError(
             f"loop_kv_sharing='last' runs a call's positions through the loop one at a time, so every rank of the "
-            f"expert-parallel group must pass inputs of one length; this model's ranks hold different batches "
-            f"(ep_size={layout.ep_size} > tp_size={layout.tp_size}) and got {shortest} to {longest} positions. Pad "
-            f"every rank's input_ids to the same length (for example padding='max_length'), or use a model with "
-            f"loop_kv_sharing='first' or 'none'.")
+            f"expert-parallel group must pass inputs of one length and one n_loops; this model's ranks hold different "
+            f"batches (ep_size={layout.ep_size} > tp_size={layout.tp_size}) and got {shortest} to {longest} positions "
+            f"and n_loops {fewest} to {most}. Pad every rank's input_ids to the same length (for example "
+            f"padding='max_length') and pass one n_loops, or use a model with loop_kv_sharing='first' or 'none'.")
 
 
 class MythosRecurrence(nn.Module):
@@ -1702,7 +1703,7 @@ class MythosRecurrence(nn.Module):
             shared = MythosSharedKV(self.config, cache, plan.key_mask, plan.past_length, n_loops)
             # CODEPATH: loop_kv_sharing="last" checkpoints check that ranks exchanging tokens pass one length
             if self.config.loop_kv_sharing == "last":
-                check_scan_lengths_agree(self.config, self.layer.mlp.experts, e.shape[1])
+                check_scan_lengths_agree(self.config, self.layer.mlp.experts, e.shape[1], plan.n_loops, e.device)
             # CODEPATH: loop_kv_sharing="last" checkpoints run a call of several positions one position at a time
             if self.config.loop_kv_sharing == "last" and e.shape[1] > 1:
                 return self._scan(e, shared, position_embeddings, token_mask, **kwargs)
@@ -2109,8 +2110,7 @@ def _check_exit(criterion, threshold, config: MythosConfig, has_head: bool, cach
         raise ValueError("exit_criterion='kl' compares next-token distributions, so it needs the LM head: call "
                          "MythosForCausalLM, not MythosModel")
     if criterion == "kl" and cache is not None and not all(
-            isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False)
-            for layer in getattr(cache, "layers", [])):
+            type(layer) in (DynamicLayer, MythosRowsLayer) for layer in getattr(cache, "layers", [])):
         raise ValueError(f"exit_criterion='kl' runs the coda once per loop without writing the cache, which only a "
                          f"DynamicCache supports; got a {type(cache).__name__}")
     return float(threshold)
@@ -2198,11 +2198,12 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int):
 def _check_batch_prompts(inputs, vocab_size: int) -> None:
     """generate_batch's prompts, each a non-empty list of token ids in [0, vocab_size): checked before any request
     starts, since one bad prompt inside the batch loop fails every request beside it."""
-    if not isinstance(inputs, (list, tuple)) or not inputs:
-        raise ValueError(f"`inputs` must be a non-empty list of prompts (each a list of token ids), got "
-                         f"{type(inputs).__name__}" + ("" if inputs else " of length 0"))
+    if hasattr(inputs, "tolist") and not isinstance(inputs, (list, tuple)):  # a 2-D tensor or array of prompts
+        inputs = inputs.tolist()
+    if not isinstance(inputs, (list, tuple)):
+        raise ValueError(f"`inputs` must be a list of prompts (each a list of token ids), got {type(inputs).__name__}")
     for i, prompt in enumerate(inputs):
-        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 else prompt
+        ids = prompt.tolist() if hasattr(prompt, "tolist") else prompt
         if not isinstance(ids, (list, tuple)) or not ids or not all(
                 isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
             raise ValueError(f"`inputs[{i}]` must be a non-empty list of int token ids, got {prompt!r:.80}")
@@ -2449,12 +2450,13 @@ class MythosModel(MythosPreTrainedModel):
         it; the head runs on the positions ``flat`` (indices into batch * seq) only. Output recording
         (``output_hidden_states``, ``output_attentions``, router logits) is paused, so that it does not see the probe.
         """
-        recording = _active_collector.set(None)  # transformers' capture hooks record nothing while it is None
+        recording = _active_collector.get()
+        _active_collector.set(None)  # transformers' capture hooks record nothing while it is None
         try:
             for layer in self.coda:
                 h = layer.forward(h, **shared, **kwargs)
         finally:
-            _active_collector.reset(recording)
+            _active_collector.set(recording)  # by value: under torch.compile set() returns no token to reset
         return F.log_softmax(head(self.norm(h).flatten(0, 1)[flat]).float(), dim=-1)
 
 def _check_labels(labels, input_ids, inputs_embeds, vocab_size: int, ignore_index: int):

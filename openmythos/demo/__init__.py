@@ -36,11 +36,12 @@ byte-level models on Python's own documentation, scored in held-out bits per byt
 
 import argparse
 import math
+import sys
 
 from . import text
 from .files import recover_folder, save_folder_atomically, write_atomically, write_text_atomically
 from ..cli import OneLineParser
-from .flags import common_problem
+from .flags import common_problem, output_problem
 from .report import EXIT, EXIT_LOOPS, LOOPED, SAME_COMPUTE, SAME_PARAMS, format_table, summary
 from .tasks import NODE_NAMES, InContextPointerChasingTask, PointerChasingTask
 
@@ -134,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("extra_loops", "baseline_steps", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.extra_loops is not None and args.train_hops + args.extra_loops > limit:
+        p.error(f"--extra-loops must be at most {limit - args.train_hops} (--train-hops + --extra-loops loops must fit "
+                f"the looped model's bound of {limit}), got {args.extra_loops}")
     for name in ("max_loops", "exit_budget"):
         if getattr(args, name) is not None and getattr(args, name) > limit:
             p.error(f"--{name.replace('_', '-')} must be at most {limit} (8 x --train-hops, the looped model's loop "
@@ -178,7 +182,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if (problem := output_problem(args)) is not None:
+        print(f"mythos demo: error: {problem}", file=sys.stderr)
+        return 2
+    run(args)
     return 0
 
 

@@ -18,11 +18,13 @@ def output_dir_problem(folder: str, overwrite: bool) -> str | None:
     if path.exists() and not path.is_dir():
         return f"--output-dir {folder!r} is a file, not a folder"
     if path.is_dir():
-        entries = sorted(entry.name for entry in path.iterdir())
-        if entries and MARKER not in entries and not overwrite:
+        # a subfolder another demo run marked (demo_output/text inside demo_output) is the demo's too
+        entries = sorted(entry.name for entry in path.iterdir() if not (entry / MARKER).is_file())
+        if entries and not (path / MARKER).is_file() and not overwrite:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            return (f"--output-dir {folder!r} already holds files an earlier demo run did not write ({shown}); "
-                    f"pick a new or empty folder, or pass --overwrite to let the demo replace its own file names there")
+            return (f"--output-dir {folder!r} holds files ({shown}) and no {MARKER} marker, which every demo run "
+                    f"leaves in its folder (since 2026-12-07); pick a new or empty folder, or pass --overwrite to let "
+                    f"the demo replace the files of its own names there")
     parent = path if path.is_dir() else next((p for p in path.absolute().parents if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return f"--output-dir {folder!r} cannot be written: {str(parent)!r} is not a writable folder"
@@ -30,7 +32,8 @@ def output_dir_problem(folder: str, overwrite: bool) -> str | None:
 
 
 def claim_output_dir(folder: Path) -> None:
-    """Create ``folder`` if needed and mark it as the demo's (see ``output_dir_problem``)."""
+    """Create ``folder`` if needed and mark it as the demo's (see ``output_dir_problem``). Folders it creates above
+    ``folder`` hold nothing but it, so they need no marker."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).write_text("Written by `mythos demo`; a later run may replace the demo's files here.\n")
 

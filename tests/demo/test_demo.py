@@ -221,22 +221,26 @@ def test_an_output_folder_holding_the_users_files_is_refused_without_overwrite(t
     run did not mark as the demo's, that needs --overwrite. A file given as the folder is refused too."""
     from openmythos.cli import main
 
+    from openmythos.demo import parse_args
+    from openmythos.demo.flags import output_problem
+
     out = tmp_path / "mine"
     out.mkdir()
     (out / "results.json").write_text("my own results")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", *task, "--output-dir", str(out)])
-    assert exit_info.value.code == 2
+    assert main(["demo", *task, "--output-dir", str(out)]) == 2
+    assert demo.main([*task, "--output-dir", str(out)]) == 2  # python -m openmythos.demo
     assert (out / "results.json").read_text() == "my own results" and not (out / ".mythos-demo").exists()
-    with pytest.raises(SystemExit):
-        main(["demo", *task, "--output-dir", str(out / "results.json")])
-    from openmythos.demo import parse_args
-
-    assert parse_args([*task, "--output-dir", str(out), "--overwrite"]).overwrite
+    assert main(["demo", *task, "--output-dir", str(out / "results.json")]) == 2
+    assert output_problem(parse_args([*task, "--output-dir", str(out), "--overwrite"])) is None
     (out / "results.json").unlink()
     (out / ".mythos-demo").write_text("")  # an earlier run's folder: no --overwrite needed
     (out / "results.json").write_text("an earlier run's results")
-    assert not parse_args([*task, "--output-dir", str(out)]).overwrite
+    assert output_problem(parse_args([*task, "--output-dir", str(out)])) is None
+    # the text demo's default folder inside the other tasks' (demo_output/text in demo_output) is the demo's too
+    parent = tmp_path / "demo_output"
+    (parent / "text").mkdir(parents=True)
+    (parent / "text" / ".mythos-demo").write_text("")
+    assert output_problem(parse_args(["--output-dir", str(parent)])) is None
 
 
 def test_demo_runs_end_to_end_at_toy_size(toy_demo):
@@ -589,7 +593,7 @@ def test_context_demo_rejects_eval_depths_that_wrap_around_the_cycle():
     assert result.returncode != 0 and "--eval-hops" in result.stderr
 
 
-def test_state_noise_perturbs_the_training_loop_only_from_its_own_generator():
+def test_state_noise_perturbs_the_training_loop_only_from_its_own_generator(tmp_path):
     """The hook adds noise of the given size relative to each position's RMS to every loop's new state in training;
     in evaluation the loop is untouched. Two trainers draw the same noise (its generator does not follow --seed)."""
     from transformers import TrainingArguments
@@ -600,24 +604,32 @@ def test_state_noise_perturbs_the_training_loop_only_from_its_own_generator():
     tokenizer = MythosTokenizer()
     ids = torch.tensor([tokenizer.encode("a++b+", add_special_tokens=False)])
 
-    def states(noise, train):
+    from openmythos.demo.pipeline import collate
+
+    task = PointerChasingTask(8, seed=0)
+    rows = task.dataset(tokenizer, hops=[1, 2], num_examples=4, seed=0, pack=2)
+    batch = collate([dict(row) for row in rows], tokenizer.pad_token_id, with_depths=True)
+
+    def run(noise, tmp):
+        """One training step's loss through TraceTrainer.compute_loss, then the loop states of a training-mode and
+        an evaluation-mode forward."""
         torch.manual_seed(0)
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(looped_config(args, tokenizer, 16))
-        trainer = TraceTrainer(model=model, args=TrainingArguments(output_dir="unused", report_to="none"),
+        model = AutoModelForCausalLM.from_config(looped_config(args, tokenizer, 16)).train()
+        trainer = TraceTrainer(model=model, args=TrainingArguments(output_dir=str(tmp), report_to="none"),
                                extra_loops=1, loop_seed=0, state_noise=noise)
-        if noise:
-            trainer.noise_draws = torch.Generator().manual_seed(4321)
-            model.model.recurrent.injection.register_forward_hook(trainer._add_state_noise)
-        model.train(train)
+        loss = trainer.compute_loss(model, dict(batch))  # the first step adds the hook
         with torch.no_grad():
-            hidden = model.model(input_ids=ids, n_loops=3, output_hidden_states=True, use_cache=False).hidden_states
-        return torch.stack(hidden[2:5])  # the three loop states
+            states = {mode: torch.stack(model.train(mode).model(
+                input_ids=ids, n_loops=3, output_hidden_states=True, use_cache=False).hidden_states[2:5])
+                for mode in (True, False)}
+        return loss.detach(), states
 
-    clean = states(0.0, train=True)
-    noisy = states(0.1, train=True)
-    relative = ((noisy - clean).pow(2).mean(-1).sqrt() / clean.pow(2).mean(-1).sqrt())
+    clean_loss, clean = run(0.0, tmp_path / "a")
+    noisy_loss, noisy = run(0.1, tmp_path / "b")
+    again_loss, again = run(0.1, tmp_path / "c")
+    assert noisy_loss != clean_loss and torch.equal(noisy_loss, again_loss)  # noise, the same draws each run
+    relative = (noisy[True] - clean[True]).pow(2).mean(-1).sqrt() / clean[True].pow(2).mean(-1).sqrt()
     assert 0.02 < relative[0].mean() < 0.3  # the first loop's state moved by about 0.1 of its size
-    assert torch.equal(noisy, states(0.1, train=True))  # the same draws each time
-    assert torch.equal(states(0.1, train=False), states(0.0, train=False))  # evaluation: no noise
+    assert torch.equal(noisy[False], clean[False])  # evaluation: no noise
