@@ -390,8 +390,8 @@ def test_demo_records_and_prints_what_its_numbers_depend_on(toy_demo):
 def test_demo_leaves_the_users_files_and_no_temporaries_in_its_output_folder(toy_demo):
     out, _ = toy_demo
     assert (out / "my-notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.md", "accuracy.png", "looped-model", "my-notes.txt",
-                                                     "results.json", "trainer"]
+    assert sorted(p.name for p in out.iterdir()) == [".mythos-demo", "accuracy.md", "accuracy.png", "looped-model",
+                                                     "my-notes.txt", "results.json", "trainer"]
 
 
 def test_rerun_with_the_same_seed_on_the_same_machine_gives_the_same_numbers(toy_demo, tmp_path):
