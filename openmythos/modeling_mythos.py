@@ -731,8 +731,8 @@ class MythosRequestLoops:
     bad one is refused before any work.
     """
 
-    def __init__(self, config: MythosConfig):
-        self.config = config
+    def __init__(self, config: MythosConfig, has_halt: bool):
+        self.config, self.has_halt = config, has_halt
         self.default: tuple = (None, None, None)
         self.requests: dict[str, tuple] = {}
 
@@ -745,7 +745,7 @@ class MythosRequestLoops:
                 raise ValueError(
                     f"`n_loops`={n_loops} exceeds the paged cache's loop slots: continuous batching allocates one slot "
                     f"per loop up to max_loop_iters={slots} and cannot grow. Pass n_loops <= {slots}.")
-        exit_threshold = _check_exit(exit_criterion, exit_threshold, self.config, True, None)
+        exit_threshold = _check_exit(exit_criterion, exit_threshold, self.config, True, None, self.has_halt)
         if exit_criterion == "kl":
             raise ValueError(
                 "exit_criterion='kl' is not supported by continuous batching (it runs the coda once per loop against "
@@ -2042,6 +2042,8 @@ def _check_n_loops(n_loops, config: MythosConfig) -> int:
     if isinstance(n_loops, torch.Tensor) and n_loops.dim() == 0 and not (
             n_loops.is_floating_point() or n_loops.is_complex() or n_loops.dtype == torch.bool):
         n_loops = n_loops.item()
+    elif not isinstance(n_loops, torch.Tensor) and hasattr(n_loops, "__array__") and getattr(n_loops, "ndim", 1) == 0:
+        n_loops = n_loops.item()  # a 0-d numpy array; its bool and float items are refused below
     if isinstance(n_loops, bool) or not isinstance(n_loops, numbers.Integral) or n_loops < 1:
         raise ValueError(f"`n_loops` must be a positive integer (1, 2, ...), got {n_loops!r}")
     if n_loops > config.loop_limit:
@@ -2055,29 +2057,33 @@ def _check_n_loops(n_loops, config: MythosConfig) -> int:
 
 
 def _is_budget_list(n_loops) -> bool:
-    return isinstance(n_loops, (list, tuple)) or (isinstance(n_loops, torch.Tensor) and n_loops.dim() > 0)
+    """A list, tuple, tensor or numpy array of budgets (anything with dimensions), rather than one int."""
+    return isinstance(n_loops, (list, tuple)) or (isinstance(n_loops, torch.Tensor) and n_loops.dim() > 0) or (
+        not isinstance(n_loops, torch.Tensor) and hasattr(n_loops, "__array__") and getattr(n_loops, "ndim", 0) > 0)
 
 
-def _check_loop_budgets(n_loops, config: MythosConfig, batch: int, seq: int):
-    """Budgets per row (a list, or a 1-D integer tensor of ``batch`` entries) or per position (a [batch, seq]
-    integer tensor), each in [1, config.loop_limit]. Returns ``(most loops, budgets [batch, seq] or None)``; equal
-    budgets give None, the plain loop."""
-    accepted = (f"an int, one per row (a list or 1-D tensor of {batch} ints) or one per position (a [{batch}, {seq}] "
-                f"integer tensor), each from 1 to {config.loop_limit}")
+def _check_loop_budgets(n_loops, config: MythosConfig, batch: int, seq: int | None):
+    """Budgets per row (a list, a numpy array or a 1-D integer tensor of ``batch`` entries) or per position (a
+    [batch, seq] integer tensor; ``seq=None``: per row only, as in generate), each in [1, config.loop_limit].
+    Returns ``(most loops, budgets [batch, seq] or None)``; equal budgets give None, the plain loop."""
+    per_row = f"one per row (a list or 1-D tensor of {batch} ints)"
+    accepted = (f"an int or {per_row}" if seq is None else
+                f"an int, {per_row} or one per position (a [{batch}, {seq}] integer tensor)")
+    accepted += f", each from 1 to {config.loop_limit}"
     def holds_bool(value):
         return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(map(holds_bool, value)))
 
     if holds_bool(n_loops):  # torch.tensor([True, 2]) would read True as 1 loop
         raise ValueError(f"`n_loops` must be {accepted}; got a bool in {n_loops!r}")
     try:
-        values = n_loops if isinstance(n_loops, torch.Tensor) else torch.tensor(n_loops)
+        values = n_loops if isinstance(n_loops, torch.Tensor) else torch.as_tensor(n_loops)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"`n_loops` must be {accepted}; got {n_loops!r}") from None
     if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
         raise ValueError(f"`n_loops` must be {accepted}; got dtype {values.dtype}")
     if tuple(values.shape) not in ((batch,), (batch, seq)):
-        raise ValueError(f"`n_loops` must be {accepted}; got shape {tuple(values.shape)} for an input of batch size "
-                         f"{batch} and {seq} positions")
+        given = f"an input of batch size {batch}" + ("" if seq is None else f" and {seq} positions")
+        raise ValueError(f"`n_loops` must be {accepted}; got shape {tuple(values.shape)} for {given}")
     low, high = (int(v) for v in torch.aminmax(values))
     if low < 1 or high > config.loop_limit:
         raise ValueError(f"`n_loops` must be {accepted} (max_inference_loops bounds the top); got values from {low} "
@@ -2085,13 +2091,14 @@ def _check_loop_budgets(n_loops, config: MythosConfig, batch: int, seq: int):
     if low == high:
         return high, None
     budget = values.to(device=values.device, dtype=torch.long)
-    return high, (budget[:, None].expand(batch, seq) if budget.dim() == 1 else budget)
+    return high, (budget[:, None].expand(batch, seq) if budget.dim() == 1 and seq is not None else budget)
 
 
-def _check_exit(criterion, threshold, config: MythosConfig, has_head: bool, cache):
+def _check_exit(criterion, threshold, config: MythosConfig, has_head: bool, cache, has_halt: bool):
     """``exit_criterion`` is None or one of EXIT_CRITERIA, with a finite ``exit_threshold``: in (0, 1] for "act" (a
     halting mass), >= 0 for "delta" and "kl", whose measures are never negative, so 0 runs every loop of the budget and
-    only records the measure (``output_loop_stats``); the model must have what the criterion reads."""
+    only records the measure (``output_loop_stats``); the model must have what the criterion reads: the LM head for
+    "kl", the halting head (built when ``use_act`` was set at construction) for "act"."""
     if criterion is None:
         if threshold is not None:
             raise ValueError(f"`exit_threshold`={threshold!r} needs an `exit_criterion` (one of {EXIT_CRITERIA})")
@@ -2103,9 +2110,11 @@ def _check_exit(criterion, threshold, config: MythosConfig, has_head: bool, cach
             or not (0 < threshold <= 1.0 if criterion == "act" else 0 <= threshold)):
         raise ValueError(f"`exit_threshold` must be a number in {accepted} for exit_criterion={criterion!r}, got "
                          f"{threshold!r}")
-    if criterion == "act" and not config.use_act:
-        raise ValueError("exit_criterion='act' reads the halting head, and this model has none (use_act=False): "
-                         "use 'delta' or 'kl', or a model trained with use_act=True")
+    if criterion == "act" and not has_halt:
+        built = ("config.use_act was set after the model was built, which adds no head" if config.use_act
+                 else "use_act=False")
+        raise ValueError(f"exit_criterion='act' reads the halting head, and this model has none ({built}): use "
+                         f"'delta' or 'kl', or a model built and trained with use_act=True")
     if criterion == "kl" and not has_head:
         raise ValueError("exit_criterion='kl' compares next-token distributions, so it needs the LM head: call "
                          "MythosForCausalLM, not MythosModel")
@@ -2185,6 +2194,7 @@ def _check_attention_mask(attention_mask: torch.Tensor, batch: int, total: int |
                              f"{bad.numel()} other values: {sorted(set(bad.unique().tolist()))[:5]}")
 
 
+AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts for the matrix products
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)
 
 
@@ -2244,7 +2254,8 @@ class MythosModel(MythosPreTrainedModel):
         self.rotary_emb = MythosRotary(config)
         self.gradient_checkpointing = False
         self._generating = 0  # generate() calls under way, which checked their prompt (see _validate_inputs)
-        self.request_loops = MythosRequestLoops(config)  # continuous batching's per-request loop controls
+        # continuous batching's per-request loop controls
+        self.request_loops = MythosRequestLoops(config, self.recurrent.halt is not None)
         self.post_init()
 
     def spectral_radius(self) -> float:
@@ -2283,6 +2294,11 @@ class MythosModel(MythosPreTrainedModel):
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.dim:
                 raise ValueError(f"`inputs_embeds` must have shape [batch, seq_len, {self.config.dim}], "
                                  f"got {tuple(inputs_embeds.shape)}")
+            wanted = self.embed_tokens.weight.dtype
+            autocast = torch.is_autocast_enabled(inputs_embeds.device.type)
+            if inputs_embeds.dtype != wanted and not (autocast and inputs_embeds.dtype in AUTOCAST_DTYPES):
+                raise ValueError(f"`inputs_embeds` must be a floating-point tensor of the model's dtype {wanted} (or "
+                                 f"float32/float16/bfloat16 under torch.autocast), got dtype {inputs_embeds.dtype}")
             shape = inputs_embeds.shape[:2]
         batch, seq = shape
         if batch == 0 or seq == 0:
@@ -2413,7 +2429,8 @@ class MythosModel(MythosPreTrainedModel):
     def _loop_plan(self, n_loops, criterion, threshold, output_stats, exit_head, shape, attention_mask, cache,
                    past_length):
         """The checked loop arguments as a :class:`MythosLoopPlan`, and the per-row budgets the cache binds to."""
-        threshold = _check_exit(criterion, threshold, self.config, exit_head is not None, cache)
+        threshold = _check_exit(criterion, threshold, self.config, exit_head is not None, cache,
+                                self.recurrent.halt is not None)
         budget, most = None, n_loops
         if _is_budget_list(n_loops):
             most, budget = _check_loop_budgets(n_loops, self.config, *shape)
@@ -2604,11 +2621,11 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
                 if value is not None and name not in model_kwargs:
                     model_kwargs[name] = value
         n_loops = model_kwargs.get("n_loops")
-        if isinstance(n_loops, (list, tuple)):
-            # a tensor, so that generate expands it with the batch (beams, num_return_sequences); the first forward
-            # checks it against the batch size
-            _check_loop_budgets(n_loops, self.config, len(n_loops), 1)
-            model_kwargs["n_loops"] = torch.tensor(n_loops, device=self.device)
+        if _is_budget_list(n_loops) and not isinstance(n_loops, torch.Tensor):
+            # a tensor, so that generate expands it with the batch (beams, num_return_sequences); _check_prompt
+            # checked it against the prompt's batch size when it came with the call
+            _check_loop_budgets(n_loops, self.config, len(n_loops), None)
+            model_kwargs["n_loops"] = torch.as_tensor(n_loops, device=self.device)
         return generation_config, model_kwargs
 
     def _check_prompt(self, inputs, kwargs):
@@ -2642,6 +2659,8 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
             raise ValueError(f"`n_loops` per position (a [batch, seq_len] tensor, got shape {tuple(n_loops.shape)}) "
                              f"is for a forward without a cache; generate takes an int, or one per row (a list or "
                              f"1-D tensor of batch size ints)")
+        if _is_budget_list(n_loops) and isinstance(prompt, torch.Tensor) and "inputs_embeds" not in kwargs:
+            _check_loop_budgets(n_loops, self.config, prompt.shape[0], None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         new_tokens = kwargs.get("max_new_tokens")
         if isinstance(cache, Cache) and isinstance(prompt, torch.Tensor) and prompt.dim() == 2 \

@@ -224,6 +224,16 @@ def test_bad_exit_arguments(kwargs, match, ids):
         make_model()(ids, **kwargs)
 
 
+def test_act_needs_a_halting_head_built_with_the_model_not_a_config_flag_set_later(ids):
+    """Setting use_act on a built model adds no head: "act" must still be refused, not run the whole budget."""
+    model = make_model()
+    model.config.use_act = True
+    with pytest.raises(ValueError, match="set after the model was built"):
+        model(ids, n_loops=4, exit_criterion="act", exit_threshold=0.5)
+    with pytest.raises(ValueError, match="set after the model was built"):
+        model.model.request_loops.set("r1", n_loops=2, exit_criterion="act", exit_threshold=0.5)
+
+
 def test_kl_needs_the_head_and_a_dynamic_cache(ids):
     model = make_model()
     with pytest.raises(ValueError, match="MythosForCausalLM"):

@@ -6,6 +6,7 @@ matters, that no layer ran before the error.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_model
@@ -215,6 +216,22 @@ class TestInputTypes:
         with pytest.raises(TypeError, match=f"`{name}` must be a torch.Tensor, got list"):
             model(**kwargs, n_loops=1)
 
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int64])
+    def test_inputs_embeds_of_another_dtype_than_the_model(self, model, input_ids, dtype):
+        """float64 once failed inside `linear`; under autocast, float32/16 and bfloat16 are the user's choice."""
+        embeds = model.get_input_embeddings()(input_ids)
+        expected = model(inputs_embeds=embeds, n_loops=1).logits
+        with pytest.raises(ValueError, match=r"`inputs_embeds` must be a floating-point tensor of the model's dtype "
+                                             rf"torch.float32.*got dtype {dtype}"):
+            model(inputs_embeds=embeds.to(dtype), n_loops=1)
+        if dtype == torch.bfloat16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(inputs_embeds=embeds.to(dtype), n_loops=1).logits
+            torch.testing.assert_close(logits.float(), expected, atol=0.15, rtol=0.05)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="under torch.autocast"):
+                model(inputs_embeds=embeds.to(dtype), n_loops=1)
+
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
     def test_position_ids_must_be_integers(self, model, input_ids, dtype):
         positions = torch.arange(input_ids.shape[1])[None].to(dtype)
@@ -272,6 +289,33 @@ class TestGeneratePrompt:
         with pytest.raises(ValueError, match=r"`attention_mask` in generate must be a 2-D tensor"):
             model.generate(torch.randint(3, 512, (1, 5)), attention_mask=torch.ones(5, dtype=torch.long),
                            max_new_tokens=2, do_sample=False)
+
+    @pytest.mark.parametrize("n_loops, match", [
+        ([1, 2, 3], r"got shape \(3,\) for an input of batch size 2$"),
+        ([0, 2], "got values from 0 to 2"),
+        ([True, 2], "a bool"),
+    ])
+    def test_per_row_budgets_are_checked_against_the_prompt_before_the_prefill(self, model, n_loops, match):
+        """The message offers what generate takes: per-position budgets (once described as a [2, 1] tensor) are not
+        among them."""
+        calls = count_layer_calls(model)
+        with pytest.raises(ValueError, match=r"`n_loops` must be an int or one per row \(a list or 1-D tensor of 2 "
+                                             r"ints\), each from 1 to 32") as error:
+            model.generate(torch.randint(3, 512, (2, 5)), n_loops=n_loops, max_new_tokens=2, do_sample=False)
+        assert error.match(match) and "per position" not in str(error.value)
+        assert calls == []
+
+    def test_numpy_budgets_are_budgets(self, model):
+        """A numpy array of budgets once got the single-int message; it runs as the same list would."""
+        prompt = torch.randint(3, 512, (2, 5))
+        expected = model.generate(prompt, n_loops=[1, 3], max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(prompt, n_loops=np.array([1, 3]), max_new_tokens=3, do_sample=False),
+                           expected)
+        torch.testing.assert_close(model(prompt, n_loops=np.array([1, 3])).logits,
+                                   model(prompt, n_loops=[1, 3]).logits)
+        torch.testing.assert_close(model(prompt, n_loops=np.array(2)).logits, model(prompt, n_loops=2).logits)
+        with pytest.raises(ValueError, match="positive integer"):
+            model(prompt, n_loops=np.array(2.5))
 
     def test_per_position_budgets_are_refused_before_the_prefill(self, model):
         prompt = torch.randint(3, 512, (2, 5))
