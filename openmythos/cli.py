@@ -10,6 +10,7 @@ argparse does; anything else is a bug and keeps its traceback.
 import argparse
 import importlib.util
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -159,6 +160,9 @@ def _load_checkpoint(flag: str, folder: Path):
         raise CommandError(f"{flag} {str(folder)!r} did not load: {error}") from None
 
 
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".markdown")
+
+
 def _check_export(args):
     """Every refusal of ``mythos export``, before the checkpoint is loaded."""
     from .hub import _check_card_inputs, check_export_target
@@ -167,6 +171,11 @@ def _check_export(args):
     _check_mythos_folder("--from", checkpoint)
     check_export_target(args.folder, sources=[checkpoint], overwrite=args.overwrite, repo_id=args.repo_id)
     _check_card_inputs({"datasets": args.datasets, "training": args.training})
+    training = args.training
+    if training and not Path(training).is_file() and not any(ch.isspace() for ch in training) and (
+            Path(training).suffix.lower() in TEXT_SUFFIXES or os.sep in training):
+        raise ValueError(f"--training {training!r} looks like a file name and no such file exists: give an existing "
+                         f"file, or the notes themselves as text (words separated by spaces)")
 
 
 def _export(args):

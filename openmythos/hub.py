@@ -57,6 +57,8 @@ def _yaml_list(key: str, values: list[str]) -> str:
 
     if isinstance(values, str) or not all(isinstance(v, str) for v in values):
         raise TypeError(f"{key} must be a list of str, got {values!r}")
+    if not all(v.strip() for v in values):
+        raise ValueError(f"{key} must be a list of non-empty names (Hub dataset ids), got {list(values)!r}")
     return yaml.safe_dump({key: list(values)}, allow_unicode=True, default_style='"', width=float("inf"))
 
 

@@ -265,6 +265,20 @@ def summary(bpb: dict, args) -> dict:
             "goal_met": bool(deeper) and all(change <= 0.01 for change in worst.values())}
 
 
+def extrapolation_line(numbers: dict) -> str | None:
+    """The printed verdict of :func:`summary`: the changes past the reference loops, or that none were scored."""
+    base = numbers["reference_loops"]
+    if base is None:
+        return None
+    changes = numbers["relative_change_vs_reference"]
+    if not changes:
+        return (f"No --eval-loops past --mean-loops {base}: the extrapolation check (bits per byte at more loops "
+                f"within +1%) was not made.")
+    listed = ", ".join(f"{n} loops {c:+.2%}" for n, c in changes.items())
+    return (f"Loop-sampled model against its {base} loops: {listed} "
+            f"({'each within +1%' if numbers['goal_met'] else 'NOT all within +1%'}).")
+
+
 def plot(bpb: dict, args, path, title: str) -> None:
     """Bits per byte against n_loops (log scale), one line per looped model, the dense model as a flat line and the
     exit rules as single points at their mean loops."""

@@ -26,7 +26,8 @@ from .files import claim_output_dir, write_text_atomically
 from .parallel import train_models
 from .pipeline import BarOnlyProgressCallback, dense_config, environment
 from .report import describe_training, training_record
-from .text import DENSE, FIXED, SAMPLED, TITLES, collect_documents, format_table, plot, split_documents, summary
+from .text import (DENSE, FIXED, SAMPLED, TITLES, collect_documents, extrapolation_line, format_table, plot,
+                   split_documents, summary)
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -292,10 +293,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     write_text_atomically(out / "results.json", json.dumps(results, indent=2) + "\n")
     s = results["summary"]
-    if s["reference_loops"] is not None:
-        changes = ", ".join(f"{n} loops {c:+.2%}" for n, c in s["relative_change_vs_reference"].items())
-        print(f"\nLoop-sampled model against its {s['reference_loops']} loops: {changes} "
-              f"({'each within +1%' if s['goal_met'] else 'NOT all within +1%'}).")
+    line = extrapolation_line(s)
+    if line:
+        print("\n" + line)
     print(f"Wrote {out / 'results.json'}, {out / 'bpb.md'}" + ("" if args.no_plot else f", {out / 'bpb.png'}")
           + f" in {results['total_seconds']:.0f} s.")
     return results

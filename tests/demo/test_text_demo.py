@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from openmythos.demo import parse_args
-from openmythos.demo.text import (DENSE, FIXED, SAMPLED, collect_documents, format_table, split_documents, split_of,
-                                  summary)
+from openmythos.demo.text import (DENSE, FIXED, SAMPLED, collect_documents, extrapolation_line, format_table,
+                                  split_documents, split_of, summary)
 
 TOY = ["--task", "text", "--dim", "32", "--heads", "2", "--seq-len", "32", "--steps", "8", "--batch-size", "4",
        "--mean-loops", "2", "--eval-loops", "1,2,4,8", "--exit-thresholds", "0.05,0.001", "--train-bytes", "20000",
@@ -134,6 +134,19 @@ def test_summary_checks_every_deeper_loop_count_against_the_training_mean():
     bpb[SAMPLED]["n_loops"] = {**row, "16": 2.03}
     s = summary(bpb, args)
     assert s["goal_met"] is False and s["relative_change_vs_reference"]["16"] == pytest.approx(0.015)
+    assert extrapolation_line(s) == ("Loop-sampled model against its 4 loops: 8 loops +0.50%, 16 loops +1.50%, "
+                                     "32 loops +0.00% (NOT all within +1%).")
+
+
+def test_without_deeper_loop_counts_the_verdict_says_no_check_was_made():
+    """It once printed '(NOT all within +1%)' after an empty list."""
+    args = parse_args(["--task", "text", "--mean-loops", "4", "--eval-loops", "1,2,4"])
+    s = summary({SAMPLED: {"n_loops": {"1": 3.0, "2": 2.5, "4": 2.0}}}, args)
+    assert s["goal_met"] is False and s["relative_change_vs_reference"] == {}
+    assert extrapolation_line(s) == ("No --eval-loops past --mean-loops 4: the extrapolation check (bits per byte at "
+                                     "more loops within +1%) was not made.")
+    args = parse_args(["--task", "text", "--mean-loops", "3", "--eval-loops", "1,2,4"])
+    assert extrapolation_line(summary({SAMPLED: {"n_loops": {"1": 3.0, "2": 2.5, "4": 2.0}}}, args)) is None
 
 
 def test_mythos_demo_help_names_the_text_task_and_its_own_help_lists_its_flags():

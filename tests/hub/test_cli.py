@@ -103,8 +103,26 @@ def test_refused_exports_print_one_line_before_loading_anything(run_folder, tmp_
     (tmp_path / "busy" / ".env").write_text("HF_TOKEN=hf_secret")
     assert_one_line_error(mythos("export", str(tmp_path / "busy"), "--from", checkpoint, "--overwrite"), "export",
                           "hidden entries ['.env']")
+    # a mistyped notes file was written into the card as its own name; an empty dataset id became an entry
+    assert_one_line_error(mythos("export", str(tmp_path / "out"), "--from", checkpoint, "--training", "notse.txt"),
+                          "export", "--training 'notse.txt' looks like a file name and no such file exists")
+    assert_one_line_error(mythos("export", str(tmp_path / "out"), "--from", checkpoint, "--datasets", "wiki", ""),
+                          "export", "datasets must be a list of non-empty names", "['wiki', '']")
+    assert not (tmp_path / "out").exists()
     assert (run_folder / "checkpoint-20" / "model.safetensors").is_file()
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_export_reads_training_notes_from_a_file_or_takes_them_as_text(run_folder, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("Trained for 20 steps on the toy corpus.")
+    checkpoint = str(run_folder / "checkpoint-20")
+    for folder, value, expected in (("a", str(notes), "Trained for 20 steps on the toy corpus."),
+                                    ("b", "Ten steps of notes.txt-free text", "Ten steps of notes.txt-free text")):
+        result = mythos("export", str(tmp_path / folder), "--from", checkpoint, "--training", value)
+        assert result.returncode == 0, result.stderr[-2000:]
+        card = (tmp_path / folder / "README.md").read_text()
+        assert expected in card and str(notes) not in card
 
 
 def test_refused_pushes_print_one_line(tmp_path):
