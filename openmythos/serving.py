@@ -19,6 +19,7 @@ docs/serving.md says what works and what does not.
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -120,19 +121,39 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+# numeric options of transformers serve that it takes without a range check: (accepted range as words, test)
+NUMERIC_OPTIONS = {
+    "--port": ("from 1 to 65535", lambda v: v == int(v) and 1 <= v <= 65535),
+    "--model-timeout": ("-1 (never unload) or a number of seconds >= 0", lambda v: v == int(v) and (v == -1 or v >= 0)),
+    "--cb-max-memory-percent": ("a fraction in (0, 1]", lambda v: 0 < v <= 1),
+    "--cb-block-size": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
+    "--cb-num-blocks": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
+    "--cb-max-batch-tokens": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
+}
+
+
 def _argument_problem(argv: list[str]) -> str | None:
-    """The refusals transformers would turn into a traceback or a wrong port: a model path that is not a folder
-    (taken for a Hub repo id), wherever it stands among the options, and a port outside 1..65535."""
+    """The refusals transformers would turn into a traceback, a wrong port or a silent misbehaviour: a model path
+    that is not a folder (taken for a Hub repo id), wherever it stands among the options, and a numeric option out of
+    its range (:data:`NUMERIC_OPTIONS`). A value that is not a number is left to transformers' own message."""
     for i, token in enumerate(argv):
         follows_option = i > 0 and argv[i - 1].startswith("-") and "=" not in argv[i - 1]
         if not token.startswith("-") and not follows_option and token.startswith(("/", "./", "../", "~")) \
                 and not Path(token).expanduser().is_dir():
             return (f"{token!r} is not a folder; pass a save_pretrained folder (with its tokenizer) or a Hub repo "
                     f"id")
-        port = token.split("=", 1)[1] if token.startswith("--port=") else \
-            argv[i + 1] if token == "--port" and i + 1 < len(argv) else None
-        if port is not None and port.lstrip("-").isdigit() and not 1 <= int(port) <= 65535:
-            return f"--port must be from 1 to 65535, got {port}"
+        name, _, value = token.partition("=")
+        if name not in NUMERIC_OPTIONS:
+            continue
+        if not _:
+            value = argv[i + 1] if i + 1 < len(argv) else None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        accepted, holds = NUMERIC_OPTIONS[name]
+        if not math.isfinite(number) or not holds(number):
+            return f"{name} must be {accepted}, got {value}"
     return None
 
 

@@ -194,3 +194,23 @@ def test_bad_serve_arguments_are_named_without_starting(tmp_path, capsys):
                                               f"pass a save_pretrained folder (with its tokenizer) or a Hub repo id"
     assert serve([str(tmp_path), "--port", "99999"]) == 2
     assert capsys.readouterr().err.strip() == "mythos serve: error: --port must be from 1 to 65535, got 99999"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port=0"], "--port must be from 1 to 65535, got 0"),
+    (["--model-timeout", "-5"], "--model-timeout must be -1 (never unload) or a number of seconds >= 0, got -5"),
+    (["--cb-max-memory-percent", "5"], "--cb-max-memory-percent must be a fraction in (0, 1], got 5"),
+    (["--cb-max-memory-percent=nan"], "--cb-max-memory-percent must be a fraction in (0, 1], got nan"),
+    (["--cb-block-size", "0"], "--cb-block-size must be an integer >= 1, got 0"),
+    (["--cb-num-blocks", "-3"], "--cb-num-blocks must be an integer >= 1, got -3"),
+    (["--cb-max-batch-tokens", "0"], "--cb-max-batch-tokens must be an integer >= 1, got 0"),
+])
+def test_numeric_options_transformers_takes_unchecked_are_refused_in_one_line(tmp_path, capsys, argv, message):
+    """transformers' serve accepted these and misbehaved later (a negative idle timeout, 500% of the memory)."""
+    from openmythos.serving import _argument_problem, serve
+
+    assert serve([str(tmp_path), *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"mythos serve: error: {message}"
+    for fine in (["--model-timeout", "-1"], ["--model-timeout=0"], ["--cb-max-memory-percent", "0.5"],
+                 ["--cb-block-size", "32"], ["--port", "8000"]):
+        assert _argument_problem([str(tmp_path), *fine]) is None, fine
