@@ -2111,6 +2111,7 @@ def _check_exit(criterion, threshold, config: MythosConfig, has_head: bool, cach
         raise ValueError(f"`exit_threshold` must be a number in {accepted} for exit_criterion={criterion!r}, got "
                          f"{threshold!r}")
     if criterion == "act" and not has_halt:
+        # CODEPATH: use_act=True here only on a model whose config was edited after building (no checkpoint's)
         built = ("config.use_act was set after the model was built, which adds no head" if config.use_act
                  else "use_act=False")
         raise ValueError(f"exit_criterion='act' reads the halting head, and this model has none ({built}): use "
