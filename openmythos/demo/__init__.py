@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--state-noise", type=float, default=None,
                    help="hidden: in training, add Gaussian noise of this size relative to each position's RMS to "
                         "the loop state after every loop (default: none; tried at 0.1, docs/demo.md)")
+    p.add_argument("--arrival-weight", type=float, default=None,
+                   help="hidden: in training, the loss of the mark the wave reaches at each loop counts this many "
+                        "times (default: 1, the plain mean; docs/demo.md)")
     p.add_argument("--exit-budget", type=int, default=None,
                    help="hidden: most loops the exit rule may run (default 16); it is given no hop count")
     p.add_argument("--exit-criterion", choices=("kl", "delta"), default=None,
@@ -144,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f"bound), got {getattr(args, name)}")
     if args.state_noise is not None and not (math.isfinite(args.state_noise) and 0 <= args.state_noise < 10):
         p.error(f"--state-noise must be a number in [0, 10), got {args.state_noise}")
+    if args.arrival_weight is not None and not (math.isfinite(args.arrival_weight) and 0 < args.arrival_weight <= 100):
+        p.error(f"--arrival-weight must be a number in (0, 100], got {args.arrival_weight}")
     if (problem := common_problem(args)) is not None:
         p.error(problem)
     low = 3 if args.task == "context" else 2

@@ -179,14 +179,20 @@ class TraceTrainer(Trainer):
     ``state_noise`` > 0: in training, every loop's new state gets Gaussian noise of that size relative to each
     position's root-mean-square (a forward hook on the injection, added at the first step), so that the one-hop step
     cannot lean on how many loops ran (docs/demo.md, "State noise").
+
+    ``arrival_weight``: the loss term of the mark the wave reaches at loop t (the mark t hops in, whose node is new
+    at loop t and must then stay) counts this many times; the sum is still divided by the number of labels, so 1 is
+    the plain mean (docs/demo.md, "Arrival weight").
     """
 
-    def __init__(self, *args, extra_loops: int, loop_seed: int, state_noise: float = 0.0, **kwargs):
+    def __init__(self, *args, extra_loops: int, loop_seed: int, state_noise: float = 0.0, arrival_weight: float = 1.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.extra_loops = extra_loops
         self.loop_draws = random.Random(loop_seed)
         self.state_noise = state_noise
         self.noise_draws = None
+        self.arrival_weight = arrival_weight
 
     def _add_state_noise(self, module, args, state):
         if not module.training:
@@ -207,7 +213,15 @@ class TraceTrainer(Trainer):
         states = torch.cat(loop_states(model, out.hidden_states, n_loops))  # [n_loops * batch, seq, dim], loop-major
         logits = read_out(model, states)
         targets = torch.cat([trace_targets(labels, depths, t) for t in range(1, n_loops + 1)])
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
+        logits, targets = logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten()
+        if self.arrival_weight == 1:
+            loss = F.cross_entropy(logits, targets, ignore_index=-100)
+        else:  # logits at position p answer for depths[:, p]: the wave reaches it at loop t == its depth
+            arrival = torch.cat([depths[:, :-1] == t for t in range(1, n_loops + 1)]).flatten()
+            labelled = targets != -100
+            weights = torch.where(arrival, self.arrival_weight, 1.0) * labelled
+            loss = (F.cross_entropy(logits, targets, ignore_index=-100, reduction="none") * weights).sum() \
+                / labelled.sum()
         return (loss, None) if return_outputs else loss
 
 
@@ -266,7 +280,9 @@ def train(name: str, model, dataset, tokenizer, task, args, progress_bar: bool =
     )
     trace = looped and task.convergent
     extra = {"extra_loops": args.extra_loops, "loop_seed": args.seed,
-             "state_noise": getattr(args, "state_noise", None) or 0.0} if trace else {}
+             "state_noise": getattr(args, "state_noise", None) or 0.0,
+             "arrival_weight": args.arrival_weight if getattr(args, "arrival_weight", None) is not None else 1.0} \
+        if trace else {}
     trainer = (TraceTrainer if trace else TRAINERS[looped, task.in_order])(
         model=model, args=training_args, train_dataset=dataset,
         data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped and not trace,

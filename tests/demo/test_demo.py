@@ -164,6 +164,8 @@ def test_bad_hop_counts_are_refused(hops):
     (["--max-loops", "100000"], "--max-loops"), (["--train-hops", "1", "--exit-budget", "9"], "--exit-budget"),
     (["--state-noise", "-0.1"], "--state-noise"), (["--state-noise", "nan"], "--state-noise"),
     (["--task", "context", "--state-noise", "0.1"], "--state-noise"),
+    (["--arrival-weight", "0"], "--arrival-weight"), (["--arrival-weight", "inf"], "--arrival-weight"),
+    (["--task", "context", "--arrival-weight", "4"], "--arrival-weight"),
 ])
 def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys):
     with pytest.raises(SystemExit):
@@ -633,3 +635,41 @@ def test_state_noise_perturbs_the_training_loop_only_from_its_own_generator(tmp_
     relative = (noisy[True] - clean[True]).pow(2).mean(-1).sqrt() / clean[True].pow(2).mean(-1).sqrt()
     assert 0.02 < relative[0].mean() < 0.3  # the first loop's state moved by about 0.1 of its size
     assert torch.equal(noisy[False], clean[False])  # evaluation: no noise
+
+
+def test_arrival_weight_scales_exactly_the_loss_of_the_mark_the_wave_reaches(tmp_path):
+    """The loss is (sum over labels of the cross-entropy, the arriving mark's times the weight) / number of labels;
+    weight 1 is the plain mean. Checked against a per-token recomputation of one step."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from openmythos.demo.pipeline import TraceTrainer, collate, looped_config, loop_states, read_out, trace_targets
+
+    args = demo.parse_args(["--dim", "32", "--heads", "2", "--train-hops", "3"])
+    tokenizer = MythosTokenizer()
+    rows = PointerChasingTask(8, seed=0).dataset(tokenizer, hops=[1, 2, 3], num_examples=6, seed=0, pack=2)
+    batch = collate([dict(row) for row in rows], tokenizer.pad_token_id, with_depths=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(looped_config(args, tokenizer, 16)).eval()  # no dropout, no noise
+
+    def loss(weight):
+        trainer = TraceTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"),
+                               extra_loops=0, loop_seed=0, arrival_weight=weight)
+        with torch.no_grad():
+            return trainer.compute_loss(model, dict(batch)).item()
+
+    # by hand: n_loops is the deepest question's hops (extra_loops=0)
+    depths, labels = batch["depths"], batch["labels"]
+    n_loops = int(depths.max())
+    with torch.no_grad():
+        out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], n_loops=n_loops,
+                          output_hidden_states=True, use_cache=False)
+        logits = read_out(model, torch.cat(loop_states(model, out.hidden_states, n_loops)))
+    targets = torch.cat([trace_targets(labels, depths, t) for t in range(1, n_loops + 1)])[:, 1:].flatten()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100,
+                                           reduction="none")
+    arriving = torch.cat([depths[:, :-1] == t for t in range(1, n_loops + 1)]).flatten()
+    labelled = targets != -100
+    assert arriving.sum() > 0 and (arriving & ~labelled).sum() == 0  # every arriving mark has a label
+    plain, extra = ce[labelled].mean().item(), ce[arriving].sum().item() / labelled.sum().item()
+    assert loss(1.0) == pytest.approx(plain, rel=1e-5)
+    assert loss(4.0) == pytest.approx(plain + 3 * extra, rel=1e-5) and extra > 0

@@ -162,9 +162,9 @@ def test_ddp_buffer_broadcast_replaces_the_other_ranks_expert_counts_unless_exem
     torch.testing.assert_close(unaffected, expected, rtol=0, atol=1e-7)
 
 
-def test_trainer_callback_exempts_expert_counts_from_ddp_broadcast_before_the_trainer_wraps_the_model():
+def test_trainer_callback_exempts_expert_counts_from_ddp_broadcast_before_the_trainer_wraps_the_model(tmp_path):
     model = fsdp_worker.build_model()
-    MythosTrainingCallback().on_init_end(TrainingArguments("unused", report_to=[]), TrainerState(), TrainerControl(),
+    MythosTrainingCallback().on_init_end(TrainingArguments(str(tmp_path), report_to=[]), TrainerState(), TrainerControl(),
                                          model=model)
     assert model._ddp_params_and_buffers_to_ignore == ["model.recurrent.layer.mlp.gate.expert_load"]
 
