@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arrival-weight", type=float, default=None,
                    help="hidden: in training, the loss of the mark the wave reaches at each loop counts this many "
                         "times (default: 1, the plain mean; docs/demo.md)")
+    p.add_argument("--moving-weight", type=float, default=None,
+                   help="hidden: in training, the loss of every mark whose target changes at a loop (the arriving "
+                        "mark and the waiting ones) counts this many times (default: 1; docs/demo.md)")
     p.add_argument("--exit-budget", type=int, default=None,
                    help="hidden: most loops the exit rule may run (default 16); it is given no hop count")
     p.add_argument("--exit-criterion", choices=("kl", "delta"), default=None,
@@ -147,8 +150,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f"bound), got {getattr(args, name)}")
     if args.state_noise is not None and not (math.isfinite(args.state_noise) and 0 <= args.state_noise < 10):
         p.error(f"--state-noise must be a number in [0, 10), got {args.state_noise}")
-    if args.arrival_weight is not None and not (math.isfinite(args.arrival_weight) and 0 < args.arrival_weight <= 100):
-        p.error(f"--arrival-weight must be a number in (0, 100], got {args.arrival_weight}")
+    for name in ("arrival_weight", "moving_weight"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and 0 < value <= 100):
+            p.error(f"--{name.replace('_', '-')} must be a number in (0, 100], got {value}")
     if (problem := common_problem(args)) is not None:
         p.error(problem)
     low = 3 if args.task == "context" else 2

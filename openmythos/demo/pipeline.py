@@ -181,18 +181,20 @@ class TraceTrainer(Trainer):
     cannot lean on how many loops ran (docs/demo.md, "State noise").
 
     ``arrival_weight``: the loss term of the mark the wave reaches at loop t (the mark t hops in, whose node is new
-    at loop t and must then stay) counts this many times; the sum is still divided by the number of labels, so 1 is
-    the plain mean (docs/demo.md, "Arrival weight").
+    at loop t and must then stay) counts this many times. ``moving_weight``: every mark whose target changes at loop
+    t (the arriving one and those still waiting, which hold the front) counts this many times; on the arriving mark
+    the two multiply. The sum is still divided by the number of labels, so weights of 1 give the plain mean
+    (docs/demo.md, "Loss weights on the moving marks").
     """
 
     def __init__(self, *args, extra_loops: int, loop_seed: int, state_noise: float = 0.0, arrival_weight: float = 1.0,
-                 **kwargs):
+                 moving_weight: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.extra_loops = extra_loops
         self.loop_draws = random.Random(loop_seed)
         self.state_noise = state_noise
         self.noise_draws = None
-        self.arrival_weight = arrival_weight
+        self.arrival_weight, self.moving_weight = arrival_weight, moving_weight
 
     def _add_state_noise(self, module, args, state):
         if not module.training:
@@ -214,13 +216,15 @@ class TraceTrainer(Trainer):
         logits = read_out(model, states)
         targets = torch.cat([trace_targets(labels, depths, t) for t in range(1, n_loops + 1)])
         logits, targets = logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten()
-        if self.arrival_weight == 1:
+        if self.arrival_weight == 1 and self.moving_weight == 1:
             loss = F.cross_entropy(logits, targets, ignore_index=-100)
         else:  # logits at position p answer for depths[:, p]: the wave reaches it at loop t == its depth
-            arrival = torch.cat([depths[:, :-1] == t for t in range(1, n_loops + 1)]).flatten()
+            loop = torch.arange(1, n_loops + 1, device=depths.device)[:, None, None]  # [n_loops, 1, 1], loop-major
+            depth = depths[None, :, :-1]
+            weights = (torch.where(depth == loop, self.arrival_weight, 1.0)
+                       * torch.where(depth >= loop, self.moving_weight, 1.0)).flatten()
             labelled = targets != -100
-            weights = torch.where(arrival, self.arrival_weight, 1.0) * labelled
-            loss = (F.cross_entropy(logits, targets, ignore_index=-100, reduction="none") * weights).sum() \
+            loss = (F.cross_entropy(logits, targets, ignore_index=-100, reduction="none") * weights * labelled).sum() \
                 / labelled.sum()
         return (loss, None) if return_outputs else loss
 
@@ -281,8 +285,8 @@ def train(name: str, model, dataset, tokenizer, task, args, progress_bar: bool =
     trace = looped and task.convergent
     extra = {"extra_loops": args.extra_loops, "loop_seed": args.seed,
              "state_noise": getattr(args, "state_noise", None) or 0.0,
-             "arrival_weight": args.arrival_weight if getattr(args, "arrival_weight", None) is not None else 1.0} \
-        if trace else {}
+             **{name: getattr(args, name) if getattr(args, name, None) is not None else 1.0
+                for name in ("arrival_weight", "moving_weight")}} if trace else {}
     trainer = (TraceTrainer if trace else TRAINERS[looped, task.in_order])(
         model=model, args=training_args, train_dataset=dataset,
         data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped and not trace,

@@ -166,6 +166,7 @@ def test_bad_hop_counts_are_refused(hops):
     (["--task", "context", "--state-noise", "0.1"], "--state-noise"),
     (["--arrival-weight", "0"], "--arrival-weight"), (["--arrival-weight", "inf"], "--arrival-weight"),
     (["--task", "context", "--arrival-weight", "4"], "--arrival-weight"),
+    (["--moving-weight", "-1"], "--moving-weight"), (["--task", "context", "--moving-weight", "4"], "--moving-weight"),
 ])
 def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys):
     with pytest.raises(SystemExit):
@@ -637,9 +638,10 @@ def test_state_noise_perturbs_the_training_loop_only_from_its_own_generator(tmp_
     assert torch.equal(noisy[False], clean[False])  # evaluation: no noise
 
 
-def test_arrival_weight_scales_exactly_the_loss_of_the_mark_the_wave_reaches(tmp_path):
-    """The loss is (sum over labels of the cross-entropy, the arriving mark's times the weight) / number of labels;
-    weight 1 is the plain mean. Checked against a per-token recomputation of one step."""
+def test_arrival_and_moving_weights_scale_exactly_the_loss_of_those_marks(tmp_path):
+    """The loss is (sum over labels of the cross-entropy, the arriving mark's times the arrival weight, every moving
+    mark's times the moving weight) / number of labels; weights of 1 give the plain mean. Checked against a per-token
+    recomputation of one step."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from openmythos.demo.pipeline import TraceTrainer, collate, looped_config, loop_states, read_out, trace_targets
@@ -651,9 +653,9 @@ def test_arrival_weight_scales_exactly_the_loss_of_the_mark_the_wave_reaches(tmp
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(looped_config(args, tokenizer, 16)).eval()  # no dropout, no noise
 
-    def loss(weight):
+    def loss(arrival, moving=1.0):
         trainer = TraceTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"),
-                               extra_loops=0, loop_seed=0, arrival_weight=weight)
+                               extra_loops=0, loop_seed=0, arrival_weight=arrival, moving_weight=moving)
         with torch.no_grad():
             return trainer.compute_loss(model, dict(batch)).item()
 
@@ -668,8 +670,16 @@ def test_arrival_weight_scales_exactly_the_loss_of_the_mark_the_wave_reaches(tmp
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100,
                                            reduction="none")
     arriving = torch.cat([depths[:, :-1] == t for t in range(1, n_loops + 1)]).flatten()
+    moving = torch.cat([depths[:, :-1] >= t for t in range(1, n_loops + 1)]).flatten()
     labelled = targets != -100
     assert arriving.sum() > 0 and (arriving & ~labelled).sum() == 0  # every arriving mark has a label
-    plain, extra = ce[labelled].mean().item(), ce[arriving].sum().item() / labelled.sum().item()
+    assert (moving & ~arriving).sum() > 0 and (moving & ~labelled).sum() == 0  # waiting marks too
+    count = labelled.sum().item()
+    plain = ce[labelled].mean().item()
+    on_arriving, on_moving = ce[arriving].sum().item() / count, ce[moving].sum().item() / count
     assert loss(1.0) == pytest.approx(plain, rel=1e-5)
-    assert loss(4.0) == pytest.approx(plain + 3 * extra, rel=1e-5) and extra > 0
+    assert loss(4.0) == pytest.approx(plain + 3 * on_arriving, rel=1e-5) and on_arriving > 0
+    assert loss(1.0, 4.0) == pytest.approx(plain + 3 * on_moving, rel=1e-5) and on_moving > on_arriving
+    # on the arriving mark the two weights multiply: 2 x 3 = 6 there, 3 on the waiting marks
+    expected = plain + 2 * (ce[moving & ~arriving].sum().item() / count) + 5 * on_arriving
+    assert loss(2.0, 3.0) == pytest.approx(expected, rel=1e-5)
