@@ -86,15 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra-loops", type=int, default=None,
                    help="hidden: a training batch runs n_loops drawn from its deepest question's hops to that + this "
                         "many, every loop's output trained on (default 4)")
-    p.add_argument("--state-noise", type=float, default=None,
-                   help="hidden: in training, add Gaussian noise of this size relative to each position's RMS to "
-                        "the loop state after every loop (default: none; tried at 0.1, docs/demo.md)")
-    p.add_argument("--arrival-weight", type=float, default=None,
-                   help="hidden: in training, the loss of the mark the wave reaches at each loop counts this many "
-                        "times (default: 1, the plain mean; docs/demo.md)")
-    p.add_argument("--moving-weight", type=float, default=None,
-                   help="hidden: in training, the loss of every mark whose target changes at a loop (the arriving "
-                        "mark and the waiting ones) counts this many times (default: 1; docs/demo.md)")
+    for flag, what in (  # training changes tried on the late seeds, none the default (docs/demo.md)
+            ("--state-noise", "add Gaussian noise of this size relative to each position's RMS to the loop state after "
+                              "every loop (default: none; tried at 0.1)"),
+            ("--arrival-weight", "the loss of the mark the wave reaches at each loop counts this many times (default: "
+                                 "1, the plain mean)"),
+            ("--moving-weight", "the loss of every mark whose target changes at a loop (the arriving mark and the "
+                                "waiting ones) counts this many times (default: 1)")):
+        p.add_argument(flag, type=float, default=None, help=f"hidden: in training, {what}; docs/demo.md")
     p.add_argument("--exit-budget", type=int, default=None,
                    help="hidden: most loops the exit rule may run (default 16); it is given no hop count")
     p.add_argument("--exit-criterion", choices=("kl", "delta"), default=None,

@@ -1,5 +1,6 @@
 """The ``mythos`` command: help and refusals without importing torch, user errors as one line with exit status 2."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -114,15 +115,25 @@ def test_refused_exports_print_one_line_before_loading_anything(run_folder, tmp_
 
 
 def test_export_reads_training_notes_from_a_file_or_takes_them_as_text(run_folder, tmp_path):
+    from openmythos.cli import _check_export
+
     notes = tmp_path / "notes.md"
     notes.write_text("Trained for 20 steps on the toy corpus.")
     checkpoint = str(run_folder / "checkpoint-20")
-    for folder, value, expected in (("a", str(notes), "Trained for 20 steps on the toy corpus."),
-                                    ("b", "Ten steps of notes.txt-free text", "Ten steps of notes.txt-free text")):
-        result = mythos("export", str(tmp_path / folder), "--from", checkpoint, "--training", value)
-        assert result.returncode == 0, result.stderr[-2000:]
-        card = (tmp_path / folder / "README.md").read_text()
-        assert expected in card and str(notes) not in card
+    result = mythos("export", str(tmp_path / "a"), "--from", checkpoint, "--training", str(notes))
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "Trained for 20 steps on the toy corpus." in card and str(notes) not in card
+
+    def check(training):
+        _check_export(argparse.Namespace(checkpoint=checkpoint, folder=str(tmp_path / "b"), overwrite=False,
+                                         repo_id=None, datasets=None, training=training))
+
+    check("Ten steps of notes.txt-free text")  # text: words with spaces, whatever they mention
+    check(str(notes))
+    with pytest.raises(ValueError, match="looks like a file name"):
+        check(str(tmp_path / "missing" / "notes"))
+    assert not (tmp_path / "b").exists()
 
 
 def test_refused_pushes_print_one_line(tmp_path):
