@@ -142,10 +142,10 @@ def _argument_problem(argv: list[str]) -> str | None:
                 and not Path(token).expanduser().is_dir():
             return (f"{token!r} is not a folder; pass a save_pretrained folder (with its tokenizer) or a Hub repo "
                     f"id")
-        name, _, value = token.partition("=")
+        name, joined, value = token.partition("=")
         if name not in NUMERIC_OPTIONS:
             continue
-        if not _:
+        if not joined:  # "--port 8000": the value is the next token
             value = argv[i + 1] if i + 1 < len(argv) else None
         try:
             number = float(value)

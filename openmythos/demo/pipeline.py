@@ -284,9 +284,9 @@ def train(name: str, model, dataset, tokenizer, task, args, progress_bar: bool =
     )
     trace = looped and task.convergent
     extra = {"extra_loops": args.extra_loops, "loop_seed": args.seed,
-             "state_noise": getattr(args, "state_noise", None) or 0.0,
-             **{name: getattr(args, name) if getattr(args, name, None) is not None else 1.0
-                for name in ("arrival_weight", "moving_weight")}} if trace else {}
+             "state_noise": getattr(args, "state_noise", None) or 0.0,  # the weights are > 0 when given
+             "arrival_weight": getattr(args, "arrival_weight", None) or 1.0,
+             "moving_weight": getattr(args, "moving_weight", None) or 1.0} if trace else {}
     trainer = (TraceTrainer if trace else TRAINERS[looped, task.in_order])(
         model=model, args=training_args, train_dataset=dataset,
         data_collator=lambda features: collate(features, tokenizer.pad_token_id, with_hops=looped and not trace,
