@@ -26,6 +26,7 @@ MYTHOS_FORMAT_VERSION = 1
 ATTN_TYPES = ("mla", "gqa")
 LOOP_SAMPLINGS = ("fixed", "poisson_lognormal")
 LOOP_KV_SHARINGS = ("none", "first", "last")
+EXIT_SCOPES = ("position", "prefix")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,6 +201,14 @@ class MythosConfig(PreTrainedConfig):
         whatever ``n_loops`` is (a static cache serves any ``n_loops``), and the no-cache forward, training and
         cached decoding follow the same rule, so they agree exactly. Exit criteria and per-row budgets need
         ``"none"``.
+    exit_scope (`str`, defaults to ``"position"``):
+        What an exit criterion (``exit_criterion="delta"`` or ``"kl"``) must see before a position stops.
+        ``"position"``: its own measure below the threshold. ``"prefix"``: that, and every earlier position of its row
+        in the same call has stopped, stops now, has run its budget, or is padding. In a causal model a position's next
+        loop reads the earlier positions' states, so while one of them still moves, a position that held still for a
+        loop may move again; ``"prefix"`` stops it only once its whole context has settled. ``loops_used`` then never
+        falls along a row (for equal budgets). Decoding a token at a time is unaffected (the past is cached and done).
+        ``"act"`` and continuous batching (which packs requests into one row) need ``"position"``.
     use_act (`bool`, defaults to `False`):
         Adaptive Computation Time halting. The output is the ACT-weighted mix
         of the loop states; every loop still runs so that the KV cache stays complete.
@@ -305,6 +314,7 @@ class MythosConfig(PreTrainedConfig):
     dense_ffn_dim: int | None = _checked(integer(1, optional=True), None)
     mla_absorb: bool = _checked(boolean(), True)
     loop_kv_sharing: str = _checked(choice(LOOP_KV_SHARINGS), "none")
+    exit_scope: str = _checked(choice(EXIT_SCOPES), "position")
     use_act: bool = _checked(boolean(), False)
     act_ponder_weight: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.01)
     loop_signal_scale: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.1)

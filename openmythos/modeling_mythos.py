@@ -750,6 +750,10 @@ class MythosRequestLoops:
             raise ValueError(
                 "exit_criterion='kl' is not supported by continuous batching (it runs the coda once per loop against "
                 "a cache it must not write, which the paged cache cannot do); use 'delta' or 'act', or generate()")
+        if exit_criterion is not None and self.config.exit_scope != "position":
+            raise ValueError(
+                f"config.exit_scope={self.config.exit_scope!r} waits for the earlier positions of a row, and continuous "
+                f"batching packs many requests into one row; set config.exit_scope='position', or use generate()")
         return n_loops, exit_criterion, exit_threshold
 
     def set(self, request_id: str, n_loops=None, exit_criterion=None, exit_threshold=None) -> None:
@@ -1469,8 +1473,11 @@ class MythosExitRule:
     with every stop taking the remaining mass.
     """
 
-    def __init__(self, recurrence, plan: MythosLoopPlan, budget: torch.Tensor, e: torch.Tensor):
+    def __init__(self, recurrence, plan: MythosLoopPlan, budget: torch.Tensor, e: torch.Tensor, token_mask=None):
         self.halt, self.plan, self.budget = recurrence.halt, plan, budget
+        # CODEPATH: exit_scope="position" by default; "prefix" waits for every earlier position of the row
+        self.prefix = recurrence.config.exit_scope == "prefix" and plan.criterion in ("delta", "kl")
+        self.padding = None if token_mask is None else ~token_mask.bool()
         self.n_experts = recurrence.config.n_experts
         self.act_threshold = plan.threshold if plan.criterion == "act" else recurrence.config.act_threshold
         self.halting = MythosHaltingState(e) if self.halt is not None else None
@@ -1492,6 +1499,8 @@ class MythosExitRule:
         kl = self._kl(h_next, run, nan) if self.plan.criterion == "kl" else None
         if kl is not None:
             stop = run & (kl < self.plan.threshold)
+        if self.prefix:
+            stop = self._after_context(t, run, stop)
         p = None
         if self.halting is not None:
             p = self.halt(h_next, self.budget)
@@ -1510,6 +1519,14 @@ class MythosExitRule:
                 counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)
             records["expert_counts"].append(counts)
         return stop
+
+    def _after_context(self, t: int, run, stop):
+        """``exit_scope="prefix"``: of ``stop``, the positions whose earlier positions are all done after loop ``t``
+        (stopped before, stopping now, at the end of their budget, or padding)."""
+        done = ~run | stop | (self.budget <= t + 1)
+        if self.padding is not None:
+            done = done | self.padding
+        return stop & done.to(torch.uint8).cummin(dim=1).values.bool()
 
     def _kl(self, h_next, run, nan):
         flat = run.reshape(-1).nonzero().squeeze(1)
@@ -1790,7 +1807,7 @@ class MythosRecurrence(nn.Module):
         batch, seq = e.shape[:2]
         budget = plan.budget if plan.budget is not None else torch.full(
             (batch, seq), plan.n_loops, dtype=torch.long, device=e.device)
-        rule = MythosExitRule(self, plan, budget, e)
+        rule = MythosExitRule(self, plan, budget, e, token_mask)
         no_grad_loops = self._no_grad_loops(plan.n_loops)
         horizon = budget.amax(1)  # each row's cache horizon: later tokens of the row may run this deep
         stopped = torch.zeros_like(budget, dtype=torch.bool)
@@ -2110,6 +2127,9 @@ def _check_exit(criterion, threshold, config: MythosConfig, has_head: bool, cach
             or not (0 < threshold <= 1.0 if criterion == "act" else 0 <= threshold)):
         raise ValueError(f"`exit_threshold` must be a number in {accepted} for exit_criterion={criterion!r}, got "
                          f"{threshold!r}")
+    if criterion == "act" and config.exit_scope != "position":
+        raise ValueError(f"exit_criterion='act' decides each position by its own halting mass, so it needs "
+                         f"config.exit_scope='position', got {config.exit_scope!r}; use 'delta' or 'kl'")
     if criterion == "act" and not has_halt:
         # CODEPATH: use_act=True here only on a model whose config was edited after building (no checkpoint's)
         built = ("config.use_act was set after the model was built, which adds no head" if config.use_act

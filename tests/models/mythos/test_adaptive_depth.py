@@ -437,3 +437,94 @@ def test_loop_slots_hold_only_the_rows_that_run_them(model, ids):
     rows = [cache.layers[slot + t].keys.shape[0] for t in range(6)]
     assert rows == [3, 2, 2, 1, 1, 1]
     assert all(cache.layers[i].keys.shape[0] == 3 for i in range(slot))
+
+
+class TestPrefixScope:
+    """``config.exit_scope="prefix"``: a position stops at the first loop where its own measure holds and every
+    earlier position of its row is done. Checked against that definition, worked out from the run's own statistics."""
+
+    @staticmethod
+    def expected_loops(held, budget):
+        """Left to right: position i stops at the first loop t where ``held[t - 1, row, i]`` and every earlier
+        position has stopped by t (``held`` [loops, batch, seq])."""
+        loops, batch, seq = held.shape
+        expected = torch.full((batch, seq), budget, dtype=torch.long)
+        for row in range(batch):
+            context_done = 0  # the loop by which every earlier position has stopped
+            for i in range(seq):
+                for t in range(max(context_done, 1), budget + 1):
+                    if held[t - 1, row, i]:
+                        expected[row, i] = t
+                        break
+                context_done = max(context_done, int(expected[row, i]))
+        return expected
+
+    @staticmethod
+    def runs(model, ids, criterion, threshold):
+        """The same call under "position" and under "prefix"."""
+        kwargs = dict(n_loops=6, exit_criterion=criterion, exit_threshold=threshold, output_loop_stats=True,
+                      use_cache=False)
+        model.config.exit_scope = "position"
+        alone = model(ids, **kwargs)
+        model.config.exit_scope = "prefix"
+        return alone, model(ids, **kwargs)
+
+    @pytest.mark.parametrize("criterion", ["delta", "kl"])
+    def test_stops_where_its_context_has_settled(self, attn_type, ids, criterion):
+        model = make_model(attn_type)
+        kwargs = dict(exit_criterion="kl", exit_threshold=0.0) if criterion == "kl" else {}
+        values = criterion_values(model(ids, n_loops=6, output_loop_stats=True, use_cache=False, **kwargs).loop_stats,
+                                  criterion)
+        values = values[values.isfinite() & (values > 0)].detach().sort().values
+        # a threshold clear of every compared value (float noise cannot flip a decision) under which a later position
+        # stops before an earlier one on its own, so that "prefix" has something to change
+        for q in torch.linspace(0.2, 0.8, 25).tolist():
+            i = int(q * (len(values) - 1))
+            threshold = float((values[i] * values[i + 1]).sqrt())
+            alone, out = self.runs(model, ids, criterion, threshold)
+            compared = torch.cat([criterion_values(run.loop_stats, criterion).flatten() for run in (alone, out)])
+            compared = compared[compared.isfinite()]
+            if ((compared - threshold).abs() / threshold).min() > 0.01 and (alone.loops_used.diff(dim=1) < 0).any():
+                break
+        else:
+            pytest.fail(f"no {criterion} threshold that is clear and makes a later position stop first")
+        held = criterion_values(out.loop_stats, criterion) < threshold  # NaN (not run) compares False
+        assert torch.equal(out.loops_used, self.expected_loops(held, 6))
+        assert (out.loops_used.diff(dim=1) >= 0).all()  # never fewer loops than an earlier position
+        assert torch.equal(out.loop_stats.active.sum(0), out.loops_used)
+        # the first position reads only itself, so it decides as under "position"; later ones wait for their context
+        assert torch.equal(out.loops_used[:, 0], alone.loops_used[:, 0])
+        assert (out.loops_used > alone.loops_used).any() and (out.loops_used < 6).any()
+
+    def test_padding_does_not_hold_a_row_back(self, ids):
+        """Left padding is done from the start: the padded row decides as the row alone."""
+        model = make_model(exit_scope="prefix")
+        row = ids[1:2, 3:]
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1)
+        mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(row)], dim=1)
+        threshold = clear_threshold(model, row, "delta")
+        kwargs = dict(n_loops=6, exit_criterion="delta", exit_threshold=threshold, use_cache=False)
+        alone = model(row, **kwargs).loops_used
+        assert (alone < 6).any()
+        assert torch.equal(model(padded, attention_mask=mask, **kwargs).loops_used[:, 3:], alone)
+
+    def test_generate_equals_replay(self, ids):
+        model = make_model(exit_scope="prefix")
+        threshold = clear_threshold(model, ids, "kl")
+        recorder = MythosLoopRecorder()
+        out = model.generate(ids, n_loops=6, exit_criterion="kl", exit_threshold=threshold, loop_recorder=recorder,
+                             max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        prompt = recorder.calls[0]
+        assert (prompt.diff(dim=1) >= 0).all() and (prompt < 6).any()
+        replay = model(out.sequences[:, :-1], n_loops=torch.cat(recorder.calls, dim=1), use_cache=False).logits
+        assert torch.equal(replay[:, 9:].argmax(-1), out.sequences[:, 10:])
+        torch.testing.assert_close(replay[:, 9:], torch.stack(out.scores, 1), atol=1e-5, rtol=0)
+
+    def test_refused_where_it_cannot_apply(self, ids):
+        with pytest.raises(ValueError, match="exit_scope"):
+            make_model(exit_scope="row")
+        model = make_model(exit_scope="prefix", use_act=True)
+        with pytest.raises(ValueError, match=r"exit_scope='position'"):
+            model(ids, n_loops=4, exit_criterion="act", exit_threshold=0.5)
+        with pytest.raises(ValueError, match="continuous batching"):
+            model.model.request_loops.set("r1", n_loops=2, exit_criterion="delta", exit_threshold=0.1)
