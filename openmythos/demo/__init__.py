@@ -100,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="hidden: what the exit rule watches; kl: the KL divergence between successive loops' "
                         "next-token distributions (runs the coda and head every loop), delta: the relative state "
                         "change (default kl)")
+    p.add_argument("--exit-scope", choices=("position", "prefix"), default=None,
+                   help="hidden: what the exit rule waits for (the looped model's config.exit_scope); position: each "
+                        "position stops on its own measure, prefix: also only once every earlier position has stopped "
+                        "(default position)")
     p.add_argument("--samples", type=int, default=4, help="sample questions answered after reloading")
     p.add_argument("--seed", type=int, default=0, help="seed of the graph, the data and the models (same "
                                                          "seed, machine, torch version and --threads: same results)")
