@@ -486,8 +486,9 @@ def run(args: argparse.Namespace) -> dict:
     elif task.convergent:
         exit_rule = choose_exit_threshold(models[LOOPED], task.exit_questions(args), tokenizer, args.exit_budget,
                                           args.exit_criterion)
+        wait = " and every earlier position has stopped" if models[LOOPED].config.exit_scope == "prefix" else ""
         print(f"\nExit rule: a position stops once its {EXIT_MEASURES[exit_rule['criterion']]} is below "
-              f"{exit_rule['threshold']:.3g} (chosen on the training questions: smallest while moving "
+              f"{exit_rule['threshold']:.3g}{wait} (chosen on the training questions: smallest while moving "
               f"{exit_rule['smallest_change_while_moving']:.3g}, largest once settled "
               f"{exit_rule['largest_change_once_settled']:.3g}), at most {exit_rule['budget']} loops.")
     table = evaluate(models, task, tokenizer, args, exit_rule)

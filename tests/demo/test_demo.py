@@ -178,8 +178,9 @@ def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys)
 def test_exit_scope_flag_reaches_the_looped_models_config():
     from openmythos.demo.pipeline import looped_config
     tokenizer = MythosTokenizer()
-    assert looped_config(demo.parse_args([]), tokenizer, 16).exit_scope == "position"
-    assert looped_config(demo.parse_args(["--exit-scope", "prefix"]), tokenizer, 16).exit_scope == "prefix"
+    assert looped_config(demo.parse_args([]), tokenizer, 16).exit_scope == "prefix"
+    assert looped_config(demo.parse_args(["--exit-scope", "position"]), tokenizer, 16).exit_scope == "position"
+    assert looped_config(demo.parse_args(["--task", "context"]), tokenizer, 16).exit_scope == "position"
 
 
 def test_defaulted_depths_fit_a_small_training_depth():
