@@ -184,11 +184,24 @@ def test_export_leaves_later_plain_saves_without_remote_code(tmp_path):
     assert not list((tmp_path / "plain").glob("*.py"))
 
 
-def test_export_and_push_commands(tmp_path):
+def test_export_and_push_commands(tmp_path, capsys, monkeypatch):
+    """In process, through the console script's ``openmythos.cli:main`` (tests/hub/test_cli.py runs it as a process)."""
+    from types import SimpleNamespace
+
+    from openmythos.cli import main
+
     checkpoint = tmp_path / "ckpt"
     make_model("gqa").save_pretrained(checkpoint)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "openmythos.cli", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv):
+        try:
+            code = main(list(argv))
+        except SystemExit as done:
+            code = done.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
     result = run("export", str(tmp_path / "out"), "--from", str(checkpoint), "--repo-id", "me/tiny")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "README.md").exists() and "me/tiny" in (tmp_path / "out" / "README.md").read_text()
