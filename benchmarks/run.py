@@ -1,7 +1,7 @@
 """One benchmark command: openmythos (eager and compiled) against the reference and an unrolled peer, in one process.
 
     .venv/bin/python benchmarks/run.py              # full run: small and medium, every section (15 min on 2 cores)
-    .venv/bin/python benchmarks/run.py --quick      # smoke run (under a minute; CI runs it, no time is asserted)
+    .venv/bin/python benchmarks/run.py --quick      # smoke run (about 1 min; CI runs it, no time is asserted)
     .venv/bin/python benchmarks/run.py --sizes medium --sections models --json runs/bench.json
 
 Models, each built from its own config object, fp32, with the kernels it runs printed beside every number:
