@@ -207,8 +207,9 @@ class MythosConfig(PreTrainedConfig):
         in the same call has stopped, stops now, has run its budget, or is padding. In a causal model a position's next
         loop reads the earlier positions' states, so while one of them still moves, a position that held still for a
         loop may move again; ``"prefix"`` stops it only once its whole context has settled. ``loops_used`` then never
-        falls along a row (for equal budgets). Decoding a token at a time is unaffected (the past is cached and done).
-        ``"act"`` and continuous batching (which packs requests into one row) need ``"position"``.
+        falls along a row's real tokens (for equal budgets; padding runs as its own measure says). Decoding a token at
+        a time is unaffected (the past is cached and done). ``"act"`` and continuous batching (which packs requests
+        into one row) need ``"position"``.
     use_act (`bool`, defaults to `False`):
         Adaptive Computation Time halting. The output is the ACT-weighted mix
         of the loop states; every loop still runs so that the KV cache stays complete.

@@ -841,6 +841,10 @@ class MythosPagedBatch:
         budgets = [n for n, _, _ in controls]
         requests.checked(max(budgets))  # the config's default depth may exceed the paged loop slots
         check_request_mix(controls)
+        if self.config.exit_scope != "position" and any(c is not None for _, c, _ in controls):
+            # a request registered before exit_scope changed: its rule would wait for other requests' tokens
+            requests.checked(exit_criterion=next(c for _, c, _ in controls if c is not None), exit_threshold=next(
+                t for _, c, t in controls if c is not None))
         lengths = torch.tensor([self.cu_q[i + 1] - self.cu_q[i] for i in range(self.sequences)])
         kind = next((c for _, c, _ in controls if c is not None), None)
         most = max(budgets)

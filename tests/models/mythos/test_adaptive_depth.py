@@ -445,14 +445,15 @@ class TestPrefixScope:
 
     @staticmethod
     def expected_loops(held, budget):
-        """Left to right: position i stops at the first loop t where ``held[t - 1, row, i]`` and every earlier
-        position has stopped by t (``held`` [loops, batch, seq])."""
+        """Left to right: position i stops at the first loop t <= its budget where ``held[t - 1, row, i]`` and every
+        earlier position has stopped by t, or else at its budget (``held`` [loops, batch, seq], ``budget`` [batch,
+        seq])."""
         loops, batch, seq = held.shape
-        expected = torch.full((batch, seq), budget, dtype=torch.long)
+        expected = budget.clone()
         for row in range(batch):
             context_done = 0  # the loop by which every earlier position has stopped
             for i in range(seq):
-                for t in range(max(context_done, 1), budget + 1):
+                for t in range(max(context_done, 1), int(budget[row, i]) + 1):
                     if held[t - 1, row, i]:
                         expected[row, i] = t
                         break
@@ -460,62 +461,91 @@ class TestPrefixScope:
         return expected
 
     @staticmethod
-    def runs(model, ids, criterion, threshold):
+    def runs(model, ids, criterion, threshold, n_loops=6, **kwargs):
         """The same call under "position" and under "prefix"."""
-        kwargs = dict(n_loops=6, exit_criterion=criterion, exit_threshold=threshold, output_loop_stats=True,
-                      use_cache=False)
+        kwargs = dict(n_loops=n_loops, exit_criterion=criterion, exit_threshold=threshold, output_loop_stats=True,
+                      use_cache=False, **kwargs)
         model.config.exit_scope = "position"
         alone = model(ids, **kwargs)
         model.config.exit_scope = "prefix"
         return alone, model(ids, **kwargs)
 
-    @pytest.mark.parametrize("criterion", ["delta", "kl"])
-    def test_stops_where_its_context_has_settled(self, attn_type, ids, criterion):
-        model = make_model(attn_type)
-        kwargs = dict(exit_criterion="kl", exit_threshold=0.0) if criterion == "kl" else {}
-        values = criterion_values(model(ids, n_loops=6, output_loop_stats=True, use_cache=False, **kwargs).loop_stats,
-                                  criterion)
+    def threshold(self, model, ids, criterion, n_loops=6, **kwargs):
+        """A threshold clear of every value compared under either scope (float noise cannot flip a decision) under
+        which a later position stops before an earlier one on its own, so that "prefix" has something to change."""
+        probe = dict(exit_criterion="kl", exit_threshold=0.0) if criterion == "kl" else {}
+        stats = model(ids, n_loops=6, output_loop_stats=True, use_cache=False, **probe, **kwargs).loop_stats
+        values = criterion_values(stats, criterion)
         values = values[values.isfinite() & (values > 0)].detach().sort().values
-        # a threshold clear of every compared value (float noise cannot flip a decision) under which a later position
-        # stops before an earlier one on its own, so that "prefix" has something to change
         for q in torch.linspace(0.2, 0.8, 25).tolist():
             i = int(q * (len(values) - 1))
             threshold = float((values[i] * values[i + 1]).sqrt())
-            alone, out = self.runs(model, ids, criterion, threshold)
+            alone, out = self.runs(model, ids, criterion, threshold, n_loops, **kwargs)
             compared = torch.cat([criterion_values(run.loop_stats, criterion).flatten() for run in (alone, out)])
             compared = compared[compared.isfinite()]
             if ((compared - threshold).abs() / threshold).min() > 0.01 and (alone.loops_used.diff(dim=1) < 0).any():
-                break
-        else:
-            pytest.fail(f"no {criterion} threshold that is clear and makes a later position stop first")
+                return threshold, alone, out
+        pytest.fail(f"no {criterion} threshold that is clear and makes a later position stop first")
+
+    @pytest.mark.parametrize("criterion", ["delta", "kl"])
+    def test_stops_where_its_context_has_settled(self, attn_type, ids, criterion):
+        model = make_model(attn_type)
+        threshold, alone, out = self.threshold(model, ids, criterion)
         held = criterion_values(out.loop_stats, criterion) < threshold  # NaN (not run) compares False
-        assert torch.equal(out.loops_used, self.expected_loops(held, 6))
+        assert torch.equal(out.loops_used, self.expected_loops(held, torch.full_like(out.loops_used, 6)))
         assert (out.loops_used.diff(dim=1) >= 0).all()  # never fewer loops than an earlier position
         assert torch.equal(out.loop_stats.active.sum(0), out.loops_used)
         # the first position reads only itself, so it decides as under "position"; later ones wait for their context
         assert torch.equal(out.loops_used[:, 0], alone.loops_used[:, 0])
         assert (out.loops_used > alone.loops_used).any() and (out.loops_used < 6).any()
 
+    def test_what_counts_as_done(self):
+        """The rule on hand-made rows, after loop t = 1 (the second): an earlier position is done when it stopped
+        before, stops now, ends its budget at this loop, or is padding; one that runs on holds every later one back."""
+        from openmythos.modeling_mythos import MythosExitRule
+
+        rule = MythosExitRule.__new__(MythosExitRule)
+        yes, no = True, False
+        rows = [  # (budget, padding, running, its own measure holds) -> stops
+            ([2, 6, 6], [no, no, no], [yes, yes, yes], [no, yes, yes], [no, yes, yes]),  # ends its budget now
+            ([3, 6, 6], [no, no, no], [yes, yes, yes], [no, yes, yes], [no, no, no]),  # runs on: holds them back
+            ([6, 6, 6], [yes, no, no], [yes, yes, yes], [no, yes, yes], [no, yes, yes]),  # padding
+            ([6, 6, 6], [no, no, no], [no, yes, yes], [no, yes, no], [no, yes, no]),  # stopped before
+            ([6, 6, 6], [no, no, no], [yes, yes, yes], [yes, no, yes], [yes, no, no]),  # waits for the middle one
+        ]
+        budget, padding, run, stop, expected = (torch.tensor([row[i] for row in rows]) for i in range(5))
+        rule.budget, rule.padding = budget, padding
+        assert torch.equal(rule._after_context(1, run, stop & run), expected)
+
     def test_padding_does_not_hold_a_row_back(self, ids):
-        """Left padding is done from the start: the padded row decides as the row alone."""
+        """Left padding is done from the start: the padded row decides as the row alone, with padding tokens whose
+        own measure would hold the row back for longer."""
         model = make_model(exit_scope="prefix")
         row = ids[1:2, 3:]
-        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1)
-        mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(row)], dim=1)
         threshold = clear_threshold(model, row, "delta")
         kwargs = dict(n_loops=6, exit_criterion="delta", exit_threshold=threshold, use_cache=False)
         alone = model(row, **kwargs).loops_used
         assert (alone < 6).any()
-        assert torch.equal(model(padded, attention_mask=mask, **kwargs).loops_used[:, 3:], alone)
+        mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(row)], dim=1)
+        for pad in range(3, 100):
+            padded = torch.cat([torch.full((1, 3), pad), row], dim=1)
+            loops = model(padded, attention_mask=mask, **kwargs).loops_used
+            if loops[:, :3].max() > alone.min():  # padding runs longer than some real token needs
+                break
+        else:
+            pytest.fail("no padding token that runs longer than the row's tokens")
+        assert torch.equal(loops[:, 3:], alone)
 
     def test_generate_equals_replay(self, ids):
-        model = make_model(exit_scope="prefix")
-        threshold = clear_threshold(model, ids, "kl")
+        model = make_model()
+        threshold, alone, _ = self.threshold(model, ids, "kl")
+        assert model.config.exit_scope == "prefix"
         recorder = MythosLoopRecorder()
         out = model.generate(ids, n_loops=6, exit_criterion="kl", exit_threshold=threshold, loop_recorder=recorder,
                              max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
         prompt = recorder.calls[0]
-        assert (prompt.diff(dim=1) >= 0).all() and (prompt < 6).any()
+        # the prefill waited: its decisions are not each position's own
+        assert (prompt.diff(dim=1) >= 0).all() and not torch.equal(prompt, alone.loops_used)
         replay = model(out.sequences[:, :-1], n_loops=torch.cat(recorder.calls, dim=1), use_cache=False).logits
         assert torch.equal(replay[:, 9:].argmax(-1), out.sequences[:, 10:])
         torch.testing.assert_close(replay[:, 9:], torch.stack(out.scores, 1), atol=1e-5, rtol=0)

@@ -175,6 +175,31 @@ def test_manager_takes_per_request_loops(model, prompts):
                     alone(model, prompt, n_loops=budget))
 
 
+@pytest.mark.parametrize("attn_type", ["gqa"])
+def test_a_request_registered_before_exit_scope_became_prefix_is_refused(model, prompts):
+    """``exit_scope="prefix"`` would make a request wait for other requests' tokens in the packed row: a request whose
+    exit rule was accepted under "position" is refused once the scope changes, not run with a rule that spans requests."""
+    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
+    for request_id in ("a", "b"):
+        model.request_loops.set(request_id, n_loops=4, exit_criterion="delta", exit_threshold=0.1)
+    model.config.exit_scope = "prefix"
+    manager.start()
+    try:
+        for request_id, prompt in zip(("a", "b"), prompts):
+            manager.add_request(prompt, request_id=request_id, max_new_tokens=NEW_TOKENS)
+        results = {}
+        while len(results) < 2:
+            result = manager.get_result(timeout=30)
+            assert result is not None, "the manager stopped before every request finished"
+            if result.is_finished():
+                results[result.request_id] = result
+    finally:
+        manager.stop(block=True, timeout=10)
+        for request_id in ("a", "b"):
+            model.request_loops.pop(request_id)
+    assert all("exit_scope" in str(result.error) for result in results.values()), results
+
+
 @pytest.mark.parametrize("attn_type", ["mla"])
 def test_mla_paged_cache_keeps_the_latent(model, prompts, monkeypatch):
     """An MLA layer writes its normalised latent and its one shared rope key per token to the paged cache (packed
