@@ -752,8 +752,9 @@ class MythosRequestLoops:
                 "a cache it must not write, which the paged cache cannot do); use 'delta' or 'act', or generate()")
         if exit_criterion is not None and self.config.exit_scope != "position":
             raise ValueError(
-                f"config.exit_scope={self.config.exit_scope!r} waits for the earlier positions of a row, and continuous "
-                f"batching packs many requests into one row; set config.exit_scope='position', or use generate()")
+                f"config.exit_scope={self.config.exit_scope!r} waits for the earlier positions of a row, and "
+                f"continuous batching packs many requests into one row; set config.exit_scope='position', or use "
+                f"generate()")
         return n_loops, exit_criterion, exit_threshold
 
     def set(self, request_id: str, n_loops=None, exit_criterion=None, exit_threshold=None) -> None:
@@ -841,8 +842,9 @@ class MythosPagedBatch:
         budgets = [n for n, _, _ in controls]
         requests.checked(max(budgets))  # the config's default depth may exceed the paged loop slots
         check_request_mix(controls)
+        # CODEPATH: exit_scope="position" by default; "prefix" checkpoints refuse requests registered before it was set
         if self.config.exit_scope != "position" and any(c is not None for _, c, _ in controls):
-            # a request registered before exit_scope changed: its rule would wait for other requests' tokens
+            # such a request's rule would wait for other requests' tokens in the packed row
             requests.checked(exit_criterion=next(c for _, c, _ in controls if c is not None), exit_threshold=next(
                 t for _, c, t in controls if c is not None))
         lengths = torch.tensor([self.cu_q[i + 1] - self.cu_q[i] for i in range(self.sequences)])
