@@ -26,7 +26,7 @@ MYTHOS_FORMAT_VERSION = 1
 ATTN_TYPES = ("mla", "gqa")
 LOOP_SAMPLINGS = ("fixed", "poisson_lognormal")
 LOOP_KV_SHARINGS = ("none", "first", "last")
-EXIT_SCOPES = ("position", "prefix")
+EXIT_SCOPES = ("position", "prefix", "row")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -207,9 +207,11 @@ class MythosConfig(PreTrainedConfig):
         in the same call has stopped, stops now, has run its budget, or is padding. In a causal model a position's next
         loop reads the earlier positions' states, so while one of them still moves, a position that held still for a
         loop may move again; ``"prefix"`` stops it only once its whole context has settled. ``loops_used`` then never
-        falls along a row's real tokens (for equal budgets; padding runs as its own measure says). Decoding a token at
-        a time is unaffected (the past is cached and done). ``"act"`` and continuous batching (which packs requests
-        into one row) need ``"position"``.
+        falls along a row's real tokens (for equal budgets; padding runs as its own measure says). ``"row"``: a position
+        stops only at a loop where every position of its row is done, so a row's positions stop together (unless a
+        budget ends one sooner): no state is frozen while another position of the row still reads it. Decoding a
+        token at a time is unaffected by either (the past is cached and done). ``"act"`` and continuous batching
+        (which packs requests into one row) need ``"position"``.
     use_act (`bool`, defaults to `False`):
         Adaptive Computation Time halting. The output is the ACT-weighted mix
         of the loop states; every loop still runs so that the KV cache stays complete.

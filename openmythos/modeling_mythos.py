@@ -752,7 +752,7 @@ class MythosRequestLoops:
                 "a cache it must not write, which the paged cache cannot do); use 'delta' or 'act', or generate()")
         if exit_criterion is not None and self.config.exit_scope != "position":
             raise ValueError(
-                f"config.exit_scope={self.config.exit_scope!r} waits for the earlier positions of a row, and "
+                f"config.exit_scope={self.config.exit_scope!r} waits for other positions of a row, and "
                 f"continuous batching packs many requests into one row; set config.exit_scope='position', or use "
                 f"generate()")
         return n_loops, exit_criterion, exit_threshold
@@ -842,7 +842,7 @@ class MythosPagedBatch:
         budgets = [n for n, _, _ in controls]
         requests.checked(max(budgets))  # the config's default depth may exceed the paged loop slots
         check_request_mix(controls)
-        # CODEPATH: exit_scope="position" by default; "prefix" checkpoints refuse requests registered before it was set
+        # CODEPATH: exit_scope="position" by default; other scopes refuse requests registered before they were set
         if self.config.exit_scope != "position" and any(c is not None for _, c, _ in controls):
             # such a request's rule would wait for other requests' tokens in the packed row
             requests.checked(exit_criterion=next(c for _, c, _ in controls if c is not None), exit_threshold=next(
@@ -1481,8 +1481,8 @@ class MythosExitRule:
 
     def __init__(self, recurrence, plan: MythosLoopPlan, budget: torch.Tensor, e: torch.Tensor, token_mask=None):
         self.halt, self.plan, self.budget = recurrence.halt, plan, budget
-        # CODEPATH: exit_scope="position" by default; "prefix" waits for every earlier position of the row
-        self.prefix = recurrence.config.exit_scope == "prefix" and plan.criterion in ("delta", "kl")
+        # CODEPATH: exit_scope="position" by default; "prefix" / "row" wait for other positions of the row
+        self.scope = recurrence.config.exit_scope if plan.criterion in ("delta", "kl") else "position"
         self.padding = None if token_mask is None else ~token_mask.bool()
         self.n_experts = recurrence.config.n_experts
         self.act_threshold = plan.threshold if plan.criterion == "act" else recurrence.config.act_threshold
@@ -1505,7 +1505,7 @@ class MythosExitRule:
         kl = self._kl(h_next, run, nan) if self.plan.criterion == "kl" else None
         if kl is not None:
             stop = run & (kl < self.plan.threshold)
-        if self.prefix:
+        if self.scope != "position":
             stop = self._after_context(t, run, stop)
         p = None
         if self.halting is not None:
@@ -1527,11 +1527,13 @@ class MythosExitRule:
         return stop
 
     def _after_context(self, t: int, run, stop):
-        """``exit_scope="prefix"``: of ``stop``, the positions whose earlier positions are all done after loop ``t``
-        (stopped before, stopping now, at the end of their budget, or padding)."""
+        """Of ``stop``, the positions whose earlier positions (``exit_scope="prefix"``) or whose whole row (``"row"``)
+        are done after loop ``t``: stopped before, stopping now, at the end of their budget, or padding."""
         done = ~run | stop | (self.budget <= t + 1)
         if self.padding is not None:
             done = done | self.padding
+        if self.scope == "row":
+            return stop & done.all(dim=1, keepdim=True)
         return stop & done.to(torch.uint8).cummin(dim=1).values.bool()
 
     def _kl(self, h_next, run, nan):

@@ -11,8 +11,8 @@ pointer chasing (``openmythos.demo.tasks``) with k <= K: the question ``q+++`` a
 
 The dense models learn the same labels from their one output. The demo then scores every model on every question
 with 1..2K hops: the looped one at every n_loops 1..16 and with an exit rule that is given no hop count (each
-position stops once its next-token distribution stops changing and every earlier position has stopped,
-``exit_criterion="kl"`` with ``exit_scope="prefix"``, at most ``--exit-budget`` loops, the threshold chosen on training
+question's positions stop together, at the first loop where every one's next-token distribution has stopped changing,
+``exit_criterion="kl"`` with ``exit_scope="row"``, at most ``--exit-budget`` loops, the threshold chosen on training
 questions only). It prints the accuracy table, writes it as ``results.json`` /
 ``accuracy.md`` and plots ``accuracy.png``, saves the looped model with ``save_pretrained``, reloads it through
 ``AutoModelForCausalLM`` and answers sample questions with ``generate`` and the exit rule. Every setting is a flag.
@@ -101,10 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="hidden: what the exit rule watches; kl: the KL divergence between successive loops' "
                         "next-token distributions (runs the coda and head every loop), delta: the relative state "
                         "change (default kl)")
-    p.add_argument("--exit-scope", choices=("position", "prefix"), default=None,
+    p.add_argument("--exit-scope", choices=("position", "prefix", "row"), default=None,
                    help="hidden: what the exit rule waits for (the looped model's config.exit_scope); position: each "
-                        "position stops on its own measure, prefix: also only once every earlier position has stopped "
-                        "(default prefix)")
+                        "position stops on its own measure, prefix: also only once every earlier position has stopped, "
+                        "row: a question's positions stop together, at the first loop where every one has settled "
+                        "(default row)")
     p.add_argument("--samples", type=int, default=4, help="sample questions answered after reloading")
     p.add_argument("--seed", type=int, default=0, help="seed of the graph, the data and the models (same "
                                                          "seed, machine, torch version and --threads: same results)")

@@ -486,7 +486,8 @@ def run(args: argparse.Namespace) -> dict:
     elif task.convergent:
         exit_rule = choose_exit_threshold(models[LOOPED], task.exit_questions(args), tokenizer, args.exit_budget,
                                           args.exit_criterion)
-        wait = " and every earlier position has stopped" if models[LOOPED].config.exit_scope == "prefix" else ""
+        wait = {"prefix": " and every earlier position has stopped",
+                "row": ", for every position of the question at once"}.get(models[LOOPED].config.exit_scope, "")
         print(f"\nExit rule: a position stops once its {EXIT_MEASURES[exit_rule['criterion']]} is below "
               f"{exit_rule['threshold']:.3g}{wait} (chosen on the training questions: smallest while moving "
               f"{exit_rule['smallest_change_while_moving']:.3g}, largest once settled "

@@ -49,7 +49,7 @@ class PointerChasingTask:
     flag: ClassVar[str] = "hidden"
     flag_defaults: ClassVar[dict] = {"num_nodes": 24, "dim": 96, "steps": 1700, "lr": 2e-3, "train_examples": 20000,
                                      "curriculum_steps": 0, "max_loops": 16, "pack": 3, "extra_loops": 4,
-                                     "exit_budget": 16, "exit_criterion": "kl", "exit_scope": "prefix"}
+                                     "exit_budget": 16, "exit_criterion": "kl", "exit_scope": "row"}
     max_seq_len: ClassVar[int] = 64
     # the Trainer shuffles the training set: its row order means nothing
     in_order: ClassVar[bool] = False

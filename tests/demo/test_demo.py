@@ -167,7 +167,7 @@ def test_bad_hop_counts_are_refused(hops):
     (["--arrival-weight", "0"], "--arrival-weight"), (["--arrival-weight", "inf"], "--arrival-weight"),
     (["--task", "context", "--arrival-weight", "4"], "--arrival-weight"),
     (["--moving-weight", "-1"], "--moving-weight"), (["--task", "context", "--moving-weight", "4"], "--moving-weight"),
-    (["--exit-scope", "row"], "--exit-scope"), (["--task", "context", "--exit-scope", "prefix"], "--exit-scope"),
+    (["--exit-scope", "whole"], "--exit-scope"), (["--task", "context", "--exit-scope", "prefix"], "--exit-scope"),
 ])
 def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys):
     with pytest.raises(SystemExit):
@@ -178,7 +178,7 @@ def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys)
 def test_exit_scope_flag_reaches_the_looped_models_config():
     from openmythos.demo.pipeline import looped_config
     tokenizer = MythosTokenizer()
-    assert looped_config(demo.parse_args([]), tokenizer, 16).exit_scope == "prefix"
+    assert looped_config(demo.parse_args([]), tokenizer, 16).exit_scope == "row"
     assert looped_config(demo.parse_args(["--exit-scope", "position"]), tokenizer, 16).exit_scope == "position"
     assert looped_config(demo.parse_args(["--task", "context"]), tokenizer, 16).exit_scope == "position"
 

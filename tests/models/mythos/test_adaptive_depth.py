@@ -439,9 +439,10 @@ def test_loop_slots_hold_only_the_rows_that_run_them(model, ids):
     assert all(cache.layers[i].keys.shape[0] == 3 for i in range(slot))
 
 
-class TestPrefixScope:
+class TestExitScopes:
     """``config.exit_scope="prefix"``: a position stops at the first loop where its own measure holds and every
-    earlier position of its row is done. Checked against that definition, worked out from the run's own statistics."""
+    earlier position of its row is done; ``"row"``: where every position of the row is. Checked against those
+    definitions, worked out from the run's own statistics."""
 
     @staticmethod
     def expected_loops(held, budget):
@@ -514,8 +515,31 @@ class TestPrefixScope:
             ([6, 6, 6], [no, no, no], [yes, yes, yes], [yes, no, yes], [yes, no, no]),  # waits for the middle one
         ]
         budget, padding, run, stop, expected = (torch.tensor([row[i] for row in rows]) for i in range(5))
-        rule.budget, rule.padding = budget, padding
+        rule.budget, rule.padding, rule.scope = budget, padding, "prefix"
         assert torch.equal(rule._after_context(1, run, stop & run), expected)
+        # "row": only where every position of the row is done
+        rule.scope = "row"
+        assert torch.equal(rule._after_context(1, run, stop & run), (stop & run) & torch.tensor([[1], [0], [1], [0], [0]],
+                                                                                                dtype=torch.bool))
+
+    @pytest.mark.parametrize("criterion", ["delta", "kl"])
+    def test_row_stops_together_where_every_position_holds(self, attn_type, ids, criterion):
+        """``exit_scope="row"``: the row's positions stop at the first loop where every one of them holds."""
+        model = make_model(attn_type)
+        threshold, alone, _ = self.threshold(model, ids, criterion)
+        model.config.exit_scope = "row"
+        out = model(ids, n_loops=6, exit_criterion=criterion, exit_threshold=threshold, output_loop_stats=True,
+                    use_cache=False)
+        values = criterion_values(out.loop_stats, criterion)
+        clear = values[values.isfinite()]
+        assert ((clear - threshold).abs() / threshold).min() > 0.01
+        every = (values < threshold).all(dim=2)  # [loops, batch]: every position held at that loop
+        loops = torch.arange(1, 7)[:, None].expand_as(every)
+        expected = torch.where(every, loops, 6).amin(0)
+        assert torch.equal(out.loops_used, expected[:, None].expand_as(out.loops_used))
+        assert torch.equal(out.loop_stats.active.sum(0), out.loops_used)
+        # not vacuous: on their own the positions would stop at different loops, and some row stops early
+        assert (alone.loops_used != alone.loops_used[:, :1]).any() and (expected < 6).any()
 
     def test_padding_does_not_hold_a_row_back(self, ids):
         """Left padding is done from the start: the padded row decides as the row alone, with padding tokens whose
@@ -536,10 +560,11 @@ class TestPrefixScope:
             pytest.fail("no padding token that runs longer than the row's tokens")
         assert torch.equal(loops[:, 3:], alone)
 
-    def test_generate_equals_replay(self, ids):
+    @pytest.mark.parametrize("scope", ["prefix", "row"])
+    def test_generate_equals_replay(self, ids, scope):
         model = make_model()
         threshold, alone, _ = self.threshold(model, ids, "kl")
-        assert model.config.exit_scope == "prefix"
+        model.config.exit_scope = scope
         recorder = MythosLoopRecorder()
         out = model.generate(ids, n_loops=6, exit_criterion="kl", exit_threshold=threshold, loop_recorder=recorder,
                              max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
@@ -552,7 +577,7 @@ class TestPrefixScope:
 
     def test_refused_where_it_cannot_apply(self, ids):
         with pytest.raises(ValueError, match="exit_scope"):
-            make_model(exit_scope="row")
+            make_model(exit_scope="whole")
         model = make_model(exit_scope="prefix", use_act=True)
         with pytest.raises(ValueError, match=r"exit_scope='position'"):
             model(ids, n_loops=4, exit_criterion="act", exit_threshold=0.5)
