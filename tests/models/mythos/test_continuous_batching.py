@@ -149,26 +149,36 @@ def test_per_request_act_thresholds_match_generate(attn_type, prompts):
         assert_same(result, alone(model, prompt, n_loops=budget, exit_criterion="act", exit_threshold=value))
 
 
-def test_manager_takes_per_request_loops(model, prompts):
-    """init_continuous_batching + add_request: ``model.request_loops.set`` gives a request its own depth."""
+def run_manager(model, controls: dict, prompts, before_start=None) -> dict:
+    """init_continuous_batching + add_request, each request's loop controls set through ``model.request_loops``
+    (``controls``: request id -> keyword arguments); ``before_start()`` runs once they are registered. Every request's
+    finished result, by id."""
     manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
-    budgets = {"a": 1, "b": 3}
-    for request_id, budget in budgets.items():
-        model.request_loops.set(request_id, n_loops=budget)
+    for request_id, loops in controls.items():
+        model.request_loops.set(request_id, **loops)
+    if before_start is not None:
+        before_start()
     manager.start()
     try:
-        for request_id, prompt in zip(budgets, prompts):
+        for request_id, prompt in zip(controls, prompts):
             manager.add_request(prompt, request_id=request_id, max_new_tokens=NEW_TOKENS)
         results = {}
-        while len(results) < len(budgets):
+        while len(results) < len(controls):
             result = manager.get_result(timeout=30)
             assert result is not None, "the manager stopped before every request finished"
             if result.is_finished():
                 results[result.request_id] = result
     finally:
         manager.stop(block=True, timeout=10)
-        for request_id in budgets:
+        for request_id in controls:
             model.request_loops.pop(request_id)
+    return results
+
+
+def test_manager_takes_per_request_loops(model, prompts):
+    """init_continuous_batching + add_request: ``model.request_loops.set`` gives a request its own depth."""
+    budgets = {"a": 1, "b": 3}
+    results = run_manager(model, {request_id: {"n_loops": n} for request_id, n in budgets.items()}, prompts)
     for (request_id, budget), prompt in zip(budgets.items(), prompts):
         assert results[request_id].error is None
         assert_same((results[request_id].generated_tokens, results[request_id].logprobs),
@@ -179,24 +189,10 @@ def test_manager_takes_per_request_loops(model, prompts):
 def test_a_request_registered_before_exit_scope_became_prefix_is_refused(model, prompts):
     """``exit_scope="prefix"`` would make a request wait for other requests' tokens in the packed row: a request whose
     exit rule was accepted under "position" is refused once the scope changes, not run with a rule that spans requests."""
-    manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=cb_config())
-    for request_id in ("a", "b"):
-        model.request_loops.set(request_id, n_loops=4, exit_criterion="delta", exit_threshold=0.1)
-    model.config.exit_scope = "prefix"
-    manager.start()
-    try:
-        for request_id, prompt in zip(("a", "b"), prompts):
-            manager.add_request(prompt, request_id=request_id, max_new_tokens=NEW_TOKENS)
-        results = {}
-        while len(results) < 2:
-            result = manager.get_result(timeout=30)
-            assert result is not None, "the manager stopped before every request finished"
-            if result.is_finished():
-                results[result.request_id] = result
-    finally:
-        manager.stop(block=True, timeout=10)
-        for request_id in ("a", "b"):
-            model.request_loops.pop(request_id)
+    loops = {"n_loops": 4, "exit_criterion": "delta", "exit_threshold": 0.1}
+    results = run_manager(model, {"a": loops, "b": loops}, prompts,
+                          before_start=lambda: setattr(model.config, "exit_scope", "prefix"))
+    assert len(results) == 2
     assert all("exit_scope" in str(result.error) for result in results.values()), results
 
 
