@@ -237,6 +237,9 @@ def _check_loops(args):
         raise CommandError(f"--exit-criterion {args.exit_criterion} needs --exit-threshold (a number > 0)")
     if args.exit_threshold is not None and not (math.isfinite(args.exit_threshold) and args.exit_threshold > 0):
         raise CommandError(f"--exit-threshold must be a finite number > 0, got {args.exit_threshold}")
+    if args.exit_scope is not None and args.exit_criterion not in ("delta", "kl"):
+        raise CommandError(f"--exit-scope {args.exit_scope} needs --exit-criterion delta or kl (act decides each "
+                           f"position by its own halting mass)")
     if args.exit_criterion == "act" and args.exit_threshold > 1:
         raise CommandError(f"--exit-threshold must be at most 1 for --exit-criterion act (a halting mass), got "
                            f"{args.exit_threshold}")
@@ -275,6 +278,8 @@ def _loops(args):
     if not sys.stderr.isatty():  # a log or a pipe: keep stderr for the errors
         disable_progress_bar()
     model = _load_checkpoint("--model", Path(args.model)).eval()
+    if args.exit_scope is not None:  # this run only: the folder's config is not written
+        model.config.exit_scope = args.exit_scope
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     try:
         report = loop_report(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -356,6 +361,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-criterion", choices=["act", "delta", "kl"], default=None,
                    help="stop a position's loop early: act (halting head), delta (state change), kl (prediction)")
     p.add_argument("--exit-threshold", type=float, default=None, help="the criterion's threshold (> 0; at most 1 for act)")
+    p.add_argument("--exit-scope", choices=["position", "prefix", "row"], default=None,
+                   help="delta or kl: what a position waits for before it stops (config.exit_scope; default: the "
+                        "checkpoint's): nothing, every earlier position, or its whole row")
     p.add_argument("--max-new-tokens", type=int, default=0, help="tokens to generate greedily (0: just the prompt)")
     p.add_argument("--heatmap", default=None, metavar="PATH.png",
                    help="also write a tokens x loops heatmap of the state change (needs matplotlib)")

@@ -83,6 +83,19 @@ def test_generation_with_an_exit_criterion_and_a_heatmap(model_dir, tmp_path, ca
     assert height > 100 and width > 100
 
 
+def test_exit_scope_row_stops_the_prompt_together_and_leaves_the_folder_as_it_was(model_dir, capsys):
+    config = (model_dir / "config.json").read_text()
+    argv = ["loops", "--model", str(model_dir), "--prompt", "abcdef", "--n-loops", "6", "--exit-criterion", "delta",
+            "--exit-threshold", "0.3"]
+    assert main(argv) == 0
+    alone = [row[3] for row in table_rows(capsys.readouterr().out)]
+    assert main(argv + ["--exit-scope", "row"]) == 0
+    together = [row[3] for row in table_rows(capsys.readouterr().out)]
+    assert len(set(alone)) > 1, "on their own the positions stop at different loops"
+    assert len(set(together)) == 1 and together != alone
+    assert (model_dir / "config.json").read_text() == config
+
+
 def test_the_console_script_runs_the_command(model_dir):
     result = mythos("loops", "--model", str(model_dir), "--prompt", "hi there", "--n-loops", "2")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -111,6 +124,8 @@ def assert_one_line_error(result, *fragments, heavy=False):
     (["--max-new-tokens", "-2"], ["--max-new-tokens", "got -2"]),
     (["--heatmap", "out.jpg"], ["--heatmap", "out.jpg", ".png"]),
     (["--heatmap", "/nowhere/out.png"], ["--heatmap", "'/nowhere' is not an existing folder"]),
+    (["--exit-scope", "row"], ["--exit-scope row needs --exit-criterion delta or kl"]),
+    (["--exit-scope", "row", "--exit-criterion", "act", "--exit-threshold", "0.5"], ["--exit-scope", "act"]),
 ])
 def test_bad_flags_are_refused_in_one_line_before_loading_anything(model_dir, flags, fragments):
     assert_one_line_error(mythos("loops", "--model", str(model_dir), "--prompt", "x", *flags), *fragments)
