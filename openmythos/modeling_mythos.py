@@ -750,12 +750,17 @@ class MythosRequestLoops:
             raise ValueError(
                 "exit_criterion='kl' is not supported by continuous batching (it runs the coda once per loop against "
                 "a cache it must not write, which the paged cache cannot do); use 'delta' or 'act', or generate()")
-        if exit_criterion is not None and self.config.exit_scope != "position":
+        self.check_scope([exit_criterion])
+        return n_loops, exit_criterion, exit_threshold
+
+    def check_scope(self, criteria) -> None:
+        """Exit criteria under continuous batching need ``exit_scope="position"``: another scope would wait for other
+        requests' tokens in the packed row."""
+        if self.config.exit_scope != "position" and any(c is not None for c in criteria):
             raise ValueError(
                 f"config.exit_scope={self.config.exit_scope!r} waits for other positions of a row, and "
                 f"continuous batching packs many requests into one row; set config.exit_scope='position', or use "
                 f"generate()")
-        return n_loops, exit_criterion, exit_threshold
 
     def set(self, request_id: str, n_loops=None, exit_criterion=None, exit_threshold=None) -> None:
         self.requests[request_id] = self.checked(n_loops, exit_criterion, exit_threshold)
@@ -842,11 +847,7 @@ class MythosPagedBatch:
         budgets = [n for n, _, _ in controls]
         requests.checked(max(budgets))  # the config's default depth may exceed the paged loop slots
         check_request_mix(controls)
-        # CODEPATH: exit_scope="position" by default; other scopes refuse requests registered before they were set
-        if self.config.exit_scope != "position" and any(c is not None for _, c, _ in controls):
-            # such a request's rule would wait for other requests' tokens in the packed row
-            requests.checked(exit_criterion=next(c for _, c, _ in controls if c is not None), exit_threshold=next(
-                t for _, c, t in controls if c is not None))
+        requests.check_scope([c for _, c, _ in controls])  # also those registered before exit_scope was changed
         lengths = torch.tensor([self.cu_q[i + 1] - self.cu_q[i] for i in range(self.sequences)])
         kind = next((c for _, c, _ in controls if c is not None), None)
         most = max(budgets)

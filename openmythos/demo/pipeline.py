@@ -52,7 +52,7 @@ def looped_config(args, tokenizer, max_seq_len: int) -> MythosConfig:
         loop_kv_sharing=getattr(args, "loop_kv_sharing", "none"),
         # the hidden task's default budget is the exit rule's: a call with no n_loops may run that deep
         n_loops=getattr(args, "exit_budget", None),
-        # and its exit rule's scope (a position may wait for the earlier ones to stop)
+        # and its exit rule's scope (what a position waits for before it stops: docs/adaptive_depth.md)
         exit_scope=getattr(args, "exit_scope", None) or "position",
     )
 
