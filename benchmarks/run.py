@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_reference as refbench  # noqa: E402  (the reference's workloads and the configs it is timed on)
 import transformers  # noqa: E402
+from torch.utils import flop_counter  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
@@ -211,8 +213,37 @@ def peak_memory_mb(fn) -> float:
     return peak / 2**20
 
 
+def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
+    """``torch._grouped_mm`` (our and the peer's routed experts): each output entry is one dot product of length
+    ``a[-1]``; when both operands are 2-D the groups split that length instead (the weight gradient)."""
+    if len(a) == len(b) == 2:  # [k, m] x [m, n] -> [groups, k, n], m split among the groups
+        return 2 * math.prod(out_shape[1:]) * a[-1]
+    return 2 * math.prod(out_shape) * a[-1]
+
+
+def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Without the kernel's recomputation of the scores, as model FLOPs (and a math-path backward) count it."""
+    batch, heads, q_len, head_dim = query
+    recompute = flop_counter.bmm_flop((batch * heads, q_len, head_dim), (batch * heads, head_dim, key[2]))
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value) - recompute
+
+
+# Kernels torch's FlopCounterMode has no formula for: without these it counts them as 0 FLOPs, and a model that runs
+# them (ours, the peer: grouped_mm experts, sdpa on the CPU) looks as if it did less arithmetic than it does.
+# The attention formulas are torch's own for the CUDA kernels (full score matrix, as a bmm path counts it).
+UNCOUNTED_KERNELS = {
+    torch.ops.aten._grouped_mm: _grouped_mm_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+}
+
+
 def flops_of(fn) -> int:
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=UNCOUNTED_KERNELS)
     with counter:
         fn()
     return counter.get_total_flops()

@@ -5,6 +5,7 @@ not a dependency of this package, so that test is skipped where it is not instal
 benchmark needs nothing beyond the package.
 """
 
+import copy
 import importlib.util
 import json
 import os
@@ -204,3 +205,49 @@ def test_quick_serving_benchmark_times_mixed_and_uniform_budgets_through_continu
             assert timing["tokens"] == 8 * 2 and timing["tokens_per_s"] > 0 and timing["cpu_s_median"] > 0
         assert res["mixed_over_uniform"] > 0 and res["mixed_over_uniform_cpu"] > 0
         assert res["ideal"] == 16 / 4.5
+
+
+@pytest.fixture
+def run_module(monkeypatch):
+    """benchmarks/run.py as a module (it raises dynamo's recompile limit on import: restored after the test)."""
+    import importlib
+
+    import torch._dynamo
+
+    limit = torch._dynamo.config.recompile_limit
+    monkeypatch.syspath_prepend(str(RUN.parent))
+    yield importlib.import_module("run")
+    torch._dynamo.config.recompile_limit = limit
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_flop_count_sees_the_fused_kernels_that_torch_counts_as_zero(run_module, attn_type):
+    """The roofline's FLOPs: with sdpa (CPU flash attention) and grouped_mm experts, forward and train step count
+    exactly what the plain path (eager attention, a matmul per expert) counts. torch's FlopCounterMode alone gives
+    those kernels 0 FLOPs, which made our share of the matmul peak look 30% lower than it was."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from openmythos import MythosConfig, MythosForCausalLM
+
+    torch.manual_seed(0)
+    mla = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    config = MythosConfig(vocab_size=300, dim=64, n_heads=4, n_kv_heads=2, max_loop_iters=4, prelude_layers=1,
+                          coda_layers=1, n_experts=4, n_experts_per_tok=2, expert_dim=32, attn_type=attn_type,
+                          **(mla if attn_type == "mla" else {}))  # sizes grouped_mm takes (multiples of 16)
+    # one config object per model: loading writes the kernel choice onto it
+    fast = MythosForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa").train()
+    plain = MythosForCausalLM._from_config(copy.deepcopy(config), attn_implementation="eager").train()
+    plain.set_experts_implementation("eager")
+    assert (fast.config._attn_implementation, fast.config._experts_implementation) == ("sdpa", "grouped_mm")
+    ids = torch.randint(4, config.vocab_size, (2, 24))
+
+    def step(model):
+        model(ids, labels=ids, n_loops=3).loss.backward()
+
+    for workload in (lambda m: m(ids, n_loops=3), step):
+        assert run_module.flops_of(lambda: workload(fast)) == run_module.flops_of(lambda: workload(plain)) > 0
+    counter = FlopCounterMode(display=False)  # without the added formulas the fused kernels are missed
+    with counter:
+        step(fast)
+    assert counter.get_total_flops() < run_module.flops_of(lambda: step(plain))
