@@ -158,10 +158,10 @@ class MythosGQAttention(nn.Module):
         self.num_key_value_groups = config.n_heads // config.n_kv_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
-        self.q_proj = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.q_proj = MythosLinear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.k_proj = MythosLinear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = MythosLinear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = MythosLinear(config.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, active=None,
                 shared=None, **kwargs):
@@ -233,16 +233,16 @@ class MythosMLAttention(nn.Module):
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         self.scaling = self.qk_head_dim**-0.5
         if self.q_lora_rank > 0:
-            self.q_a_proj = nn.Linear(config.dim, self.q_lora_rank, bias=False)
+            self.q_a_proj = MythosLinear(config.dim, self.q_lora_rank, bias=False)
             self.q_a_layernorm = MythosRMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+            self.q_b_proj = MythosLinear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(config.dim, self.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(config.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+            self.q_proj = MythosLinear(config.dim, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = MythosLinear(config.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = MythosRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim),
+        self.kv_b_proj = MythosLinear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim),
                                    bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.dim, bias=False)
+        self.o_proj = MythosLinear(self.num_heads * self.v_head_dim, config.dim, bias=False)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, active=None,
                 shared=None, **kwargs):
@@ -332,11 +332,11 @@ class MythosMLAttention(nn.Module):
     def _absorb(self, q_len: int, kv_len: int) -> bool:
         """Decode against a cache in latent space instead of re-expanding every cached latent each step.
 
-        Only for a plain ``nn.Linear`` kv_b_proj: a PEFT-wrapped one carries an adapter delta that the folded
+        Only for the model's own ``MythosLinear`` kv_b_proj: a PEFT-wrapped one carries an adapter delta that the folded
         weight would miss, so it keeps the expanded path.
         """
         return (self.config.mla_absorb and not self.training and q_len < kv_len
-                and type(self.kv_b_proj) is nn.Linear and self.config._attn_implementation in ("eager", "sdpa"))
+                and type(self.kv_b_proj) is MythosLinear and self.config._attn_implementation in ("eager", "sdpa"))
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs):
         """Weight-absorbed MLA (DeepSeek-V2): fold kv_b_proj into the query and the output.
@@ -982,14 +982,42 @@ class MythosPagedPositions(MythosActivePositions):
         return _attention_interface(config)
 
 
+def streams_weight(hidden_states: torch.Tensor) -> bool:
+    """Whether :class:`MythosLinear` multiplies as ``weight @ x^T``: under ``torch.compile``, on the CPU, for 2-4 rows.
+
+    A batched decode step multiplies a few rows by every weight, which it reads from memory, not from cache (a medium
+    model's step reads 88 MB). For such calls MKL's ``x @ weight^T`` read cold weights at 5.6-8.8 GB/s on the
+    benchmark's AMD EPYC (1 thread), against 13-19 GB/s for ``weight @ x^T``, which streams the row-major weight. From
+    a warm cache the second form is 0-30% slower, and for 1 row or 8 and more they are about even
+    (docs/benchmarks.md).
+    """
+    rows = hidden_states.numel() // hidden_states.shape[-1]
+    return is_torchdynamo_compiling() and hidden_states.device.type == "cpu" and 2 <= rows <= 4
+
+
+class MythosLinear(nn.Linear):
+    """``nn.Linear`` with the same parameters and checkpoint keys (PEFT, tensor parallelism and the optimizers see an
+    ``nn.Linear``), whose compiled CPU forward on 2-4 rows runs ``(weight @ x^T)^T`` (:func:`streams_weight`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # CODEPATH: compiled CPU decode of 2-4 rows streams the weight; every other call is nn.Linear's
+        if streams_weight(input):
+            flat = input.reshape(-1, self.in_features)
+            out = torch.mm(self.weight, flat.t()).t()  # x^T as a transposed view: a contiguous copy is 2-7x slower
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*input.shape[:-1], self.out_features)
+        return F.linear(input, self.weight, self.bias)
+
+
 class MythosMLP(nn.Module):
     """Dense SwiGLU feed-forward."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = MythosLinear(dim, hidden, bias=False)
+        self.up_proj = MythosLinear(dim, hidden, bias=False)
+        self.down_proj = MythosLinear(hidden, dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -2535,7 +2563,7 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MythosModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = MythosLinear(config.dim, config.vocab_size, bias=False)
         self.post_init()
 
     def spectral_radius(self) -> float:

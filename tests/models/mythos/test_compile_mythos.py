@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import CompileConfig, DynamicCache, StaticCache
 
-from openmythos.modeling_mythos import MythosModel
+from openmythos.modeling_mythos import MythosLinear, MythosModel
 
 
 def graph_breaks(fn, *args):
@@ -147,3 +147,25 @@ def test_compiled_decode_gathers_experts_and_a_compiled_prefill_keeps_grouped_mm
     prefill = torch.randn(24, experts.hidden_dim)  # 48 routed rows: transformers' grouped_mm as before
     ops = " ".join(_graph_ops(experts, prefill, torch.randint(0, 8, (24, 2)), torch.rand(24, 2)))
     assert "grouped_mm" in ops
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_few_row_linear_streams_the_weight_and_equals_nn_linear(bias):
+    """A compiled CPU call on 2-4 rows multiplies as weight @ x^T (one mm, no linear); 1 row, 5 rows and eager calls
+    stay nn.Linear's. Every form gives nn.Linear's values."""
+    torch.manual_seed(0)
+    layer = MythosLinear(32, 48, bias=bias)
+    reference = torch.nn.Linear(32, 48, bias=bias)
+    reference.load_state_dict(layer.state_dict())
+    for shape, streams in (((2, 1, 32), True), ((4, 32), True), ((1, 3, 32), True), ((1, 1, 32), False),
+                           ((5, 32), False), ((2, 8, 32), False)):
+        x = torch.randn(shape)
+        ops = _graph_ops(layer, x)
+        assert any("method mm " in op for op in ops) == streams, (shape, ops)
+        assert any("linear" in op for op in ops) != streams, (shape, ops)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        assert compiled.shape == (*shape[:-1], 48)
+        torch.testing.assert_close(compiled, reference(x), atol=1e-6, rtol=1e-5)
+        assert torch.equal(layer(x), reference(x))  # eager: nn.Linear's own kernel
