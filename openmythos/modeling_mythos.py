@@ -991,8 +991,9 @@ def streams_weight(hidden_states: torch.Tensor) -> bool:
     a warm cache the second form is 0-30% slower, and for 1 row or 8 and more they are about even
     (docs/benchmarks.md).
     """
-    rows = hidden_states.numel() // hidden_states.shape[-1]
-    return is_torchdynamo_compiling() and hidden_states.device.type == "cpu" and 2 <= rows <= 4
+    if not is_torchdynamo_compiling():  # eager calls pay only this check
+        return False
+    return hidden_states.device.type == "cpu" and 2 <= hidden_states.numel() // hidden_states.shape[-1] <= 4
 
 
 class MythosLinear(nn.Linear):
