@@ -234,11 +234,14 @@ def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None
 
 # Kernels torch's FlopCounterMode has no formula for: without these it counts them as 0 FLOPs, and a model that runs
 # them (ours, the peer: grouped_mm experts, sdpa on the CPU) looks as if it did less arithmetic than it does.
-# The attention formulas are torch's own for the CUDA kernels (full score matrix, as a bmm path counts it).
+# Attention counts the full score matrix, as a bmm path does; its backward leaves out the score recomputation that
+# torch's formula for the CUDA kernels includes, so that the fused and the plain path count the same model FLOPs.
 UNCOUNTED_KERNELS = {
-    torch.ops.aten._grouped_mm: _grouped_mm_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+    getattr(torch.ops.aten, name): formula for name, formula in (
+        ("_grouped_mm", _grouped_mm_flops),  # an aten op since torch 2.8
+        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward_flops),
+    ) if hasattr(torch.ops.aten, name)
 }
 
 

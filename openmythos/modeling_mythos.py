@@ -332,11 +332,11 @@ class MythosMLAttention(nn.Module):
     def _absorb(self, q_len: int, kv_len: int) -> bool:
         """Decode against a cache in latent space instead of re-expanding every cached latent each step.
 
-        Only for the model's own ``MythosLinear`` kv_b_proj: a PEFT-wrapped one carries an adapter delta that the folded
+        Only for a plain ``MythosLinear`` or ``nn.Linear`` kv_b_proj: a PEFT-wrapped one carries an adapter delta that the folded
         weight would miss, so it keeps the expanded path.
         """
         return (self.config.mla_absorb and not self.training and q_len < kv_len
-                and type(self.kv_b_proj) is MythosLinear and self.config._attn_implementation in ("eager", "sdpa"))
+                and type(self.kv_b_proj) in (MythosLinear, nn.Linear) and self.config._attn_implementation in ("eager", "sdpa"))
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs):
         """Weight-absorbed MLA (DeepSeek-V2): fold kv_b_proj into the query and the output.
@@ -997,17 +997,20 @@ def streams_weight(hidden_states: torch.Tensor) -> bool:
 
 
 class MythosLinear(nn.Linear):
-    """``nn.Linear`` with the same parameters and checkpoint keys (PEFT, tensor parallelism and the optimizers see an
-    ``nn.Linear``), whose compiled CPU forward on 2-4 rows runs ``(weight @ x^T)^T`` (:func:`streams_weight`)."""
+    """``nn.Linear`` with the same parameters and checkpoint keys (``isinstance(m, nn.Linear)`` holds, so PEFT, the
+    tensor-parallel plans and the optimizers treat it as one), whose compiled CPU forward on 2-4 rows runs
+    ``(weight @ x^T)^T`` (:func:`streams_weight`). Tools that match the exact type, such as
+    ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear})``, need ``MythosLinear`` named too."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # CODEPATH: compiled CPU decode of 2-4 rows streams the weight; every other call is nn.Linear's
         if streams_weight(input):
-            flat = input.reshape(-1, self.in_features)
+            # sizes from the tensors, not in/out_features: a tensor-parallel shard keeps the full sizes there
+            flat = input.reshape(-1, input.shape[-1])
             out = torch.mm(self.weight, flat.t()).t()  # x^T as a transposed view: a contiguous copy is 2-7x slower
             if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*input.shape[:-1], self.out_features)
+                out = out + self.bias.to(out.dtype)  # autocast runs mm in its dtype; keep the output there
+            return out.reshape(*input.shape[:-1], -1)
         return F.linear(input, self.weight, self.bias)
 
 

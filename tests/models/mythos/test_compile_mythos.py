@@ -169,3 +169,23 @@ def test_compiled_few_row_linear_streams_the_weight_and_equals_nn_linear(bias):
         assert compiled.shape == (*shape[:-1], 48)
         torch.testing.assert_close(compiled, reference(x), atol=1e-6, rtol=1e-5)
         assert torch.equal(layer(x), reference(x))  # eager: nn.Linear's own kernel
+
+
+@torch.no_grad()
+def test_streamed_linear_takes_its_sizes_from_the_tensors_and_keeps_the_autocast_dtype():
+    """A tensor-parallel shard keeps the full in/out_features with a smaller weight; under CPU bf16 autocast the
+    streamed output has nn.Linear's dtype, bias included."""
+    torch.manual_seed(0)
+    shard = MythosLinear(32, 48, bias=False)
+    shard.weight = torch.nn.Parameter(torch.randn(24, 32))  # a column shard: half the outputs
+    x = torch.randn(2, 1, 32)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(shard, backend="aot_eager", fullgraph=True)(x),
+                               torch.nn.functional.linear(x, shard.weight), atol=1e-6, rtol=1e-5)
+    layer = MythosLinear(32, 48, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = layer(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
