@@ -241,7 +241,7 @@ class MythosMLAttention(nn.Module):
         self.kv_a_proj_with_mqa = MythosLinear(config.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = MythosRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = MythosLinear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim),
-                                   bias=False)
+                                      bias=False)
         self.o_proj = MythosLinear(self.num_heads * self.v_head_dim, config.dim, bias=False)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, layer_idx=None, active=None,
@@ -332,11 +332,12 @@ class MythosMLAttention(nn.Module):
     def _absorb(self, q_len: int, kv_len: int) -> bool:
         """Decode against a cache in latent space instead of re-expanding every cached latent each step.
 
-        Only for a plain ``MythosLinear`` or ``nn.Linear`` kv_b_proj: a PEFT-wrapped one carries an adapter delta that the folded
-        weight would miss, so it keeps the expanded path.
+        Only for a plain ``MythosLinear`` or ``nn.Linear`` kv_b_proj: a PEFT-wrapped one carries an adapter delta that
+        the folded weight would miss, so it keeps the expanded path.
         """
         return (self.config.mla_absorb and not self.training and q_len < kv_len
-                and type(self.kv_b_proj) in (MythosLinear, nn.Linear) and self.config._attn_implementation in ("eager", "sdpa"))
+                and type(self.kv_b_proj) in (MythosLinear, nn.Linear)
+                and self.config._attn_implementation in ("eager", "sdpa"))
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs):
         """Weight-absorbed MLA (DeepSeek-V2): fold kv_b_proj into the query and the output.
