@@ -133,6 +133,35 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def grouped_decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention of one query position, with each key/value head read once by its group of query heads.
+
+    ``query`` [B, H, 1, d]; ``key``/``value`` [B, h, S, d] as cached (not repeated); ``attention_mask`` None, boolean
+    (True attends) or additive, broadcastable to [B, 1, 1, S]. Returns ``([B, 1, H, d], None)`` like the attention
+    interface. The same arithmetic as sdpa (tested). Used under ``torch.compile`` on the CPU only
+    (:func:`decodes_grouped`): there, sdpa's one-query form becomes a reduction that recomputes the rotated query
+    (its RoPE cos/sin included) for every cached key and copies each key/value head ``H / h`` times; here the query
+    groups are the rows of two batched matmuls, which read each cached key once.
+    """
+    batch, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # head i is group i // (H / h)
+    scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scaling  # [B, h, H / h, S]
+    if attention_mask is not None:
+        mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, attention_mask.shape[-1])
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(weights, value)  # [B, h, H / h, d]
+    return out.reshape(batch, 1, heads, head_dim), None
+
+
+def decodes_grouped(query: torch.Tensor, config, training: bool) -> bool:
+    """Whether :class:`MythosGQAttention` runs :func:`grouped_decode_attention` instead of sdpa: a compiled CPU call of
+    one query position with sdpa chosen, in inference. Eager calls and other devices keep their kernel."""
+    return (is_torchdynamo_compiling() and query.device.type == "cpu" and query.shape[2] == 1 and not training
+            and config._attn_implementation == "sdpa")
+
+
 def _attention_interface(config) -> Callable:
     # CODEPATH: "paged|eager" only under continuous batching of an eager model. The attention modules write the paged
     # cache themselves (MythosPagedBatch), and transformers 5.23's paged|eager kernel would write it a second time.
@@ -179,6 +208,9 @@ class MythosGQAttention(nn.Module):
             k, v, attention_mask, attention = shared.keys_values(k, v, attention_mask, attention, q.dtype)
         elif cache is not None:
             k, v = cache.update(k, v, slot)
+        # CODEPATH: compiled CPU decode of one position reads each cached key/value head once (grouped queries)
+        if decodes_grouped(q, self.config, self.training):
+            attention = grouped_decode_attention
         out, weights = attention(
             self, q, k, v, attention_mask,
             dropout=self.config.dropout if self.training else 0.0, scaling=self.scaling, **kwargs,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import CompileConfig, DynamicCache, StaticCache
 
-from openmythos.modeling_mythos import MythosLinear, MythosModel
+from openmythos.modeling_mythos import MythosLinear, MythosModel, grouped_decode_attention
 
 
 def graph_breaks(fn, *args):
@@ -189,3 +189,43 @@ def test_streamed_linear_takes_its_sizes_from_the_tensors_and_keeps_the_autocast
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
     assert compiled.dtype == eager.dtype == torch.bfloat16
     torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_grouped_decode_attention_equals_sdpa(kv_heads):
+    """One query position against cached keys/values, without repeating them: sdpa's values for every group size
+    and for no mask, a boolean mask and an additive one (padding hidden)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from conftest import make_model
+
+    attention = make_model("gqa", n_kv_heads=kv_heads).model.prelude[0].self_attn
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 1, 16), torch.randn(2, kv_heads, 9, 16), torch.randn(2, kv_heads, 9, 16)
+    allowed = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    allowed[0, ..., :3] = False  # a left-padded row
+    additive = torch.zeros(2, 1, 1, 9).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    for mask in (None, allowed, additive):
+        expected, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=0.25, is_causal=False)
+        got, weights = grouped_decode_attention(attention, query, key, value, mask, scaling=0.25)
+        assert got.shape == expected.shape == (2, 1, 4, 16) and weights is None
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_compiled_gqa_decode_step_reads_the_cache_grouped_and_a_prefill_keeps_sdpa(input_ids):
+    """Under compile a one-position GQA step multiplies the grouped queries by the cached keys (no sdpa, whose CPU
+    form would recompute the rotated query per key); a prefill and every eager call keep sdpa."""
+    from conftest import make_model
+
+    model = make_model("gqa")
+    static = StaticCache(config=model.config, max_cache_len=32)
+    prefill = " ".join(_graph_ops(lambda ids: model(ids, cache=static).logits, input_ids))
+    assert "scaled_dot_product_attention" in prefill
+    mask = torch.ones(2, input_ids.shape[1] + 1, dtype=torch.long)
+    step = lambda ids: model(ids, cache=static, attention_mask=mask).logits  # noqa: E731
+    decode = _graph_ops(step, input_ids[:, :1])
+    assert not [op for op in decode if "scaled_dot_product" in op], decode
+    # scores and values in each attention call: prelude, max_loop_iters loops, coda
+    assert sum("matmul" in op for op in decode) == 2 * (2 + model.config.max_loop_iters)
