@@ -1,0 +1,102 @@
+"""Compiled decode with and without one of its CPU fast paths, paired: same weights, same tokens, timed round robin.
+
+    .venv/bin/python benchmarks/paired_decode.py                                   # streamed: medium MLA, small MLA/GQA
+    .venv/bin/python benchmarks/paired_decode.py --path grouped --runs small/gqa medium/gqa --prompt-len 16 128 512
+    .venv/bin/python benchmarks/paired_decode.py --runs small/gqa --rounds 3
+
+``--path`` picks the fast path that one of the two models runs without:
+- ``streamed``: :class:`MythosLinear`'s ``weight @ x^T`` for 2-4 rows (``modeling_mythos.streams_weight``);
+- ``grouped``: GQA's one-position attention as two matmuls of the grouped queries by the cached keys
+  (``modeling_mythos.decodes_grouped``), instead of sdpa.
+
+Two models with the same weights are compiled (inductor, transformers' static-cache generate); the switch is made to
+answer False while the plain model runs. Their greedy tokens must be equal; then the ms per decode step inside one
+generate (benchmarks/run.py's ``compiled_decode_ms``) is timed round robin, 1 torch thread, and the medians printed.
+Results: docs/benchmarks.md ("Batched decode streams its weights", "GQA decode reads each cached key once").
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # noqa: E402  (the models, the compiled runner and the decode-step timer)
+
+from openmythos import modeling_mythos  # noqa: E402
+
+SWITCHES = {"streamed": "streams_weight", "grouped": "decodes_grouped"}
+
+
+def paired(path: str, size: str, attn: str, batch: int, prompt_len: int, rounds: int, new_tokens: int) -> dict:
+    name = SWITCHES[path]
+    fast = getattr(modeling_mythos, name)
+    prompt = torch.randint(0, bench.SIZES[size]["common"]["vocab_size"], (batch, prompt_len),
+                           generator=torch.Generator().manual_seed(0))
+    runners, tokens, steps = {}, {}, {"plain": [], path: []}
+
+    def use(mode):
+        setattr(modeling_mythos, name, fast if mode == path else (lambda *args: False))
+
+    try:
+        base = bench.build_ours(size, attn)
+        for mode in steps:
+            use(mode)
+            model = bench.build_ours(size, attn)
+            model.load_state_dict(base.state_dict())
+            runners[mode] = bench.Runner("ours+compile", model, "inductor")
+            tokens[mode] = runners[mode].generate(prompt, new_tokens)
+        if not torch.equal(tokens["plain"], tokens[path]):
+            raise SystemExit(f"{size}/{attn}: the two forms generated different tokens")
+        for _ in range(rounds):
+            for mode in steps:
+                use(mode)
+                steps[mode].append(bench.compiled_decode_ms(runners[mode], prompt, new_tokens, 1))
+    finally:
+        setattr(modeling_mythos, name, fast)
+    return {mode: statistics.median(ms) for mode, ms in steps.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", choices=list(SWITCHES), default="streamed", help="the fast path to pair")
+    parser.add_argument("--runs", nargs="+", default=None,
+                        help="size/attention pairs (sizes: %s; attention: mla, gqa; default: medium/mla small/mla "
+                             "small/gqa for streamed, small/gqa medium/gqa for grouped)" % ", ".join(bench.SIZES))
+    parser.add_argument("--batch", type=int, default=2, help="rows decoded at once (the streamed form takes 2-4)")
+    parser.add_argument("--prompt-len", type=int, nargs="+", default=[16], help="prompt lengths (tokens)")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds per form")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generate")
+    args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = ["medium/mla", "small/mla", "small/gqa"] if args.path == "streamed" else ["small/gqa", "medium/gqa"]
+    for run in args.runs:
+        size, _, attn = run.partition("/")
+        if size not in bench.SIZES or attn not in ("mla", "gqa"):
+            parser.error(f"--runs takes size/attention pairs such as small/gqa, got {run!r}")
+        if args.path == "grouped" and attn != "gqa":
+            parser.error(f"--path grouped pairs GQA attention only, got {run!r}")
+    if args.batch < 1 or args.rounds < 1 or args.new_tokens < 2 or min(args.prompt_len) < 1:
+        parser.error("--batch, --rounds and --prompt-len must be >= 1 and --new-tokens >= 2")
+    if max(args.prompt_len) + args.new_tokens > bench.MAX_SEQ_LEN:
+        parser.error(f"--prompt-len + --new-tokens must be at most {bench.MAX_SEQ_LEN}")
+    torch.set_num_threads(1)
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} | torch {torch.__version__} | 1 torch thread | batch {args.batch} "
+          f"| path {args.path}")
+    print(f"| model | prompt | plain ms per step | {args.path} ms per step | ratio |")
+    print("|---|---|---|---|---|")
+    for run in args.runs:
+        size, _, attn = run.partition("/")
+        for prompt_len in args.prompt_len:
+            ms = paired(args.path, size, attn, args.batch, prompt_len, args.rounds, args.new_tokens)
+            print(f"| {run} | {prompt_len} | {ms['plain']:.2f} | {ms[args.path]:.2f} | "
+                  f"{ms['plain'] / ms[args.path]:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
