@@ -2333,6 +2333,17 @@ def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int):
             + (f" (batch size {given})" if given is not None else ""))
 
 
+def plainly_causal(config: MythosConfig, attention_mask, cache, default_positions: bool) -> bool:
+    """Whether a compiled sdpa call attends plainly causally and needs no mask tensor: no padding mask, no cache and
+    the default positions (given positions may pack several sequences into a row).
+
+    Eager calls get no mask there from ``create_causal_mask``, and sdpa runs with ``is_causal``. While tracing it
+    always builds a [batch, 1, seq, seq] mask (it cannot read a padding mask's values), and a kernel given a mask
+    cannot skip the blocks above the diagonal: the compiled forward and train step did the attention's whole square.
+    """
+    return (is_torchdynamo_compiling() and attention_mask is None and cache is None and default_positions
+            and config._attn_implementation == "sdpa")
+
 
 @auto_docstring
 class MythosModel(MythosPreTrainedModel):
@@ -2484,14 +2495,18 @@ class MythosModel(MythosPreTrainedModel):
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq:].bool()
+        default_positions = position_ids is None
         if position_ids is None:
             # a StaticCache's length is a tensor: add it, so that no host sync (or graph break) reads it
             position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_length).unsqueeze(0)
         elif position_ids.dim() == 1:  # [seq]: the same positions for every row
             position_ids = position_ids.unsqueeze(0)
-        # positional: the cache argument's name changed in transformers 5.24
-        mask = paged.mask if paged is not None else create_causal_mask(
-            self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
+        if paged is not None:
+            mask = paged.mask
+        elif plainly_causal(self.config, attention_mask, cache, default_positions):
+            mask = None  # sdpa's is_causal, as create_causal_mask gives eager calls
+        else:  # positional: the cache argument's name changed in transformers 5.24
+            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         shared = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids), attention_mask=mask,
                       cache=cache)
         if plan.criterion == "kl":

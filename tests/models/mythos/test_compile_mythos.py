@@ -229,3 +229,48 @@ def test_compiled_gqa_decode_step_reads_the_cache_grouped_and_a_prefill_keeps_sd
     assert not [op for op in decode if "scaled_dot_product" in op], decode
     # scores and values in each attention call: prelude, max_loop_iters loops, coda
     assert sum("matmul" in op for op in decode) == 2 * (2 + model.config.max_loop_iters)
+
+
+def _sdpa_calls(fn, *args):
+    """(is_causal, has a mask) of every sdpa call in the graphs dynamo makes for ``fn``."""
+    calls = []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
+                mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+                calls.append((bool(node.kwargs.get("is_causal", False)), mask is not None))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return calls
+
+
+def test_compiled_forward_without_padding_is_causal_without_a_mask(model, input_ids):
+    """A compiled call with no padding mask, no cache and default positions runs sdpa with is_causal and no mask, as
+    eager calls do, with eager's values and gradients; a padding mask or given (packed) positions keep the mask."""
+    plain = lambda ids: model(ids, use_cache=False).logits  # noqa: E731
+    assert set(_sdpa_calls(plain, input_ids)) == {(True, False)}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(plain, backend="aot_eager", fullgraph=True)(input_ids),
+                                   plain(input_ids), atol=1e-5, rtol=1e-4)
+    padded = torch.ones_like(input_ids)
+    padded[0, :3] = 0
+    assert set(_sdpa_calls(lambda ids: model(ids, attention_mask=padded, use_cache=False).logits, input_ids)) == {
+        (False, True)}
+    packed = torch.cat((torch.arange(5), torch.arange(7)))[None].expand(2, -1)  # two sequences per row
+    with_positions = lambda ids: model(ids, position_ids=packed, use_cache=False).logits  # noqa: E731
+    assert set(_sdpa_calls(with_positions, input_ids)) == {(False, True)}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(with_positions, backend="aot_eager", fullgraph=True)(input_ids),
+                                   with_positions(input_ids), atol=1e-5, rtol=1e-4)
+    model.train()
+    loss = lambda ids: model(ids, labels=ids, n_loops=2, use_cache=False).loss  # noqa: E731
+    eager = torch.autograd.grad(loss(input_ids), model.model.embed_tokens.weight)[0]
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(input_ids),
+                                   model.model.embed_tokens.weight)[0]
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
