@@ -149,7 +149,9 @@ def grouped_decode_attention(module, query, key, value, attention_mask, scaling,
     scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scaling  # [B, h, H / h, S]
     if attention_mask is not None:
         mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, attention_mask.shape[-1])
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        # the dtype's lowest value, not -inf: a row with every key hidden gets finite weights, never NaN
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else (
+            scores + mask.float())
     weights = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(weights, value)  # [B, h, H / h, d]
     return out.reshape(batch, 1, heads, head_dim), None

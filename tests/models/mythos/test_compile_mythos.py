@@ -211,6 +211,8 @@ def test_grouped_decode_attention_equals_sdpa(kv_heads):
         got, weights = grouped_decode_attention(attention, query, key, value, mask, scaling=0.25)
         assert got.shape == expected.shape == (2, 1, 4, 16) and weights is None
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    hidden = torch.zeros(2, 1, 1, 9, dtype=torch.bool)  # every key hidden: finite, never NaN
+    assert grouped_decode_attention(attention, query, key, value, hidden, scaling=0.25)[0].isfinite().all()
 
 
 @torch.no_grad()
