@@ -480,16 +480,19 @@ def section_roofline(size, attn, args, inputs, machine, models=None, compiled=No
     for kind in ("ours", "peer"):  # the same arithmetic (FlopCounterMode cannot see into compiled code)
         if f"{kind}+compile" in timings["forward"]:
             flops[f"{kind}+compile"] = flops[kind]
-    peak = machine["matmul_peak_gflops"]
+    # This machine's speed drifts by up to 40% within an hour: measure the peak again now and use the higher of the
+    # two, so that a slow period at the start cannot inflate the shares (the same for the bandwidth below)
+    peak = max(machine["matmul_peak_gflops"], matmul_peak_gflops(args.reps)["peak_gflops"])
     fraction = {name: {w: flops[name][w] / (timings[w][name]["median_ms"] / 1e3) / 1e9 / peak
                        for w in ("forward", "train_step")} for name in flops}
     # memory-bandwidth floor of a decode step (batch 2 in the full run)
     prompt = inputs["prompts"][0]
     weight_bytes, distinct_bytes = decode_weight_bytes(runners["ours"].model, prompt)
-    bandwidth = machine["read_bandwidth_gbs"] * 1e9
-    floor_ms, distinct_floor_ms = 1e3 * weight_bytes / bandwidth, 1e3 * distinct_bytes / bandwidth
+    bandwidth_gbs = max(machine["read_bandwidth_gbs"], read_bandwidth_gbs(args.reps, mb=64 if args.quick else 512))
+    floor_ms, distinct_floor_ms = weight_bytes / bandwidth_gbs / 1e6, distinct_bytes / bandwidth_gbs / 1e6
     step = decode_times({"ours": runners["ours"]}, prompt, args.decode_steps)["ours"]["median_ms"]
     decode = {"batch": prompt.shape[0], "weight_bytes": weight_bytes, "distinct_weight_bytes": distinct_bytes,
+              "read_bandwidth_gbs": bandwidth_gbs,
               "floor_ms": floor_ms, "distinct_floor_ms": distinct_floor_ms,
               "step_ms": {"ours": step}, "floor_fraction": {"ours": floor_ms / step},
               "distinct_floor_fraction": {"ours": distinct_floor_ms / step}}
@@ -499,7 +502,7 @@ def section_roofline(size, attn, args, inputs, machine, models=None, compiled=No
         decode["floor_fraction"]["ours+compile"] = floor_ms / step
         decode["distinct_floor_fraction"]["ours+compile"] = distinct_floor_ms / step
     return {"flops": flops, "forward": timings["forward"], "train_step": timings["train_step"],
-            "matmul_peak_fraction": fraction, "decode": decode}
+            "matmul_peak_gflops": peak, "matmul_peak_fraction": fraction, "decode": decode}
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -554,8 +557,9 @@ def print_loops(size, attn, res):
 
 
 def print_roofline(size, attn, res, machine):
-    peak = machine["matmul_peak_gflops"]
-    print(f"\n## {size} {attn.upper()}: fraction of the fp32 matmul peak ({peak:.1f} GFLOP/s)")
+    peak = res["matmul_peak_gflops"]
+    print(f"\n## {size} {attn.upper()}: fraction of the fp32 matmul peak ({peak:.1f} GFLOP/s: the higher of the "
+          f"run's start, {machine['matmul_peak_gflops']:.1f}, and now)")
     print("  | model | forward GFLOP | forward ms | forward share | train GFLOP | train ms | train share |")
     print("  |---|---|---|---|---|---|---|")
     for name, share in res["matmul_peak_fraction"].items():
@@ -565,7 +569,8 @@ def print_roofline(size, attn, res, machine):
               f"{share['train_step']:.0%} |")
     d = res["decode"]
     print(f"  batch-{d['batch']} decode step: reads {d['weight_bytes'] / 1e6:.1f} MB of weights "
-          f"({d['distinct_weight_bytes'] / 1e6:.1f} MB distinct); at {machine['read_bandwidth_gbs']:.1f} GB/s the "
+          f"({d['distinct_weight_bytes'] / 1e6:.1f} MB distinct); at {d['read_bandwidth_gbs']:.1f} GB/s (the higher "
+          f"of the run's start and now) the "
           f"floor is {d['floor_ms']:.2f} ms ({d['distinct_floor_ms']:.2f} ms if re-reads hit cache)")
     for name, step in d["step_ms"].items():
         print(f"    {name}: {step:.2f} ms per step = {d['floor_fraction'][name]:.0%} of the floor's speed "

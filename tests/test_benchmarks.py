@@ -156,6 +156,9 @@ def test_one_command_benchmark_runs_every_section_for_both_attention_types(tmp_p
             assert loops["1"][sharing] == loops["2"][sharing] == loops["1"]["ours"], (attn, sharing)
         assert loops["2"]["ours"] > loops["1"]["ours"] and loops["2"]["ours"] == loops["2"]["peer"]
         roofline = run["roofline"]
+        # the shares use the higher of the peaks (bandwidths) measured at the start and beside the timings
+        assert roofline["matmul_peak_gflops"] >= machine["matmul_peak_gflops"]
+        assert roofline["decode"]["read_bandwidth_gbs"] >= machine["read_bandwidth_gbs"]
         for name, share in roofline["matmul_peak_fraction"].items():
             assert 0 < share["forward"] <= 1 and 0 < share["train_step"] <= 1, (attn, name, share)
         assert roofline["flops"]["ours"]["train_step"] > 2 * roofline["flops"]["ours"]["forward"] > 0
