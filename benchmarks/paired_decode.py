@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/paired_decode.py                                   # streamed: medium MLA, small MLA/GQA
     .venv/bin/python benchmarks/paired_decode.py --path grouped --runs small/gqa medium/gqa --prompt-len 16 128 512
+    .venv/bin/python benchmarks/paired_decode.py --path grouped --runs small/gqa --kv-heads 8 --prompt-len 128 1024
     .venv/bin/python benchmarks/paired_decode.py --runs small/gqa --rounds 3
 
 ``--path`` picks the fast path that one of the two models runs without:
@@ -32,7 +33,8 @@ from openmythos import modeling_mythos  # noqa: E402
 SWITCHES = {"streamed": "streams_weight", "grouped": "decodes_grouped"}
 
 
-def paired(path: str, size: str, attn: str, batch: int, prompt_len: int, rounds: int, new_tokens: int) -> dict:
+def paired(path: str, size: str, attn: str, batch: int, prompt_len: int, rounds: int, new_tokens: int,
+           **overrides) -> dict:
     name = SWITCHES[path]
     fast = getattr(modeling_mythos, name)
     prompt = torch.randint(0, bench.SIZES[size]["common"]["vocab_size"], (batch, prompt_len),
@@ -43,10 +45,10 @@ def paired(path: str, size: str, attn: str, batch: int, prompt_len: int, rounds:
         setattr(modeling_mythos, name, fast if mode == path else (lambda *args: False))
 
     try:
-        base = bench.build_ours(size, attn)
+        base = bench.build_ours(size, attn, **overrides)
         for mode in steps:
             use(mode)
-            model = bench.build_ours(size, attn)
+            model = bench.build_ours(size, attn, **overrides)
             model.load_state_dict(base.state_dict())
             runners[mode] = bench.Runner("ours+compile", model, "inductor")
             tokens[mode] = runners[mode].generate(prompt, new_tokens)
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
                              "small/gqa for streamed, small/gqa medium/gqa for grouped)" % ", ".join(bench.SIZES))
     parser.add_argument("--batch", type=int, default=2, help="rows decoded at once (the streamed form takes 2-4)")
     parser.add_argument("--prompt-len", type=int, nargs="+", default=[16], help="prompt lengths (tokens)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="GQA key/value heads instead of the config's (e.g. 8 of 8 for MHA at the small size)")
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per form")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generate")
     args = parser.parse_args(argv)
@@ -80,19 +84,27 @@ def main(argv=None) -> int:
             parser.error(f"--runs takes size/attention pairs such as small/gqa, got {run!r}")
         if args.path == "grouped" and attn != "gqa":
             parser.error(f"--path grouped pairs GQA attention only, got {run!r}")
+    heads = {size: bench.SIZES[size]["common"]["n_heads"] for size in bench.SIZES}
+    if args.kv_heads is not None:
+        for run in args.runs:
+            size, _, attn = run.partition("/")
+            if attn != "gqa" or args.kv_heads < 1 or heads[size] % args.kv_heads:
+                parser.error(f"--kv-heads must divide the {heads[size]} heads of a GQA run, got {args.kv_heads} "
+                             f"for {run!r}")
     if args.batch < 1 or args.rounds < 1 or args.new_tokens < 2 or min(args.prompt_len) < 1:
         parser.error("--batch, --rounds and --prompt-len must be >= 1 and --new-tokens >= 2")
     if max(args.prompt_len) + args.new_tokens > bench.MAX_SEQ_LEN:
         parser.error(f"--prompt-len + --new-tokens must be at most {bench.MAX_SEQ_LEN}")
     torch.set_num_threads(1)
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} | torch {torch.__version__} | 1 torch thread | batch {args.batch} "
-          f"| path {args.path}")
+          f"| path {args.path}" + ("" if args.kv_heads is None else f" | {args.kv_heads} key/value heads"))
     print(f"| model | prompt | plain ms per step | {args.path} ms per step | ratio |")
     print("|---|---|---|---|---|")
     for run in args.runs:
         size, _, attn = run.partition("/")
         for prompt_len in args.prompt_len:
-            ms = paired(args.path, size, attn, args.batch, prompt_len, args.rounds, args.new_tokens)
+            overrides = {} if args.kv_heads is None else {"n_kv_heads": args.kv_heads}
+            ms = paired(args.path, size, attn, args.batch, prompt_len, args.rounds, args.new_tokens, **overrides)
             print(f"| {run} | {prompt_len} | {ms['plain']:.2f} | {ms[args.path]:.2f} | "
                   f"{ms['plain'] / ms[args.path]:.2f} |", flush=True)
     return 0

@@ -140,12 +140,16 @@ def grouped_decode_attention(module, query, key, value, attention_mask, scaling,
     (True attends) or additive, broadcastable to [B, 1, 1, S]. Returns ``([B, 1, H, d], None)`` like the attention
     interface. The same arithmetic as sdpa (tested). Used under ``torch.compile`` on the CPU only
     (:func:`decodes_grouped`): there, sdpa's one-query form becomes a reduction that recomputes the rotated query
-    (its RoPE cos/sin included) for every cached key and copies each key/value head ``H / h`` times; here the query
-    groups are the rows of two batched matmuls, which read each cached key once.
+    (its RoPE cos/sin included) for every block of cached keys and copies each key/value head ``H / h`` times; here
+    the query groups are the rows of two batched matmuls, which read each cached key once.
     """
     batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # head i is group i // (H / h)
+    if heads == kv_heads:
+        # groups of one row (MHA): inductor lowers a one-row batched matmul on the CPU to the same per-key reduction;
+        # a copy of the row keeps it a matmul kernel, for twice the (small) arithmetic
+        grouped = torch.cat((grouped, grouped), dim=2)
     scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scaling  # [B, h, H / h, S]
     if attention_mask is not None:
         mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, attention_mask.shape[-1])
@@ -154,6 +158,8 @@ def grouped_decode_attention(module, query, key, value, attention_mask, scaling,
             scores + mask.float())
     weights = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(weights, value)  # [B, h, H / h, d]
+    if heads == kv_heads:
+        out = out[:, :, :1]  # the copy's row
     return out.reshape(batch, 1, heads, head_dim), None
 
 

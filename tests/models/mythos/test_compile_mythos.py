@@ -216,12 +216,13 @@ def test_grouped_decode_attention_equals_sdpa(kv_heads):
 
 
 @torch.no_grad()
-def test_compiled_gqa_decode_step_reads_the_cache_grouped_and_a_prefill_keeps_sdpa(input_ids):
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_compiled_gqa_decode_step_reads_the_cache_grouped_and_a_prefill_keeps_sdpa(kv_heads, input_ids):
     """Under compile a one-position GQA step multiplies the grouped queries by the cached keys (no sdpa, whose CPU
-    form would recompute the rotated query per key); a prefill and every eager call keep sdpa."""
+    form would recompute the rotated query per key); so does MHA (4 of 4 heads); a prefill keeps sdpa."""
     from conftest import make_model
 
-    model = make_model("gqa")
+    model = make_model("gqa", n_kv_heads=kv_heads)
     static = StaticCache(config=model.config, max_cache_len=32)
     prefill = " ".join(_graph_ops(lambda ids: model(ids, cache=static).logits, input_ids))
     assert "scaled_dot_product_attention" in prefill
