@@ -77,17 +77,22 @@ class MythosRotary(nn.Module):
     """RoPE cos/sin tables computed in fp32 from the config on every call.
 
     There is deliberately no frequency buffer: a buffer would be cast by ``model.to(torch.bfloat16)`` (losing
-    precision) and would come back uninitialised from meta-device loading. The cost is one tiny ``pow`` per forward.
+    precision) and would come back uninitialised from meta-device loading. The frequencies are kept as Python numbers
+    instead (the fp32 values of ``1 / theta ** (2i / rope_dim)``, computed once by torch), which every call turns into a
+    tensor: a compiled graph then holds them as a constant. Computed from ``theta`` in the graph, inductor inlined the
+    ``pow`` into every kernel that reads the tables, once per element of every rotated query and key.
     """
 
     def __init__(self, config: MythosConfig):
         super().__init__()
         self.rope_dim = config.rope_dim
         self.theta = float(config.rope_theta)
+        # on the CPU whatever device the model is built on (from_pretrained builds it on the meta device)
+        exponent = torch.arange(0, self.rope_dim, 2, dtype=torch.float32, device="cpu") / self.rope_dim
+        self.inv_freq = tuple((1.0 / (self.theta**exponent)).tolist())  # fp32 values, exact as Python floats
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        exponent = torch.arange(0, self.rope_dim, 2, device=x.device, dtype=torch.float32) / self.rope_dim
-        inv_freq = 1.0 / (self.theta**exponent)
+        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float32, device=x.device)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)

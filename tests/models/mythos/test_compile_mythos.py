@@ -277,3 +277,18 @@ def test_compiled_forward_without_padding_is_causal_without_a_mask(model, input_
     compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(input_ids),
                                    model.model.embed_tokens.weight)[0]
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_rope_frequencies_are_constants_with_the_fp32_values_of_the_formula(model):
+    """The RoPE tables equal the formula's fp32 values, and a compiled call computes no pow (which inductor inlined into
+    every kernel reading the tables)."""
+    rotary = model.model.rotary_emb
+    exponent = torch.arange(0, rotary.rope_dim, 2, dtype=torch.float32) / rotary.rope_dim
+    positions = torch.arange(40)[None]
+    freqs = positions[..., None].float() * (1.0 / (rotary.theta**exponent))
+    cos, sin = rotary(torch.zeros(1), positions)
+    assert torch.equal(cos, torch.cat((freqs, freqs), dim=-1).cos())
+    assert torch.equal(sin, torch.cat((freqs, freqs), dim=-1).sin())
+    ops = _graph_ops(rotary, torch.zeros(1), positions)
+    assert ops and not [op for op in ops if "pow" in op], ops
