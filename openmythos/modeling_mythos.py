@@ -73,14 +73,19 @@ class MythosRMSNorm(nn.Module):
         return self.weight * normed.to(hidden_states.dtype)
 
 
+def _frequencies_tensor(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+_frequencies_tensor_cached = functools.lru_cache(maxsize=64)(_frequencies_tensor)
+
+
 class MythosRotary(nn.Module):
     """RoPE cos/sin tables computed in fp32 from the config on every call.
 
     There is deliberately no frequency buffer: a buffer would be cast by ``model.to(torch.bfloat16)`` (losing
     precision) and would come back uninitialised from meta-device loading. The frequencies are kept as Python numbers
-    instead (the fp32 values of ``1 / theta ** (2i / rope_dim)``, computed once by torch), which every call turns into a
-    tensor: a compiled graph then holds them as a constant. Computed from ``theta`` in the graph, inductor inlined the
-    ``pow`` into every kernel that reads the tables, once per element of every rotated query and key.
+    instead (the fp32 values of ``1 / theta ** (2i / rope_dim)``, computed once by torch; see :meth:`frequencies`).
     """
 
     def __init__(self, config: MythosConfig):
@@ -91,9 +96,17 @@ class MythosRotary(nn.Module):
         exponent = torch.arange(0, self.rope_dim, 2, dtype=torch.float32, device="cpu") / self.rope_dim
         self.inv_freq = tuple((1.0 / (self.theta**exponent)).tolist())  # fp32 values, exact as Python floats
 
+    def frequencies(self, device: torch.device) -> torch.Tensor:
+        """The frequencies as an fp32 tensor on ``device``. A compiled graph holds them as a constant (computed from
+        ``theta`` in the graph, inductor inlined the ``pow`` into every kernel reading the tables, once per element of
+        every rotated query and key); eager calls reuse one tensor per device, so a GPU step copies nothing from the
+        host."""
+        if is_torchdynamo_compiling():
+            return _frequencies_tensor(self.inv_freq, device)
+        return _frequencies_tensor_cached(self.inv_freq, device)
+
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float32, device=x.device)
-        freqs = position_ids[..., None].float() * inv_freq
+        freqs = position_ids[..., None].float() * self.frequencies(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 

@@ -281,8 +281,8 @@ def test_compiled_forward_without_padding_is_causal_without_a_mask(model, input_
 
 @torch.no_grad()
 def test_rope_frequencies_are_constants_with_the_fp32_values_of_the_formula(model):
-    """The RoPE tables equal the formula's fp32 values, and a compiled call computes no pow (which inductor inlined into
-    every kernel reading the tables)."""
+    """The RoPE tables equal the formula's fp32 values, a compiled call computes no pow (which inductor inlined into
+    every kernel reading the tables), and eager calls reuse the frequencies' tensor."""
     rotary = model.model.rotary_emb
     exponent = torch.arange(0, rotary.rope_dim, 2, dtype=torch.float32) / rotary.rope_dim
     positions = torch.arange(40)[None]
@@ -292,3 +292,5 @@ def test_rope_frequencies_are_constants_with_the_fp32_values_of_the_formula(mode
     assert torch.equal(sin, torch.cat((freqs, freqs), dim=-1).sin())
     ops = _graph_ops(rotary, torch.zeros(1), positions)
     assert ops and not [op for op in ops if "pow" in op], ops
+    cpu = torch.device("cpu")  # eager calls reuse one tensor per device (no host copy per GPU step)
+    assert rotary.frequencies(cpu) is rotary.frequencies(cpu)
