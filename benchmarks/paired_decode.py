@@ -4,14 +4,17 @@
     .venv/bin/python benchmarks/paired_decode.py --path grouped --runs small/gqa medium/gqa --prompt-len 16 128 512
     .venv/bin/python benchmarks/paired_decode.py --path grouped --runs small/gqa --kv-heads 8 --prompt-len 128 1024
     .venv/bin/python benchmarks/paired_decode.py --runs small/gqa --rounds 3
+    .venv/bin/python benchmarks/paired_decode.py --path cpp-wrapper --runs small/mla small/gqa --prompt-len 16 128
 
 ``--path`` picks the fast path that one of the two models runs without:
 - ``streamed``: :class:`MythosLinear`'s ``weight @ x^T`` for 2-4 rows (``modeling_mythos.streams_weight``);
 - ``grouped``: GQA's one-position attention as two matmuls of the grouped queries by the cached keys
-  (``modeling_mythos.decodes_grouped``), instead of sdpa.
+  (``modeling_mythos.decodes_grouped``), instead of sdpa;
+- ``cpp-wrapper``: inductor's C++ wrapper around the step's kernels (``run.decode_compile_config``), instead of the
+  Python one. Here the per-step time leaves out what the wrapper changes outside the step (nothing measurable).
 
 Two models with the same weights are compiled (inductor, transformers' static-cache generate); the switch is made to
-answer False while the plain model runs. Their greedy tokens must be equal; then the ms per decode step inside one
+answer False while the plain model runs (for ``cpp-wrapper``, the plain model compiles without the option). Their greedy tokens must be equal; then the ms per decode step inside one
 generate (benchmarks/run.py's ``compiled_decode_ms``) is timed round robin, 1 torch thread, and the medians printed.
 Results: docs/benchmarks.md ("Batched decode streams its weights", "GQA decode reads each cached key once").
 """
@@ -30,19 +33,20 @@ import run as bench  # noqa: E402  (the models, the compiled runner and the deco
 
 from openmythos import modeling_mythos  # noqa: E402
 
-SWITCHES = {"streamed": "streams_weight", "grouped": "decodes_grouped"}
+SWITCHES = {"streamed": "streams_weight", "grouped": "decodes_grouped", "cpp-wrapper": None}
 
 
 def paired(path: str, size: str, attn: str, batch: int, prompt_len: int, rounds: int, new_tokens: int,
            **overrides) -> dict:
     name = SWITCHES[path]
-    fast = getattr(modeling_mythos, name)
+    fast = getattr(modeling_mythos, name) if name else None
     prompt = torch.randint(0, bench.SIZES[size]["common"]["vocab_size"], (batch, prompt_len),
                            generator=torch.Generator().manual_seed(0))
     runners, tokens, steps = {}, {}, {"plain": [], path: []}
 
     def use(mode):
-        setattr(modeling_mythos, name, fast if mode == path else (lambda *args: False))
+        if name:
+            setattr(modeling_mythos, name, fast if mode == path else (lambda *args: False))
 
     try:
         base = bench.build_ours(size, attn, **overrides)
@@ -51,6 +55,8 @@ def paired(path: str, size: str, attn: str, batch: int, prompt_len: int, rounds:
             model = bench.build_ours(size, attn, **overrides)
             model.load_state_dict(base.state_dict())
             runners[mode] = bench.Runner("ours+compile", model, "inductor")
+            if path == "cpp-wrapper" and mode == "plain":
+                runners[mode].compile_config.options = None  # inductor's Python wrapper
             tokens[mode] = runners[mode].generate(prompt, new_tokens)
         if not torch.equal(tokens["plain"], tokens[path]):
             raise SystemExit(f"{size}/{attn}: the two forms generated different tokens")
@@ -59,7 +65,8 @@ def paired(path: str, size: str, attn: str, batch: int, prompt_len: int, rounds:
                 use(mode)
                 steps[mode].append(bench.compiled_decode_ms(runners[mode], prompt, new_tokens, 1))
     finally:
-        setattr(modeling_mythos, name, fast)
+        if name:
+            setattr(modeling_mythos, name, fast)
     return {mode: statistics.median(ms) for mode, ms in steps.items()}
 
 
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--path", choices=list(SWITCHES), default="streamed", help="the fast path to pair")
     parser.add_argument("--runs", nargs="+", default=None,
                         help="size/attention pairs (sizes: %s; attention: mla, gqa; default: medium/mla small/mla "
-                             "small/gqa for streamed, small/gqa medium/gqa for grouped)" % ", ".join(bench.SIZES))
+                             "small/gqa, or small/gqa medium/gqa for grouped)" % ", ".join(bench.SIZES))
     parser.add_argument("--batch", type=int, default=2, help="rows decoded at once (the streamed form takes 2-4)")
     parser.add_argument("--prompt-len", type=int, nargs="+", default=[16], help="prompt lengths (tokens)")
     parser.add_argument("--kv-heads", type=int, default=None,
@@ -77,7 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generate")
     args = parser.parse_args(argv)
     if args.runs is None:
-        args.runs = ["medium/mla", "small/mla", "small/gqa"] if args.path == "streamed" else ["small/gqa", "medium/gqa"]
+        args.runs = (["small/gqa", "medium/gqa"] if args.path == "grouped"
+                     else ["medium/mla", "small/mla", "small/gqa"])
     for run in args.runs:
         size, _, attn = run.partition("/")
         if size not in bench.SIZES or attn not in ("mla", "gqa"):
