@@ -217,6 +217,41 @@ def test_grouped_mm_experts_match_the_plain_path(attn_type, input_ids):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_eager_grouped_mm_gathers_rows_by_index_select_with_transformers_values(dtype, tokens, monkeypatch):
+    """``sorted_forward`` (what an eager CPU grouped_mm call runs) equals transformers' grouped_mm experts function bit
+    for bit, outputs and gradients, also when some experts get no rows; and the eager dispatch really runs it."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    from openmythos.modeling_mythos import MythosExperts
+
+    model = make_model()
+    model.set_experts_implementation("grouped_mm")
+    experts = model.model.recurrent.layer.mlp.experts.to(dtype)
+    gen = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, experts.hidden_dim, generator=gen).to(dtype)
+    # experts 0..2 only when there are few tokens, so most groups are empty
+    index = torch.randint(0, 3 if tokens < 10 else experts.num_experts, (tokens, 2), generator=gen)
+    weights = torch.rand(tokens, 2, generator=gen).to(dtype)
+    results = []
+    for forward in (grouped_mm_experts_forward, MythosExperts.sorted_forward):
+        experts.zero_grad()
+        x = hidden.clone().requires_grad_()
+        out = forward(experts, x, index, weights)
+        out.float().square().sum().backward()
+        results.append((out, x.grad, experts.gate_up_proj.grad, experts.down_proj.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+    calls = []
+    sorted_forward = MythosExperts.sorted_forward
+    monkeypatch.setattr(MythosExperts, "sorted_forward", lambda *a: calls.append(1) or sorted_forward(*a))
+    with torch.no_grad():
+        assert torch.equal(experts(hidden, index, weights), results[0][0])
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim, expert_dim", [(30, 32), (64, 34), (36, 36)])
 def test_grouped_mm_with_misaligned_sizes_falls_back_to_the_plain_path(dtype, dim, expert_dim):
     """torch's grouped_mm needs row strides of a multiple of 16 bytes (4 fp32 or 8 bf16 numbers); sizes that are not
