@@ -36,7 +36,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils import (ModelOutput, TransformersKwargs, auto_docstring, can_return_tuple,
+                                is_torch_greater_or_equal)
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.import_utils import is_torchdynamo_compiling
@@ -1182,6 +1183,10 @@ def gathers_under_compile(experts: nn.Module, top_k_index: torch.Tensor) -> bool
             and top_k_index.numel() <= experts.num_experts)
 
 
+# torch.nn.functional.grouped_mm exists, and its CPU kernel takes any alignment, from torch 2.11 on
+_CPU_GROUPED_MM_TAKES_ANY_ALIGNMENT = hasattr(F, "grouped_mm") and is_torch_greater_or_equal("2.11", accept_dev=True)
+
+
 def gathers_rows_by_index_select(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
     """Whether an eager ``grouped_mm`` call runs :meth:`MythosExperts.sorted_forward` instead of transformers' function.
 
@@ -1190,10 +1195,11 @@ def gathers_rows_by_index_select(experts: nn.Module, hidden_states: torch.Tensor
     [256, 256] fp32 gather of 512 rows alone: 215 against 16 us, 1 thread). The benchmark's small experts call on 256
     tokens went from 1.72 to 1.42 ms (1.22x; 1.04x at the medium size, and 1.01-1.03x with the backward), about 4% of
     an eager forward (docs/benchmarks.md). Compiled calls keep transformers' function (inductor writes its own
-    gather), and so do expert-parallel shards, whose routed ids carry out-of-range sentinels.
+    gather), and so do expert-parallel shards, whose routed ids carry out-of-range sentinels, and torch before 2.11,
+    whose CPU kernel needs 16-byte aligned tensors that transformers' function checks for.
     """
-    return (not is_torchdynamo_compiling() and hidden_states.device.type == "cpu" and hasattr(F, "grouped_mm")
-            and not experts._is_expert_parallel)
+    return (not is_torchdynamo_compiling() and hidden_states.device.type == "cpu" and not experts._is_expert_parallel
+            and _CPU_GROUPED_MM_TAKES_ANY_ALIGNMENT)
 
 
 def _grouped_mm_falls_back_when_misaligned(experts_class):
