@@ -11,7 +11,8 @@
 - ``grouped``: GQA's one-position attention as two matmuls of the grouped queries by the cached keys
   (``modeling_mythos.decodes_grouped``), instead of sdpa;
 - ``cpp-wrapper``: inductor's C++ wrapper around the step's kernels (``run.decode_compile_config``), instead of the
-  Python one. Here the per-step time leaves out what the wrapper changes outside the step (nothing measurable).
+  Python one. The wrapper changes only the compiled call; the per-step time also holds transformers' generation loop,
+  which is the same for both.
 
 Two models with the same weights are compiled (inductor, transformers' static-cache generate); the switch is made to
 answer False while the plain model runs (for ``cpp-wrapper``, the plain model compiles without the option). Their greedy tokens must be equal; then the ms per decode step inside one
