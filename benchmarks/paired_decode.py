@@ -15,9 +15,10 @@
   which is the same for both.
 
 Two models with the same weights are compiled (inductor, transformers' static-cache generate); the switch is made to
-answer False while the plain model runs (for ``cpp-wrapper``, the plain model compiles without the option). Their greedy tokens must be equal; then the ms per decode step inside one
-generate (benchmarks/run.py's ``compiled_decode_ms``) is timed round robin, 1 torch thread, and the medians printed.
-Results: docs/benchmarks.md ("Batched decode streams its weights", "GQA decode reads each cached key once").
+answer False while the plain model runs (for ``cpp-wrapper``, the plain model compiles without the option). Their
+greedy tokens must be equal; then the ms per decode step inside one generate (benchmarks/run.py's
+``compiled_decode_ms``) is timed round robin, 1 torch thread, and the medians printed. Results: docs/benchmarks.md
+("Batched decode streams its weights", "GQA decode reads each cached key once", "Compiled decode runs a C++ wrapper").
 """
 
 import argparse

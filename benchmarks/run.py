@@ -123,9 +123,10 @@ def kernels(model) -> str:
 # ------------------------------------------------------------------------------------------------ workloads
 def decode_compile_config(backend: str) -> transformers.CompileConfig:
     """transformers' compiled static-cache decoding on the CPU (the README's recipe). With inductor the step's
-    wrapper is C++ (``cpp_wrapper``): a Python wrapper spends about a third of a small model's compiled decode step
-    launching kernels and making views; the C++ one made generate 1.09-1.16x faster (docs/benchmarks.md). The forward
-    and the train step keep the Python wrapper, which measured the same (0.88-1.11x, within noise)."""
+    wrapper is C++ (``cpp_wrapper``): a Python wrapper spent about a third of a small model's compiled decode step
+    launching kernels and making views (under cProfile); the C++ one made generate 1.09-1.16x faster
+    (docs/benchmarks.md). The forward and the train step keep the Python wrapper, which measured the same (0.88-1.11x,
+    within noise)."""
     options = {"cpp_wrapper": True} if backend == "inductor" else None
     config = transformers.CompileConfig(fullgraph=True, backend=backend, mode=None, options=options)
     config._compile_all_devices = True  # CPU: transformers compiles only on accelerators otherwise

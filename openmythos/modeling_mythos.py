@@ -1193,8 +1193,8 @@ def gathers_rows_by_index_select(experts: nn.Module, hidden_states: torch.Tensor
     transformers sorts the routed rows by expert with ``hidden_states[rows]`` and restores their order with
     ``out[inverse]``. On the CPU that advanced indexing copies rows several times slower than ``index_select`` (a
     [256, 256] fp32 gather of 512 rows alone: 215 against 16 us, 1 thread). The benchmark's small experts call on 256
-    tokens went from 1.72 to 1.42 ms (1.22x; 1.04x at the medium size, and 1.01-1.03x with the backward), about 4% of
-    an eager forward (docs/benchmarks.md). Compiled calls keep transformers' function (inductor writes its own
+    tokens went from 1.72 to 1.42 ms (1.22x; 1.04x at the medium size, and 1.01-1.03x with the backward), an estimated
+    4% of an eager forward, too little to show above noise in whole-model timings (docs/benchmarks.md). Compiled calls keep transformers' function (inductor writes its own
     gather), and so do expert-parallel shards, whose routed ids carry out-of-range sentinels, and torch before 2.11,
     whose CPU kernel needs 16-byte aligned tensors that transformers' function checks for.
     """
@@ -1205,7 +1205,8 @@ def gathers_rows_by_index_select(experts: nn.Module, hidden_states: torch.Tensor
 def _grouped_mm_falls_back_when_misaligned(experts_class):
     """Wrap the dispatching ``forward`` made by ``use_experts_implementation``: a ``grouped_mm`` call whose sizes the
     kernel cannot take (``grouped_mm_fits``) runs the plain path, with one warning; a compiled call that routes few
-    rows runs the gathered path (``gathers_under_compile``)."""
+    rows runs the gathered path (``gathers_under_compile``); an eager CPU call runs transformers' arithmetic with
+    ``index_select`` gathers (``gathers_rows_by_index_select``)."""
     dispatch = experts_class.forward
 
     @functools.wraps(dispatch)
