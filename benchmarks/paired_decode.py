@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/paired_decode.py --path grouped --runs small/gqa --kv-heads 8 --prompt-len 128 1024
     .venv/bin/python benchmarks/paired_decode.py --runs small/gqa --rounds 3
     .venv/bin/python benchmarks/paired_decode.py --path cpp-wrapper --runs small/mla small/gqa --prompt-len 16 128
+    .venv/bin/python benchmarks/paired_decode.py --path own-mask --runs small/mla small/gqa medium/gqa --prompt-len 16 128
 
 ``--path`` picks the fast path that one of the two models runs without:
 - ``streamed``: :class:`MythosLinear`'s ``weight @ x^T`` for 2-4 rows (``modeling_mythos.streams_weight``);
@@ -13,12 +14,16 @@
 - ``cpp-wrapper``: inductor's C++ wrapper around the step's kernels (``run.decode_compile_config``), instead of the
   Python one. The wrapper changes only the compiled call; the per-step time also holds transformers' generation loop,
   which is the same for both.
+- ``own-mask``: no prepared mask when generate has no padding (``MythosForCausalLM.create_masks_for_generate``), so
+  the compiled step builds its causal mask from the cache position; the plain model takes transformers' function,
+  which builds a [batch, 1, 1, cache length] mask in Python every step and passes it in.
 
 Two models with the same weights are compiled (inductor, transformers' static-cache generate); the switch is made to
-answer False while the plain model runs (for ``cpp-wrapper``, the plain model compiles without the option). Their
-greedy tokens must be equal; then the ms per decode step inside one generate (benchmarks/run.py's
-``compiled_decode_ms``) is timed round robin, 1 torch thread, and the medians printed. Results: docs/benchmarks.md
-("Batched decode streams its weights", "GQA decode reads each cached key once", "Compiled decode runs a C++ wrapper").
+answer False while the plain model runs (for ``cpp-wrapper``, the plain model compiles without the option; for
+``own-mask``, it takes transformers' ``create_masks_for_generate``). Their greedy tokens must be equal; then the ms
+per decode step inside one generate (benchmarks/run.py's ``compiled_decode_ms``) is timed round robin, 1 torch
+thread, and the medians printed. Results: docs/benchmarks.md ("Batched decode streams its weights", "GQA decode reads
+each cached key once", "Compiled decode runs a C++ wrapper", "Compiled decode builds its own causal mask").
 """
 
 import argparse
@@ -32,10 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (the models, the compiled runner and the decode-step timer)
+from transformers import masking_utils  # noqa: E402
 
 from openmythos import modeling_mythos  # noqa: E402
 
-SWITCHES = {"streamed": "streams_weight", "grouped": "decodes_grouped", "cpp-wrapper": None}
+SWITCHES = {"streamed": "streams_weight", "grouped": "decodes_grouped", "cpp-wrapper": None, "own-mask": None}
 
 
 def paired(path: str, size: str, attn: str, batch: int, prompt_len: int, rounds: int, new_tokens: int,
@@ -56,6 +62,8 @@ def paired(path: str, size: str, attn: str, batch: int, prompt_len: int, rounds:
             use(mode)
             model = bench.build_ours(size, attn, **overrides)
             model.load_state_dict(base.state_dict())
+            if path == "own-mask" and mode == "plain":
+                model.create_masks_for_generate = masking_utils.create_masks_for_generate  # transformers' own
             runners[mode] = bench.Runner("ours+compile", model, "inductor")
             if path == "cpp-wrapper" and mode == "plain":
                 runners[mode].compile_config.options = None  # inductor's Python wrapper

@@ -23,6 +23,8 @@ def test_forward_and_static_decode_step_have_no_graph_breaks(model, input_ids):
     model(input_ids, cache=static)
     mask = torch.ones(2, input_ids.shape[1] + 1, dtype=torch.long)
     assert graph_breaks(lambda ids: model(ids, cache=static, attention_mask=mask).logits, input_ids[:, :1]) == (0, [])
+    # generate without padding hands the step no mask: the causal mask is built from the cache position
+    assert graph_breaks(lambda ids: model(ids, cache=static).logits, input_ids[:, :1]) == (0, [])
 
 
 def compile_config(backend: str) -> CompileConfig:

@@ -1,9 +1,13 @@
 """KV-cached generation across prelude, every loop iteration and coda."""
 
+import functools
+
 import pytest
 import torch
 from conftest import make_model
-from transformers import DynamicCache
+from transformers import DynamicCache, masking_utils
+
+from openmythos.modeling_mythos import MythosForCausalLM
 
 LOOPS = [1, 2, 4]  # 4 == mythos_tiny's max_loop_iters
 
@@ -89,6 +93,51 @@ def test_static_cache_matches_dynamic(model, input_ids):
     kwargs = dict(max_new_tokens=6, do_sample=False, n_loops=3)
     assert torch.equal(model.generate(input_ids, cache_implementation="static", **kwargs),
                        model.generate(input_ids, **kwargs))
+
+
+def masks_given_to_steps(model, monkeypatch, **kwargs):
+    """generate(**kwargs), and the attention_mask each of its forward calls was handed."""
+    seen, forward = [], MythosForCausalLM.forward
+
+    @functools.wraps(forward)  # generate reads the forward's signature
+    def spy(self, *args, **kw):
+        seen.append(kw.get("attention_mask"))
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(MythosForCausalLM, "forward", spy)
+    out = model.generate(**kwargs)
+    monkeypatch.undo()
+    return out, seen
+
+
+@pytest.mark.parametrize("overrides", [dict(n_loops=3), dict(n_loops=6, loop_kv_sharing="last"),
+                                       dict(n_loops=2, use_act=True)], ids=["loops", "kv-sharing", "halting"])
+def test_static_generate_without_padding_hands_the_steps_no_mask(attn_type, input_ids, overrides, monkeypatch):
+    """Without padding, a static-cache step gets no mask and builds the causal one itself (inside the graph when
+    compiled), where transformers' create_masks_for_generate builds a 4-D one in Python every step: same logits."""
+    overrides = dict(overrides)  # the parameter is shared by both attention types
+    n_loops = overrides.pop("n_loops")
+    model = make_model(attn_type, **overrides)
+    kwargs = dict(input_ids=input_ids, max_new_tokens=5, do_sample=False, n_loops=n_loops,
+                  cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+    own, own_masks = masks_given_to_steps(model, monkeypatch, **kwargs)
+    model.create_masks_for_generate = masking_utils.create_masks_for_generate  # transformers' function
+    given, given_masks = masks_given_to_steps(model, monkeypatch, **kwargs)
+    assert own_masks == [None] * 5
+    assert [m.shape for m in given_masks[1:]] == [(2, 1, 1, 16)] * 4  # the 4-D mask this replaces
+    assert torch.equal(own.sequences, given.sequences)
+    for a, b in zip(own.logits, given.logits):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert torch.equal(own.sequences, model.generate(**dict(kwargs, cache_implementation="dynamic")).sequences)
+
+
+def test_static_generate_with_padding_keeps_the_prepared_mask(model, input_ids, monkeypatch):
+    mask = torch.ones_like(input_ids)
+    mask[0, :4] = 0
+    kwargs = dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=4, do_sample=False, n_loops=2)
+    static, masks = masks_given_to_steps(model, monkeypatch, cache_implementation="static", **kwargs)
+    assert [m.dim() for m in masks] == [4] * 4
+    assert torch.equal(static, model.generate(**kwargs))  # the padding is still hidden: as with a dynamic cache
 
 
 def test_static_cache_refuses_more_loops_than_slots(model, input_ids):
