@@ -2710,9 +2710,9 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         Without padding, generate drops its all-ones mask. transformers would then build a causal
         [batch, 1, new tokens, cache length] mask in Python on every step and pass it in. This model's forward
         builds that same mask itself from the positions and the cache, so it is given no mask. In a compiled
-        step the mask then comes from the step's cache position, inside the graph; the step measured 1.13-1.23x
-        faster (docs/benchmarks.md, "Compiled decode builds its own causal mask"). A padding mask, or any other
-        argument, goes to transformers' function as before.
+        step the mask then comes from the step's cache position, inside the graph: a small model's step measured
+        1.08-1.16x faster, a medium one's the same within noise (docs/benchmarks.md, "Compiled decode builds its own
+        causal mask"). A padding mask, or any other argument, goes to transformers' function as before.
         """
         if attention_mask is None and block_sequence_ids is None:
             return None
