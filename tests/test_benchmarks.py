@@ -166,6 +166,11 @@ def test_one_command_benchmark_runs_every_section_for_both_attention_types(tmp_p
         assert 0 < decode["distinct_weight_bytes"] < decode["weight_bytes"]  # the loop re-reads its block's weights
         assert set(decode["step_ms"]) == {"ours", "ours+compile"} & kinds
         assert all(0 < f for f in decode["floor_fraction"].values())
+        if "ours+compile" in kinds:  # where the compiled step's time goes
+            split = decode["compiled_step_split"]
+            assert split["step_ms"] == decode["step_ms"]["ours+compile"]
+            assert 0 < split["call_ms"] and split["call_ms"] + split["loop_ms"] == pytest.approx(split["step_ms"])
+            assert 0 < split["guard_ms"] < split["call_ms"]
         # MLA caches the latent plus one shared rope key per token and slot: (32 + 16) fp32 numbers x 6 slots;
         # GQA 2 kv heads x 32 dims for keys and for values
         assert models["kv_bytes_per_token"]["ours"] == ((32 + 16) if attn == "mla" else 2 * 2 * 32) * 4 * 6
