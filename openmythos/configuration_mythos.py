@@ -220,6 +220,11 @@ class MythosConfig(PreTrainedConfig):
     loop_signal_scale (`float`, defaults to 0.1):
         RMS of the sinusoidal loop-index signal relative to the RMS of
         the state it is added to. Relative scaling means it can never swamp the hidden state.
+    loop_state_norm (`bool`, defaults to `False`):
+        Rescale the loop state after every iteration to the root-mean-square of the input it is injected with (per
+        position, over the hidden size), so that the state keeps one scale whatever the loop count. Off, the state's
+        size drifts with the loop count, and a map applied at a loop count training never reached sees states of a
+        size it never saw. The pointer-chasing demo turns it on (``docs/demo.md``).
     routed_scaling_factor (`float`, defaults to 1.0):
         Multiplier on the normalised top-k routing weights.
     loop_sampling (`str`, defaults to ``"fixed"``):
@@ -321,6 +326,7 @@ class MythosConfig(PreTrainedConfig):
     use_act: bool = _checked(boolean(), False)
     act_ponder_weight: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.01)
     loop_signal_scale: int | float = _checked(real(">= 0", lambda x: x >= 0), 0.1)
+    loop_state_norm: bool = _checked(boolean(), False)
     routed_scaling_factor: int | float = _checked(real(">= 0", lambda x: x >= 0), 1.0)
     loop_sampling: str = _checked(choice(LOOP_SAMPLINGS), "fixed")
     mean_train_loops: int | float | None = _checked(real(">= 1", lambda x: x >= 1, optional=True), None)

@@ -1403,14 +1403,16 @@ class MythosInjection(nn.Module):
     A is computed in fp32 and squeezed into [A_MIN, A_MAX] (both strictly inside (0, 1) in fp16/bf16/fp32), so the
     spectral radius is below 1 whatever values the parameters take, NaN and +-inf included: +-inf give the limits
     (A_MIN, A_MAX), and a NaN exponent (a NaN parameter, or inf - inf) counts as 0, i.e. A = exp(-1) squeezed.
-    B is a learned diagonal.
+    B is a learned diagonal. With ``state_norm`` (``config.loop_state_norm``) the next state is rescaled to the
+    root-mean-square of ``e`` at each position, so its size does not drift with the loop count.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, state_norm: bool = False, eps: float = 1e-6):
         super().__init__()
         self.log_A = nn.Parameter(torch.zeros(dim))
         self.log_dt = nn.Parameter(torch.zeros(1))
         self.B = nn.Parameter(torch.full((dim,), 0.1))
+        self.state_norm, self.eps = state_norm, eps
 
     def get_A(self) -> torch.Tensor:
         # clamp passes NaN through, so replace it first (+-inf are clamped like any large value)
@@ -1423,6 +1425,11 @@ class MythosInjection(nn.Module):
         """The next state; positions where ``run`` [batch, seq] is False keep ``h`` (they have stopped)."""
         A = self.get_A().to(h.dtype)
         h_next = A * h + self.B.to(h.dtype) * e + delta
+        # CODEPATH: loop_state_norm=False by default; the pointer-chasing demo turns it on
+        if self.state_norm:
+            scale = (e.float().pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            h_next = (h_next.float() * torch.rsqrt(h_next.float().pow(2).mean(-1, keepdim=True) + self.eps)
+                      * scale).to(h.dtype)
         return h_next if run is None else torch.where(run[..., None], h_next, h)
 
 
@@ -1774,7 +1781,7 @@ class MythosRecurrence(nn.Module):
         super().__init__()
         self.config = config
         self.layer = MythosLoopLayer(config)
-        self.injection = MythosInjection(config.dim)
+        self.injection = MythosInjection(config.dim, config.loop_state_norm, config.rms_norm_eps)
         # CODEPATH: lora_rank > 0 in every preset; lora_rank=0 checkpoints have no depth-wise LoRA
         self.lora = MythosDepthLoRA(config) if config.lora_rank > 0 else None
         # CODEPATH: use_act=False by default; use_act=True checkpoints carry the halting head (ACT)

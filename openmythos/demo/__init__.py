@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             ("--moving-weight", "the loss of every mark whose target changes at a loop (the arriving mark and the "
                                 "waiting ones) counts this many times (default: 1)")):
         p.add_argument(flag, type=float, default=None, help=f"hidden: in training, {what}; docs/demo.md")
+    p.add_argument("--loop-state-norm", action="store_true", default=None,
+                   help="hidden: the looped model rescales its state after every loop to the root-mean-square of its "
+                        "input (config.loop_state_norm), so the state's size does not drift with the loop count "
+                        "(default: off; docs/demo.md)")
     p.add_argument("--exit-budget", type=int, default=None,
                    help="hidden: most loops the exit rule may run (default 16); it is given no hop count")
     p.add_argument("--exit-criterion", choices=("kl", "delta"), default=None,

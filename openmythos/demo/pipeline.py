@@ -54,6 +54,8 @@ def looped_config(args, tokenizer, max_seq_len: int) -> MythosConfig:
         n_loops=getattr(args, "exit_budget", None),
         # and its exit rule's scope (what a position waits for before it stops: docs/adaptive_depth.md)
         exit_scope=getattr(args, "exit_scope", None) or "position",
+        # --loop-state-norm: the state keeps its input's scale at every loop (docs/demo.md)
+        loop_state_norm=bool(getattr(args, "loop_state_norm", None)),
     )
 
 

@@ -296,7 +296,7 @@ class InContextPointerChasingTask:
         if args.train_examples < args.curriculum_steps * args.batch_size:
             return "--train-examples must cover the --curriculum-steps batches"
         for name in ("pack", "extra_loops", "exit_budget", "exit_criterion", "exit_scope", "state_noise",
-                     "arrival_weight", "moving_weight"):
+                     "arrival_weight", "moving_weight", "loop_state_norm"):
             if getattr(args, name) is not None:
                 return f"--{name.replace('_', '-')} is for --task hidden (the context task trains n_loops = hops)"
         return None

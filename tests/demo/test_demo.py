@@ -168,6 +168,7 @@ def test_bad_hop_counts_are_refused(hops):
     (["--task", "context", "--arrival-weight", "4"], "--arrival-weight"),
     (["--moving-weight", "-1"], "--moving-weight"), (["--task", "context", "--moving-weight", "4"], "--moving-weight"),
     (["--exit-scope", "whole"], "--exit-scope"), (["--task", "context", "--exit-scope", "prefix"], "--exit-scope"),
+    (["--task", "context", "--loop-state-norm"], "--loop-state-norm"),
 ])
 def test_demo_refuses_bad_convergent_depth_flags_naming_them(argv, flag, capsys):
     with pytest.raises(SystemExit):
@@ -181,6 +182,13 @@ def test_exit_scope_flag_reaches_the_looped_models_config():
     assert looped_config(demo.parse_args([]), tokenizer, 16).exit_scope == "row"
     assert looped_config(demo.parse_args(["--exit-scope", "position"]), tokenizer, 16).exit_scope == "position"
     assert looped_config(demo.parse_args(["--task", "context"]), tokenizer, 16).exit_scope == "position"
+
+
+def test_loop_state_norm_flag_reaches_the_looped_models_config():
+    from openmythos.demo.pipeline import looped_config
+    tokenizer = MythosTokenizer()
+    assert looped_config(demo.parse_args(["--loop-state-norm"]), tokenizer, 16).loop_state_norm is True
+    assert looped_config(demo.parse_args([]), tokenizer, 16).loop_state_norm is False
 
 
 def test_defaulted_depths_fit_a_small_training_depth():

@@ -98,6 +98,38 @@ def test_loop_signal_is_small_relative_to_the_state():
     assert not torch.equal(loop_signal(x, 1, 0.1), loop_signal(x, 2, 0.1))
 
 
+def test_loop_state_norm_keeps_the_state_at_the_input_scale_at_every_loop(input_ids):
+    """With ``loop_state_norm`` every loop's state has the RMS of the injected input at each position; without it the
+    size drifts with the loop count."""
+    sizes = {}
+    for norm in (False, True):
+        model = make_model("gqa", loop_state_norm=norm)
+        with torch.no_grad():
+            model.model.recurrent.injection.B.fill_(2.0)  # a large injection, so that the size really drifts
+        states = []
+        hook = model.model.recurrent.injection.register_forward_hook(lambda m, args, out: states.append((args[1], out)))
+        model(input_ids, n_loops=6, use_cache=False)
+        hook.remove()
+        rms = [(out.pow(2).mean(-1).sqrt() / e.pow(2).mean(-1).sqrt()) for e, out in states]
+        sizes[norm] = torch.stack([r.mean() for r in rms])
+        if norm:
+            for r in rms:
+                torch.testing.assert_close(r, torch.ones_like(r), rtol=0, atol=5e-3)  # eps 1e-6 against e^2 ~ 4e-4
+    assert sizes[False].max() / sizes[False].min() > 1.25  # the drift the option removes (2.5 to 3.4 here)
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_loop_state_norm_cached_decoding_equals_the_full_forward(attn_type, input_ids):
+    from transformers import DynamicCache
+
+    model = make_model(attn_type, loop_state_norm=True)
+    full = model(input_ids, n_loops=5, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    steps = [model(input_ids[:, i:i + 1], past_key_values=cache, n_loops=5).logits for i in range(input_ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(full, make_model(attn_type).forward(input_ids, n_loops=5, use_cache=False).logits)
+
+
 def test_router_does_not_collapse_at_initialisation():
     """The reference's loop signal made 2 of 8 experts take ~95% of tokens; here load stays spread out."""
     model = MythosForCausalLM(mythos_tiny(n_experts=8, n_experts_per_tok=2)).eval()
