@@ -27,6 +27,14 @@ def test_forward_and_static_decode_step_have_no_graph_breaks(model, input_ids):
     assert graph_breaks(lambda ids: model(ids, cache=static).logits, input_ids[:, :1]) == (0, [])
 
 
+@torch.no_grad()
+def test_loop_state_norm_forward_has_no_graph_breaks(input_ids):
+    from conftest import make_model
+
+    model = make_model("gqa", loop_state_norm=True)
+    assert graph_breaks(lambda ids: model(ids, use_cache=False).logits, input_ids) == (0, [])
+
+
 def compile_config(backend: str) -> CompileConfig:
     """The README's CPU recipe: with inductor, the step's wrapper is C++ (``cpp_wrapper``)."""
     options = {"cpp_wrapper": True} if backend == "inductor" else None
