@@ -265,3 +265,18 @@ def test_flop_count_sees_the_fused_kernels_that_torch_counts_as_zero(run_module,
     with counter:
         step(fast)
     assert counter.get_total_flops() < run_module.flops_of(lambda: step(plain))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--path", "grouped", "--runs", "small/mla"], "--path grouped"),
+    (["--runs", "tiny/gqa"], "--runs"),
+    (["--path", "own-mask", "--new-tokens", "1"], "--new-tokens"),
+    (["--runs", "small/gqa", "--kv-heads", "3"], "--kv-heads"),
+    (["--path", "fused"], "--path"),
+])
+def test_paired_decode_refuses_bad_arguments_before_building_a_model(argv, flag):
+    """benchmarks/paired_decode.py compiles two models per run (minutes): a bad argument stops it at once, with one
+    line naming the flag."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired_decode.py"), *argv],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and flag in result.stderr and "Traceback" not in result.stderr
