@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/paired_decode.py --path grouped --runs small/gqa --kv-heads 8 --prompt-len 128 1024
     .venv/bin/python benchmarks/paired_decode.py --runs small/gqa --rounds 3
     .venv/bin/python benchmarks/paired_decode.py --path cpp-wrapper --runs small/mla small/gqa --prompt-len 16 128
-    .venv/bin/python benchmarks/paired_decode.py --path own-mask --runs small/mla small/gqa medium/gqa --prompt-len 16 128
+    .venv/bin/python benchmarks/paired_decode.py --path own-mask --runs small/mla small/gqa --prompt-len 16 128
 
 ``--path`` picks the fast path that one of the two models runs without:
 - ``streamed``: :class:`MythosLinear`'s ``weight @ x^T`` for 2-4 rows (``modeling_mythos.streams_weight``);

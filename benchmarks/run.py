@@ -457,16 +457,19 @@ class _Stamp(LogitsProcessor):
         return scores
 
 
+def _decode_step_seconds(runner, prompt, tokens) -> tuple[float, int]:
+    """One generate of ``tokens``: seconds per decode step from the first token's logits to the last one's (the first
+    token comes from the eager prefill and is not counted), and the number of those steps."""
+    stamp = _Stamp()
+    runner.generate(prompt, tokens, logits_processor=LogitsProcessorList([stamp]))
+    steps = len(stamp.times) - 1
+    return (stamp.times[-1] - stamp.times[0]) / steps, steps
+
+
 def compiled_decode_ms(runner, prompt, new_tokens, reps):
-    """ms per decode step of compiled static-cache generate: within one generate call, the time from the first
-    token's logits to the last one's over the steps between (the first token comes from the eager prefill and is not
-    counted), best of ``reps`` calls. Timed inside one call, so it is never negative however noisy the machine."""
-    per_call = []
-    for _ in range(max(reps, 2)):
-        stamp = _Stamp()
-        runner.generate(prompt, max(new_tokens, 4), logits_processor=LogitsProcessorList([stamp]))
-        per_call.append((stamp.times[-1] - stamp.times[0]) / (len(stamp.times) - 1))
-    return 1e3 * min(per_call)
+    """ms per decode step of compiled static-cache generate (``_decode_step_seconds``), best of ``reps`` calls. Timed
+    inside one call, so it is never negative however noisy the machine."""
+    return 1e3 * min(_decode_step_seconds(runner, prompt, max(new_tokens, 4))[0] for _ in range(max(reps, 2)))
 
 
 def compiled_decode_split(runner, prompt, new_tokens, reps) -> dict:
@@ -491,10 +494,8 @@ def compiled_decode_split(runner, prompt, new_tokens, reps) -> dict:
     try:
         for _ in range(max(reps, 2)):
             calls.clear()
-            stamp = _Stamp()
-            runner.generate(prompt, tokens, logits_processor=LogitsProcessorList([stamp]))
-            steps = len(stamp.times) - 1  # the decode steps between the first and the last logits: one call each
-            step, call = (stamp.times[-1] - stamp.times[0]) / steps, sum(calls[-steps:]) / steps
+            step, steps = _decode_step_seconds(runner, prompt, tokens)
+            call = sum(calls[-steps:]) / steps  # each decode step between the first and the last logits: one call
             if best is None or step < best[0]:
                 best = (step, call)
     finally:
@@ -632,11 +633,13 @@ def print_roofline(size, attn, res, machine):
     split = d.get("compiled_step_split")
     if split is not None:
         guard = split["guard_ms"]
-        graph = split["call_ms"] - (guard or 0.0)
-        print(f"    ours+compile's step: the compiled call {split['call_ms']:.2f} ms, of which dynamo's guard check "
-              + ("-" if guard is None else f"{guard:.2f} ms") + f"; transformers' generation loop outside the call "
-              f"{split['loop_ms']:.2f} ms. The call without its guard check: {graph:.2f} ms = "
-              f"{d['floor_ms'] / graph:.0%} of the floor's speed")
+        line = (f"    ours+compile's step: the compiled call {split['call_ms']:.2f} ms; transformers' generation loop "
+                f"outside the call {split['loop_ms']:.2f} ms")
+        if guard is not None:  # the profiler saw dynamo's cache lookup
+            graph = split["call_ms"] - guard
+            line += (f"; dynamo's guard check {guard:.2f} ms of the call, which without it takes {graph:.2f} ms = "
+                     f"{d['floor_ms'] / graph:.0%} of the floor's speed")
+        print(line)
 
 
 def parse_args(argv):

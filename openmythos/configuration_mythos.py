@@ -224,7 +224,8 @@ class MythosConfig(PreTrainedConfig):
         Rescale the loop state after every iteration to the root-mean-square of the input it is injected with (per
         position, over the hidden size), so that the state keeps one scale whatever the loop count. Off, the state's
         size drifts with the loop count, and a map applied at a loop count training never reached sees states of a
-        size it never saw. The pointer-chasing demo turns it on (``docs/demo.md``).
+        size it never saw. The pointer-chasing demo's ``--loop-state-norm`` turns it on; its default recipe does not
+        (it met the goals on fewer seeds, ``docs/demo.md``).
     routed_scaling_factor (`float`, defaults to 1.0):
         Multiplier on the normalised top-k routing weights.
     loop_sampling (`str`, defaults to ``"fixed"``):

@@ -1194,9 +1194,10 @@ def gathers_rows_by_index_select(experts: nn.Module, hidden_states: torch.Tensor
     ``out[inverse]``. On the CPU that advanced indexing copies rows several times slower than ``index_select`` (a
     [256, 256] fp32 gather of 512 rows alone: 215 against 16 us, 1 thread). The benchmark's small experts call on 256
     tokens went from 1.72 to 1.42 ms (1.22x; 1.04x at the medium size, and 1.01-1.03x with the backward), an estimated
-    4% of an eager forward, too little to show above noise in whole-model timings (docs/benchmarks.md). Compiled calls keep transformers' function (inductor writes its own
-    gather), and so do expert-parallel shards, whose routed ids carry out-of-range sentinels, and torch before 2.11,
-    whose CPU kernel needs 16-byte aligned tensors that transformers' function checks for.
+    4% of an eager forward, too little to show above noise in whole-model timings (docs/benchmarks.md). Compiled
+    calls keep transformers' function (inductor writes its own gather), and so do expert-parallel shards, whose
+    routed ids carry out-of-range sentinels, and torch before 2.11, whose CPU kernel needs 16-byte aligned tensors
+    that transformers' function checks for.
     """
     return (not is_torchdynamo_compiling() and hidden_states.device.type == "cpu" and not experts._is_expert_parallel
             and _CPU_GROUPED_MM_TAKES_ANY_ALIGNMENT)
@@ -1425,7 +1426,7 @@ class MythosInjection(nn.Module):
         """The next state; positions where ``run`` [batch, seq] is False keep ``h`` (they have stopped)."""
         A = self.get_A().to(h.dtype)
         h_next = A * h + self.B.to(h.dtype) * e + delta
-        # CODEPATH: loop_state_norm=False by default; the pointer-chasing demo turns it on
+        # CODEPATH: loop_state_norm=False by default; the pointer-chasing demo's --loop-state-norm turns it on
         if self.state_norm:
             scale = (e.float().pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
             h_next = (h_next.float() * torch.rsqrt(h_next.float().pow(2).mean(-1, keepdim=True) + self.eps)

@@ -151,8 +151,8 @@ INT_FIELDS = ["vocab_size", "dim", "n_heads", "n_kv_heads", "max_seq_len", "max_
               "n_experts", "n_shared_experts", "n_experts_per_tok", "expert_dim", "lora_rank", "dense_ffn_dim",
               "max_train_loops", "loop_sampling_seed", "max_inference_loops", "backprop_loops",
               "mythos_format_version", "chunk_size_feed_forward"]
-BOOL_FIELDS = ["mla_absorb", "use_act", "loop_state_norm", "tie_word_embeddings", "use_cache", "output_hidden_states", "return_dict",
-               "is_encoder_decoder"]
+BOOL_FIELDS = ["mla_absorb", "use_act", "loop_state_norm", "tie_word_embeddings", "use_cache", "output_hidden_states",
+               "return_dict", "is_encoder_decoder"]
 STR_FIELDS = {"attn_type": ("mla", "gqa"), "loop_sampling": ("fixed", "poisson_lognormal")}
 TOKEN_FIELDS = ["pad_token_id", "bos_token_id", "eos_token_id"]
 

@@ -118,16 +118,25 @@ def test_loop_state_norm_keeps_the_state_at_the_input_scale_at_every_loop(input_
     assert sizes[False].max() / sizes[False].min() > 1.25  # the drift the option removes (2.5 to 3.4 here)
 
 
+@pytest.mark.parametrize("sharing", ["none", "last"])
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])
-def test_loop_state_norm_cached_decoding_equals_the_full_forward(attn_type, input_ids):
+def test_loop_state_norm_cached_decoding_equals_the_full_forward(attn_type, sharing, input_ids):
     from transformers import DynamicCache
 
-    model = make_model(attn_type, loop_state_norm=True)
+    model = make_model(attn_type, loop_state_norm=True, loop_kv_sharing=sharing)
     full = model(input_ids, n_loops=5, use_cache=False).logits
     cache = DynamicCache(config=model.config)
     steps = [model(input_ids[:, i:i + 1], past_key_values=cache, n_loops=5).logits for i in range(input_ids.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(full, make_model(attn_type).forward(input_ids, n_loops=5, use_cache=False).logits)
+    plain = make_model(attn_type, loop_kv_sharing=sharing)
+    assert not torch.allclose(full, plain(input_ids, n_loops=5, use_cache=False).logits)
+
+
+def test_loop_state_norm_with_an_exit_criterion_generates_the_same_with_and_without_a_cache(attn_type, input_ids):
+    """The adaptive path (positions stop at their own loop) runs the same rescale: cached and uncached agree."""
+    model = make_model(attn_type, loop_state_norm=True)
+    kwargs = dict(max_new_tokens=5, do_sample=False, n_loops=6, exit_criterion="delta", exit_threshold=0.2)
+    assert torch.equal(model.generate(input_ids, **kwargs), model.generate(input_ids, use_cache=False, **kwargs))
 
 
 def test_router_does_not_collapse_at_initialisation():
